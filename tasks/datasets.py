@@ -1,0 +1,142 @@
+"""What a dataset is: files, checksums, CSV layout, class names, reference statistics, gates.
+
+Built-in datasets live in ``datasets.toml`` beside this module; users describe their own MNIST-like
+datasets in a file of the same format, passed with ``--datasets-file``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+IMAGE_SIDE = 28
+IMAGE_SHAPE = (IMAGE_SIDE, IMAGE_SIDE)
+NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+PIXEL_MIN, PIXEL_MAX = 0, 255
+LABEL_COLUMN = "label"
+PIXEL_COLUMNS = tuple(f"pixel{i}" for i in range(1, NUM_PIXELS + 1))
+COLUMNS = (LABEL_COLUMN, *PIXEL_COLUMNS)
+SPLITS: tuple[Literal["train", "test"], ...] = ("train", "test")
+Split = Literal["train", "test"]
+
+BUILTIN_DATASETS_FILE = Path(__file__).with_name("datasets.toml")
+
+
+class DatasetConfigError(ValueError):
+    """A dataset definition is malformed or unknown."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitFile(_Strict):
+    """One split's file: where it is (relative to the source, or an absolute URL) and what it must be."""
+
+    path: str = Field(min_length=1)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    rows: int | None = Field(default=None, gt=0)
+
+
+class Gates(_Strict):
+    """Accuracy gates a model must pass before it is published."""
+
+    min_accuracy: float = Field(ge=0.0, le=1.0)
+    min_class_recall: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class Reference(_Strict):
+    """Reference statistics that a split's distribution is compared with."""
+
+    class_counts: tuple[float, ...] = Field(min_length=2)
+    pixel_mean: float = Field(ge=PIXEL_MIN, le=PIXEL_MAX)
+    pixel_std: float = Field(gt=0, le=PIXEL_MAX)
+
+    @property
+    def class_proportions(self) -> list[float]:
+        total = sum(self.class_counts)
+        return [c / total for c in self.class_counts]
+
+
+class Tolerances(_Strict):
+    """How far a split may drift from the reference before validation fails."""
+
+    max_label_kl: float = Field(default=0.05, gt=0)
+    min_class_share_ratio: float = Field(default=0.5, ge=0, le=1)
+    pixel_mean_rel_tol: float = Field(default=0.10, gt=0)
+    pixel_std_rel_tol: float = Field(default=0.10, gt=0)
+    max_blank_share: float = Field(default=0.01, ge=0, le=1)
+    max_duplicate_share: float = Field(default=0.01, ge=0, le=1)
+    max_test_in_train_share: float = Field(default=0.01, ge=0, le=1)
+
+
+class DatasetSpec(_Strict):
+    """A dataset of 28x28 grey-scale images stored as CSV rows ``label,p1..p784``."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    train: SplitFile
+    test: SplitFile
+    header: bool | None = None  # None: detect from the first line
+    class_names: tuple[str, ...] = Field(min_length=2)
+    gates: Gates
+    reference: Reference | None = None
+    tolerances: Tolerances = Tolerances()
+
+    @model_validator(mode="after")
+    def _reference_matches_classes(self) -> DatasetSpec:
+        if self.reference and len(self.reference.class_counts) != len(self.class_names):
+            raise ValueError(
+                f"reference.class_counts has {len(self.reference.class_counts)} entries "
+                f"but there are {len(self.class_names)} class_names"
+            )
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, split: Split) -> SplitFile:
+        return self.train if split == "train" else self.test
+
+
+def load_datasets_file(path: Path) -> dict[str, DatasetSpec]:
+    """Read a TOML file of ``[[dataset]]`` tables into specs keyed by name."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DatasetConfigError(f"cannot read datasets file {path}: {exc}") from exc
+    entries = raw.get("dataset")
+    if not isinstance(entries, list) or not entries:
+        raise DatasetConfigError(f"{path}: expected one or more [[dataset]] tables")
+    specs: dict[str, DatasetSpec] = {}
+    for i, entry in enumerate(entries, start=1):
+        try:
+            spec = DatasetSpec.model_validate(entry)
+        except ValidationError as exc:
+            name = entry.get("name", f"#{i}") if isinstance(entry, dict) else f"#{i}"
+            raise DatasetConfigError(f"{path}: dataset {name}: {exc}") from exc
+        if spec.name in specs:
+            raise DatasetConfigError(f"{path}: dataset {spec.name!r} is defined twice")
+        specs[spec.name] = spec
+    return specs
+
+
+def load_catalog(datasets_file: Path | None = None) -> dict[str, DatasetSpec]:
+    """Built-in datasets, plus (and overridden by) those of ``datasets_file``."""
+    catalog = load_datasets_file(BUILTIN_DATASETS_FILE)
+    if datasets_file is not None:
+        catalog.update(load_datasets_file(datasets_file))
+    return catalog
+
+
+def select_datasets(catalog: dict[str, DatasetSpec], requested: list[str]) -> list[DatasetSpec]:
+    """Resolve requested names (``all`` = every dataset of the catalog) or fail naming the unknown ones."""
+    if not requested or "all" in requested:
+        return list(catalog.values())
+    unknown = [name for name in requested if name not in catalog]
+    if unknown:
+        raise DatasetConfigError(f"unknown dataset(s) {unknown}; known: {sorted(catalog)} or 'all'")
+    return [catalog[name] for name in dict.fromkeys(requested)]

@@ -1,0 +1,267 @@
+"""Stage 7: publish a gated model as a new registry version and move the production pointer to it.
+
+Registry layout::
+
+    <registry>/<dataset>/<version>/{model.keras, metrics.json, confusion_matrix.csv,
+                                    confusion_matrix.png, training_curves.png, model_card.md}
+    <registry>/<dataset>/production      # the current version's name
+
+A version is assembled in a hidden staging folder, fsynced and renamed into place whole; the
+pointer is then replaced atomically. Publishing of one dataset is serialised by a lock file, so
+concurrent runs never interleave: the pointer names the version of the run that published last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from tasks.evaluate import Metrics, read_metrics
+from tasks.gate import GateDecision
+
+POINTER = "production"
+STAGING_PREFIX = ".staging-"
+VERSION_FILES = ("model.keras", "metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "model_card.md")
+
+
+class GateFailed(Exception):
+    """The model did not pass its gates; nothing was published."""
+
+
+def new_version_name(now: datetime | None = None) -> str:
+    """Sortable and unique: UTC time plus a random suffix."""
+    now = now or datetime.now(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def read_production(registry: Path, dataset: str) -> str | None:
+    pointer = registry / dataset / POINTER
+    return pointer.read_text().strip() or None if pointer.is_file() else None
+
+
+def list_versions(registry: Path, dataset: str) -> list[str]:
+    root = registry / dataset
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def is_complete_version(path: Path) -> bool:
+    return all((path / name).is_file() for name in VERSION_FILES)
+
+
+@contextlib.contextmanager
+def dataset_lock(registry: Path, dataset: str) -> Iterator[None]:
+    """Exclusive lock on a dataset's registry folder; released by the OS if the process dies."""
+    root = registry / dataset
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def set_production(registry: Path, dataset: str, version: str) -> None:
+    """Point production at ``version`` with one atomic rename."""
+    root = registry / dataset
+    tmp = root / f".{POINTER}.{uuid.uuid4().hex}.tmp"
+    _write_file(tmp, f"{version}\n".encode())
+    os.replace(tmp, root / POINTER)
+    _fsync_dir(root)
+
+
+def remove_stale_staging(registry: Path, dataset: str) -> None:
+    """Staging folders left by a killed publisher are never visible versions; clear them (under the lock)."""
+    root = registry / dataset
+    for stale in root.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{POINTER}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def confusion_matrix_csv(metrics: Metrics) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["true\\predicted", *metrics.class_names])
+    for name, row in zip(metrics.class_names, metrics.confusion_matrix, strict=True):
+        writer.writerow([name, *row])
+    return buffer.getvalue().encode()
+
+
+def confusion_matrix_png(metrics: Metrics, title: str) -> bytes:
+    """A labelled heatmap: rows are true classes, columns predictions, counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cm = np.array(metrics.confusion_matrix)
+    n = len(metrics.class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n, 0.8 + 0.7 * n), dpi=100)
+    image = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), metrics.class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), metrics.class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{title}\ntest accuracy {metrics.test_accuracy:.4f}")
+    threshold = cm.max() / 2 if cm.size else 0
+    for t in range(n):
+        for p in range(n):
+            ax.text(p, t, str(cm[t, p]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[t, p] > threshold else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def model_card(dataset: str, version: str, metrics: Metrics, decision: GateDecision, lineage: dict[str, Any]) -> str:
+    """A short human-readable card: data, parameters, metrics and why it was published."""
+    lines = [
+        f"# {dataset} model {version}",
+        "",
+        f"Published {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC by the `train-mnist` flow.",
+        "",
+        "Input: a batch of raw rows, shape (N, 784), pixels 0..255 in CSV order (row-major 28x28); "
+        "output: class probabilities. Load with `keras.saving.load_model(path, safe_mode=True)`.",
+        "",
+        "## Data",
+        "",
+        "| split | location | sha256 | rows |",
+        "| --- | --- | --- | --- |",
+    ]
+    for split, info in lineage.get("data", {}).items():
+        lines.append(f"| {split} | {info.get('location')} | `{info.get('sha256')}` | {info.get('rows', '')} |")
+    lines += ["", "## Parameters", "", "```json", json.dumps(lineage.get("parameters", {}), indent=2), "```", ""]
+    lines += [
+        "## Metrics",
+        "",
+        f"- test accuracy: **{metrics.test_accuracy:.4f}** on {metrics.test_rows} rows; test loss {metrics.test_loss:.4f}",
+        "",
+        "| class | precision | recall |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {n} | {metrics.precision[n]:.4f} | {metrics.recall[n]:.4f} |" for n in metrics.class_names]
+    lines += ["", "Most confused (true -> predicted: count): "
+              + ", ".join(f"{p.true} -> {p.predicted}: {p.count}" for p in metrics.most_confused), ""]
+    lines += ["## Gate decision", "", f"**{'PASSED' if decision.passed else 'FAILED'}**", ""]
+    lines += [f"- {reason}" for reason in decision.reasons]
+    if lineage.get("champion"):
+        lines += ["", "## Champion comparison", "", "```json", json.dumps(lineage["champion"], indent=2), "```"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Published:
+    dataset: str
+    version: str
+    path: Path
+
+
+def publish_version(registry: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
+                    decision: GateDecision, lineage: dict[str, Any], extra_files: dict[str, Path] | None = None,
+                    ) -> Published:
+    """Write a complete version and switch production to it; refuses if the gate did not pass."""
+    if not decision.passed:
+        raise GateFailed(f"{dataset}: gate failed, nothing published:\n- " + "\n- ".join(decision.reasons))
+    with dataset_lock(registry, dataset):
+        remove_stale_staging(registry, dataset)
+        root = registry / dataset
+        final = root / version
+        if final.exists():
+            raise FileExistsError(f"{final} already exists; versions are never overwritten")
+        staging = root / f"{STAGING_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        _copy_file(model_path, staging / "model.keras")
+        for name, src in (extra_files or {}).items():
+            _copy_file(src, staging / name)
+        metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": version, **lineage}
+        _write_file(staging / "metrics.json", json.dumps(metrics_doc, indent=2).encode())
+        _write_file(staging / "confusion_matrix.csv", confusion_matrix_csv(metrics))
+        _write_file(staging / "confusion_matrix.png", confusion_matrix_png(metrics, f"{dataset} {version}"))
+        _write_file(staging / "model_card.md", model_card(dataset, version, metrics, decision, lineage).encode())
+        _fsync_dir(staging)
+        os.rename(staging, final)
+        _fsync_dir(root)
+        set_production(registry, dataset, version)
+    return Published(dataset, version, final)
+
+
+# ---- Prefect wrapper -----------------------------------------------------------------------------
+
+
+def _create_artifacts(published: Published, metrics: Metrics, decision: GateDecision) -> None:
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    key = published.dataset.replace("_", "-")
+    header = ["true \\ predicted", *metrics.class_names, "recall"]
+    rows = [[name, *row, round(metrics.recall[name], 4)]
+            for name, row in zip(metrics.class_names, metrics.confusion_matrix, strict=True)]
+    create_table_artifact(key=f"{key}-confusion-matrix", table=[dict(zip(header, r, strict=True)) for r in rows],
+                          description=f"{published.dataset} {published.version}: confusion matrix (rows = true class)")
+    create_markdown_artifact(
+        key=f"{key}-summary",
+        markdown=(f"# {published.dataset}: published {published.version}\n\n"
+                  f"Test accuracy **{metrics.test_accuracy:.4f}**, loss {metrics.test_loss:.4f}.\n\n"
+                  + "\n".join(f"- {r}" for r in decision.reasons) + f"\n\nRegistry folder: `{published.path}`\n"),
+        description=f"{published.dataset} model summary",
+    )
+    create_link_artifact(key=f"{key}-confusion-png", link=(published.path / "confusion_matrix.png").as_uri(),
+                         link_text=f"{published.dataset} confusion matrix (PNG)")
+
+
+@task(name="publish", task_run_name="publish-{dataset}")
+def publish_task(registry: Path, dataset: str, version: str, model_path: Path, metrics_path: Path,
+                 decision: GateDecision, lineage: dict[str, Any], extra_files: dict[str, Path]) -> Published:
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+    metrics = read_metrics(metrics_path)
+    try:
+        published = publish_version(registry, dataset, version, model_path, metrics, decision, lineage, extra_files)
+    except GateFailed as exc:
+        logger.error("%s", exc)
+        raise
+    _create_artifacts(published, metrics, decision)
+    logger.info("published %s %s; production -> %s", dataset, version, published.path)
+    return published

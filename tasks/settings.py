@@ -1,0 +1,44 @@
+"""One typed settings object: places and knobs, read from ``TRAIN_MNIST_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_MIRROR = PROJECT_ROOT / "data" / "mirror"
+
+
+class Settings(BaseSettings):
+    """Where data comes from and goes to. Nothing is created until a stage writes."""
+
+    model_config = SettingsConfigDict(env_prefix="TRAIN_MNIST_", extra="ignore")
+
+    source: str = Field(
+        default=str(BUNDLED_MIRROR),
+        description="Mirror to download from: directory, file:// or http(s):// URL with the datasets' layout.",
+    )
+    data_dir: Path = Field(default=PROJECT_ROOT / "data", description="Raw files, Parquet and run reports.")
+    registry: Path | None = Field(default=None, description="Model registry; default <data_dir>/registry.")
+    datasets_file: Path | None = Field(default=None, description="TOML file with extra dataset definitions.")
+    download_timeout_s: float = Field(default=30.0, gt=0, description="Socket timeout of one read.")
+    download_retries: int = Field(default=3, ge=0)
+    download_retry_backoff_s: float = Field(default=2.0, ge=0, description="Delays are b, 2b, 4b, ...")
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.registry if self.registry is not None else self.data_dir / "registry"
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def parquet_dir(self) -> Path:
+        return self.data_dir / "parquet"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"

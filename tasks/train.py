@@ -1,0 +1,211 @@
+"""Stage 4: train a Keras model on the train Parquet file and save a self-contained ``model.keras``.
+
+The saved model takes a batch of raw rows, shape (N, 784), pixel values 0..255 in CSV order
+(row-major 28x28), and returns class probabilities, shape (N, classes). It scales the pixels
+itself, so anyone can score a CSV row with it without knowing how it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.datasets import IMAGE_SHAPE, NUM_PIXELS
+
+ModelKind = Literal["mlp", "cnn"]
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+DEFAULT_EPOCHS: dict[str, int] = {"mlp": 12, "cnn": 12}
+
+
+class TrainConfig(BaseModel):
+    """Everything that decides the trained weights (with the data)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelKind = "mlp"
+    epochs: int | None = Field(default=None, gt=0, description="None: the model's default")
+    batch_size: int = Field(default=128, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    seed: int = 42
+    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
+    patience: int = Field(default=3, ge=1, description="Early stopping on validation accuracy")
+    train_rows: int | None = Field(default=None, gt=0, description="Use only the first N train rows")
+
+    @property
+    def resolved_epochs(self) -> int:
+        return self.epochs or DEFAULT_EPOCHS[self.model]
+
+
+def load_xy(parquet_path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels (N, 784) uint8 and labels (N,) int64 from a split's Parquet file."""
+    table = pq.read_table(parquet_path)
+    if limit is not None:
+        table = table.slice(0, limit)
+    columns = [column.to_numpy() for column in table.columns]
+    labels = columns[0].astype(np.int64)
+    pixels = np.column_stack(columns[1:]) if columns[1:] else np.empty((len(labels), 0), np.uint8)
+    return pixels, labels
+
+
+def import_keras():
+    """Import Keras (TensorFlow backend) with TensorFlow's C++ start-up banner kept out of the run's output.
+
+    TensorFlow 2.21 prints its oneDNN/absl banner from C++ at import, past TF_CPP_MIN_LOG_LEVEL, so
+    stderr's file descriptor is pointed at /dev/null for the import only.
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import keras
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return keras
+
+
+def build_model(kind: ModelKind, num_classes: int, learning_rate: float):
+    """A compiled Keras model over raw 0..255 pixel rows."""
+    keras = import_keras()
+    layers = keras.layers
+
+    inputs = keras.Input(shape=(NUM_PIXELS,), name="pixels")
+    x = layers.Rescaling(1.0 / 255, name="scale")(inputs)
+    if kind == "mlp":
+        for units in (512, 512):
+            x = layers.Dense(units, activation="relu")(x)
+            x = layers.Dropout(0.2)(x)
+    else:
+        x = layers.Reshape((*IMAGE_SHAPE, 1))(x)
+        for filters in (32, 64):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.Activation("relu")(x)
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization()(x)
+            x = layers.Activation("relu")(x)
+            x = layers.MaxPooling2D()(x)
+        x = layers.Flatten()(x)
+        x = layers.Dropout(0.3)(x)
+        x = layers.Dense(128, activation="relu")(x)
+        x = layers.Dropout(0.3)(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    model = keras.Model(inputs, outputs, name=f"train_mnist_{kind}")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed and data give the same weights: seeded RNGs and deterministic TF ops."""
+    keras = import_keras()
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_dir: Path,
+                on_epoch: EpochCallback | None = None) -> Path:
+    """Fit a model on the train split (a seeded hold-out for early stopping); return ``model.keras``."""
+    keras = import_keras()
+
+    seed_everything(config.seed)
+    pixels, labels = load_xy(train_parquet, config.train_rows)
+    order = np.random.default_rng(config.seed).permutation(len(labels))
+    n_val = max(1, int(len(labels) * config.validation_fraction))
+    val_idx, fit_idx = order[:n_val], order[n_val:]
+    model = build_model(config.model, num_classes, config.learning_rate)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    callbacks: list = [
+        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=config.patience, restore_best_weights=True),
+        keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), write_graph=False, profile_batch=0),
+    ]
+    if on_epoch is not None:
+        total = config.resolved_epochs
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, total, {k: float(v) for k, v in (logs or {}).items()})
+        ))
+    history = model.fit(
+        pixels[fit_idx], labels[fit_idx],
+        validation_data=(pixels[val_idx], labels[val_idx]),
+        epochs=config.resolved_epochs, batch_size=config.batch_size, shuffle=True, verbose=0, callbacks=callbacks,
+    )
+    curves = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    (out_dir / "history.json").write_text(json.dumps(curves))
+    plot_training_curves(curves, out_dir / "training_curves.png")
+    return save_model_atomically(model, out_dir / "model.keras")
+
+
+def plot_training_curves(curves: dict[str, list[float]], dest: Path) -> Path:
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for prefix, label in (("", "train"), ("val_", "validation")):
+            values = curves.get(prefix + metric, [])
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest)
+    plt.close(fig)
+    return dest
+
+
+def save_model_atomically(model, dest: Path) -> Path:
+    tmp = dest.with_name(f".{dest.stem}.{uuid.uuid4().hex}.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def load_model(path: Path):
+    """Load a saved model with Keras safe mode on: no arbitrary code from the file runs."""
+    keras = import_keras()
+
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
+
+
+# ---- Prefect wrapper -----------------------------------------------------------------------------
+
+
+@task(name="train", task_run_name="train-{dataset}-{config.model}")
+def train_task(train_parquet: Path, num_classes: int, config: TrainConfig, out_dir: Path, dataset: str) -> Path:
+    from prefect import get_run_logger
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    logger = get_run_logger()
+    progress = create_progress_artifact(progress=0.0, description=f"Training {dataset} ({config.model})")
+
+    def report(epoch: int, total: int, logs: dict[str, float]) -> None:
+        logger.info("%s epoch %d/%d: %s", dataset, epoch, total, ", ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+        update_progress_artifact(progress, progress=100.0 * epoch / total)
+
+    model_path = train_model(train_parquet, num_classes, config, out_dir, on_epoch=report)
+    update_progress_artifact(progress, progress=100.0)
+    return model_path

@@ -1,0 +1,91 @@
+"""Shared fixtures: small slices cut from the real datasets, and a real HTTP mirror on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import http.server
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasks.datasets import DatasetSpec, load_catalog
+from tasks.download import sha256_of
+from tasks.settings import BUNDLED_MIRROR
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+SLICE_ROWS = {"train": 3000, "test": 600}
+
+
+def cut_slice(src: Path, dest: Path, rows: int, keep_header: bool) -> Path:
+    """The first ``rows`` data rows of a real .csv.gz file (plus its header line, if it has one)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(src, "rt", newline="") as fin, gzip.open(dest, "wt", newline="") as fout:
+        if keep_header:
+            fout.write(fin.readline())
+        for _, line in zip(range(rows), fin, strict=False):
+            fout.write(line)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def catalog() -> dict[str, DatasetSpec]:
+    return load_catalog()
+
+
+@pytest.fixture(scope="session")
+def slice_mirror(tmp_path_factory, catalog) -> Path:
+    """A mirror with the built-in datasets' layout holding the first rows of each real file."""
+    root = tmp_path_factory.mktemp("slice-mirror")
+    for spec in catalog.values():
+        for split, rows in SLICE_ROWS.items():
+            rel = spec.split(split).path
+            cut_slice(BUNDLED_MIRROR / rel, root / rel, rows, keep_header=bool(spec.header))
+    return root
+
+
+def slice_spec(spec: DatasetSpec, mirror: Path) -> DatasetSpec:
+    """``spec`` re-pinned to the slice files of ``mirror`` (row counts and checksums)."""
+    splits = {
+        split: spec.split(split).model_copy(update={"rows": SLICE_ROWS[split],
+                                                    "sha256": sha256_of(mirror / spec.split(split).path)})
+        for split in SLICE_ROWS
+    }
+    return spec.model_copy(update=splits)
+
+
+@pytest.fixture(scope="session")
+def mnist_slice(catalog, slice_mirror) -> DatasetSpec:
+    return slice_spec(catalog["mnist"], slice_mirror)
+
+
+@pytest.fixture(scope="session")
+def fashion_slice(catalog, slice_mirror) -> DatasetSpec:
+    return slice_spec(catalog["fashion-mnist"], slice_mirror)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+        pass
+
+
+@pytest.fixture
+def http_mirror() -> Iterator[callable]:
+    """Start real HTTP servers on 127.0.0.1 serving a directory; returns the base URL."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def serve(directory: Path) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()
