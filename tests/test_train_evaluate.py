@@ -1,0 +1,111 @@
+import json
+
+import numpy as np
+import pytest
+
+from tasks.convert import convert_to_parquet
+from tasks.datasets import NUM_PIXELS, Gates
+from tasks.evaluate import compute_metrics, evaluate_model, read_metrics
+from tasks.gate import check_gates
+from tasks.train import TrainConfig, load_model, load_xy, train_model
+
+
+@pytest.fixture(scope="module")
+def mnist_parquet(catalog, slice_mirror, tmp_path_factory):
+    spec = catalog["mnist"]
+    out = tmp_path_factory.mktemp("pq")
+    return {split: convert_to_parquet(slice_mirror / spec.split(split).path, out / f"{split}.parquet", False)
+            for split in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_parquet, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig(model="mlp", epochs=3, train_rows=2000, patience=3)
+    return train_model(mnist_parquet["train"], 10, config, out), out
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(trained):
+    model_path, out = trained
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["loss"]) == 3
+    assert history["loss"][-1] < history["loss"][0]
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard logs"
+    assert model_path.name == "model.keras" and not list(out.glob(".model.*.keras"))
+
+
+def test_saved_model_scores_raw_csv_rows_without_knowing_the_training(trained, catalog, slice_mirror):
+    model_path, _ = trained
+    import gzip
+
+    with gzip.open(slice_mirror / catalog["mnist"].test.path, "rt") as fh:
+        rows = [[int(v) for v in fh.readline().split(",")] for _ in range(64)]
+    raw = np.array(rows, dtype=np.float32)
+    model = load_model(model_path)
+    probabilities = np.asarray(model.predict(raw[:, 1:], verbose=0))
+    assert probabilities.shape == (64, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert (probabilities.argmax(axis=1) == raw[:, 0]).mean() > 0.8  # raw 0..255 pixels in, sensible answers out
+
+
+def test_same_seed_and_data_give_the_same_metrics(mnist_parquet, tmp_path):
+    config = TrainConfig(model="mlp", epochs=1, train_rows=1000, seed=7)
+    metrics = []
+    for run in ("a", "b"):
+        model = train_model(mnist_parquet["train"], 10, config, tmp_path / run)
+        metrics.append(read_metrics(evaluate_model(model, mnist_parquet["test"], [str(i) for i in range(10)],
+                                                   tmp_path / run)))
+    assert metrics[0].test_accuracy == metrics[1].test_accuracy
+    assert metrics[0].test_loss == metrics[1].test_loss
+    assert metrics[0].confusion_matrix == metrics[1].confusion_matrix
+
+
+def test_cnn_builds_over_raw_rows(mnist_parquet, tmp_path):
+    model = load_model(train_model(mnist_parquet["train"], 10, TrainConfig(model="cnn", epochs=1, train_rows=256),
+                                   tmp_path))
+    assert model.input_shape == (None, NUM_PIXELS) and model.output_shape == (None, 10)
+
+
+def test_evaluate_writes_metrics_json_with_the_contract(trained, mnist_parquet, tmp_path):
+    model_path, _ = trained
+    path = evaluate_model(model_path, mnist_parquet["test"], [str(i) for i in range(10)], tmp_path)
+    doc = json.loads(path.read_text())
+    _, labels = load_xy(mnist_parquet["test"])
+    assert isinstance(doc["test_accuracy"], float) and 0.8 < doc["test_accuracy"] <= 1.0
+    cm = np.array(doc["confusion_matrix"])
+    assert cm.shape == (10, 10) and cm.sum() == len(labels)
+    assert np.array_equal(cm.sum(axis=1), np.bincount(labels, minlength=10))  # rows are true classes
+    assert abs(np.trace(cm) / cm.sum() - doc["test_accuracy"]) < 1e-12
+
+
+def test_compute_metrics_on_known_predictions():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    predicted = np.array([0, 1, 1, 1, 2, 0])
+    probabilities = np.eye(3)[predicted] * 0.98 + 0.01
+    m = compute_metrics(labels, probabilities, ["a", "b", "c"])
+    assert m.test_accuracy == pytest.approx(4 / 6)
+    assert m.confusion_matrix == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert m.recall == {"a": 0.5, "b": 1.0, "c": 0.5}
+    assert m.precision["b"] == pytest.approx(2 / 3)
+    assert {(p.true, p.predicted, p.count) for p in m.most_confused} == {("a", "b", 1), ("c", "a", 1)}
+
+
+def _metrics(accuracy, recalls):
+    names = [str(i) for i in range(len(recalls))]
+    m = compute_metrics(np.array([0, 1]), np.eye(2)[[0, 1]], ["0", "1"])
+    return m.model_copy(update={"test_accuracy": accuracy, "class_names": names,
+                                "recall": dict(zip(names, recalls, strict=True))})
+
+
+def test_gate_passes_when_accuracy_and_every_recall_clear_their_floors():
+    decision = check_gates(_metrics(0.98, [0.97, 0.95]), Gates(min_accuracy=0.97, min_class_recall=0.9))
+    assert decision.passed
+    assert any("PASS min_accuracy" in r for r in decision.reasons)
+
+
+def test_gate_fails_naming_the_gate_threshold_and_measured_value():
+    decision = check_gates(_metrics(0.96, [0.99, 0.42]), Gates(min_accuracy=0.97, min_class_recall=0.5))
+    assert not decision.passed
+    assert "FAIL min_accuracy: test_accuracy 0.9600 < threshold 0.9700" in decision.reasons
+    assert "FAIL min_class_recall: class '1' recall 0.4200 < threshold 0.5000" in decision.reasons
