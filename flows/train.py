@@ -9,20 +9,20 @@ import argparse
 import os
 import sys
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from prefect import flow
 from prefect.states import State
 from pydantic import Field
 
 from tasks.convert import convert_task
-from tasks.datasets import DatasetSpec, Gates, load_catalog, select_datasets
+from tasks.datasets import DatasetSpec, Gates, ModelKind, load_catalog, select_datasets
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task
 from tasks.gate import gate_task
 from tasks.publish import Published, new_version_name, publish_task
 from tasks.settings import Settings
-from tasks.train import ModelKind, TrainConfig, train_task
+from tasks.train import TrainConfig, train_config_for, train_task
 from tasks.validate import validate_task
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -45,17 +45,18 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
     lineage = {
         "data": {raw.path.parent.name: {"location": raw.location, "sha256": raw.sha256, "bytes": raw.size}
                  for raw in (train_raw, test_raw)},
-        "parameters": {"dataset": spec.name, **config.model_dump(), "epochs": config.resolved_epochs},
+        "parameters": {"dataset": spec.name, **config.model_dump()},
         "validation_report": str(report.report_path),
     }
     return publish_task(settings.registry_dir, spec.name, version, model_path, metrics_path, decision, lineage,
-                        {"training_curves.png": run_dir / "training_curves.png"})
+                        {"training_curves.png": run_dir / "training_curves.png"},
+                        test_parquet=test_parquet, predictions_path=run_dir / "predictions.npy")
 
 
-@flow(name="train-mnist", flow_run_name="train-mnist-{dataset}-{model}")
+@flow(name="train-mnist", flow_run_name="train-mnist-{dataset}")
 def train_mnist(
     dataset: str = "all",
-    model: ModelKind = "mlp",
+    model: ModelKind | None = None,
     epochs: Annotated[int, Field(gt=0)] | None = None,
     source: str | None = None,
     registry: str | None = None,
@@ -74,9 +75,10 @@ def train_mnist(
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     specs = select_datasets(load_catalog(settings.datasets_file), [n.strip() for n in dataset.split(",")])
     specs = [with_gate_overrides(s, min_accuracy, min_class_recall) for s in specs]
-    config = TrainConfig(model=model, epochs=epochs, seed=seed, train_rows=train_rows)
     version = new_version_name(datetime.now(UTC))
-    states = {spec.name: train_dataset(spec, settings, config, version, return_state=True) for spec in specs}
+    states = {spec.name: train_dataset(spec, settings, train_config_for(spec.recipe, model, epochs, seed, train_rows),
+                                       version, return_state=True)
+              for spec in specs}
     return summarize(states)
 
 
@@ -106,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--dataset", default="all", help="mnist, fashion-mnist, a name from --datasets-file, "
                         "several separated by commas, or all (default)")
-    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="model architecture (default mlp)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the model's default)")
+    parser.add_argument("--model", choices=list(get_args(ModelKind)),
+                        help="model architecture (default: each dataset's recipe, see tasks/datasets.toml)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's, or the model's default)")
     parser.add_argument("--source", help="mirror: directory, file:// or http(s):// URL (default: bundled data/mirror; "
                         "env TRAIN_MNIST_SOURCE)")
     parser.add_argument("--registry", help="model registry folder (default <data-dir>/registry; env TRAIN_MNIST_REGISTRY)")

@@ -21,6 +21,7 @@ PIXEL_COLUMNS = tuple(f"pixel{i}" for i in range(1, NUM_PIXELS + 1))
 COLUMNS = (LABEL_COLUMN, *PIXEL_COLUMNS)
 SPLITS: tuple[Literal["train", "test"], ...] = ("train", "test")
 Split = Literal["train", "test"]
+ModelKind = Literal["mlp", "cnn", "cnn-bn"]
 
 BUILTIN_DATASETS_FILE = Path(__file__).with_name("datasets.toml")
 
@@ -73,6 +74,15 @@ class Tolerances(_Strict):
     max_test_in_train_share: float = Field(default=0.01, ge=0, le=1)
 
 
+class Recipe(_Strict):
+    """The dataset's default training recipe: what the nightly run trains when no model is given."""
+
+    model: ModelKind = "mlp"
+    epochs: int = Field(default=12, gt=0)
+    # Mirroring keeps a garment's class but not a digit's, so it is opt-in per dataset.
+    horizontal_flip: bool = False
+
+
 class DatasetSpec(_Strict):
     """A dataset of 28x28 grey-scale images stored as CSV rows ``label,p1..p784``."""
 
@@ -84,6 +94,7 @@ class DatasetSpec(_Strict):
     gates: Gates
     reference: Reference | None = None
     tolerances: Tolerances = Tolerances()
+    recipe: Recipe = Recipe()
 
     @model_validator(mode="after")
     def _reference_matches_classes(self) -> DatasetSpec:

@@ -7,7 +7,7 @@ from tasks.convert import convert_to_parquet
 from tasks.datasets import NUM_PIXELS, Gates
 from tasks.evaluate import compute_metrics, evaluate_model, read_metrics
 from tasks.gate import check_gates
-from tasks.train import TrainConfig, load_model, load_xy, train_model
+from tasks.train import DEFAULT_EPOCHS, TrainConfig, load_model, load_xy, train_config_for, train_model
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +61,22 @@ def test_same_seed_and_data_give_the_same_metrics(mnist_parquet, tmp_path):
     assert metrics[0].confusion_matrix == metrics[1].confusion_matrix
 
 
-def test_cnn_builds_over_raw_rows(mnist_parquet, tmp_path):
-    model = load_model(train_model(mnist_parquet["train"], 10, TrainConfig(model="cnn", epochs=1, train_rows=256),
-                                   tmp_path))
+@pytest.mark.parametrize("kind", ["cnn", "cnn-bn"])
+def test_convnets_take_raw_rows_and_reload_in_safe_mode(kind, mnist_parquet, tmp_path):
+    config = TrainConfig(model=kind, epochs=1, train_rows=256, horizontal_flip=True)
+    model = load_model(train_model(mnist_parquet["train"], 10, config, tmp_path))
     assert model.input_shape == (None, NUM_PIXELS) and model.output_shape == (None, 10)
+    layer_types = {type(layer).__name__ for layer in model.layers}
+    assert {"RandomFlip", "RandomTranslation", "Rescaling"} <= layer_types
+
+
+def test_train_config_follows_the_dataset_recipe_unless_overridden(catalog):
+    fashion = catalog["fashion-mnist"].recipe
+    config = train_config_for(fashion)
+    assert (config.model, config.epochs, config.horizontal_flip) == (fashion.model, fashion.epochs, True)
+    assert train_config_for(fashion, model="mlp").epochs == DEFAULT_EPOCHS["mlp"]
+    assert train_config_for(fashion, model="mlp", epochs=3, train_rows=10).model_dump()["train_rows"] == 10
+    assert train_config_for(catalog["mnist"].recipe).horizontal_flip is False  # a mirrored 2 is not a 2
 
 
 def test_evaluate_writes_metrics_json_with_the_contract(trained, mnist_parquet, tmp_path):
