@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.error
 import urllib.parse
@@ -79,8 +80,10 @@ def _open_location(location: str, timeout_s: float) -> Iterator[tuple[BinaryIO, 
             if exc.code in (404, 410):
                 raise SourceNotFound(f"{location}: HTTP {exc.code} {exc.reason}") from exc
             raise DownloadError(f"{location}: HTTP {exc.code} {exc.reason}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise DownloadError(f"{location}: {exc}") from exc
+        except TimeoutError as exc:
+            raise DownloadError(f"{location}: no response within {timeout_s} s") from exc
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, bad reply
+            raise DownloadError(f"{location}: {exc!r}") from exc
         with response:
             length = response.headers.get("Content-Length")
             yield response, int(length) if length is not None else None
@@ -92,15 +95,17 @@ def _open_location(location: str, timeout_s: float) -> Iterator[tuple[BinaryIO, 
         yield fh, path.stat().st_size
 
 
-def _stream_to(stream: BinaryIO, dest: BinaryIO, location: str) -> tuple[str, int]:
+def _stream_to(stream: BinaryIO, dest: BinaryIO, location: str, length: int | None) -> tuple[str, int]:
     digest, size = hashlib.sha256(), 0
     try:
-        for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
+        # read1 returns what has arrived rather than waiting for a full chunk, so ``size`` is exact.
+        for chunk in iter(lambda: stream.read1(CHUNK_BYTES), b""):
             digest.update(chunk)
             dest.write(chunk)
             size += len(chunk)
-    except (OSError, ValueError) as exc:  # timeouts, resets, IncompleteRead
-        raise DownloadError(f"{location}: transfer broke after {size} bytes: {exc!r}") from exc
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets, cut chunked bodies
+        of = f" of {length}" if length is not None else ""
+        raise DownloadError(f"{location}: transfer broke after {size}{of} bytes: {exc!r}") from exc
     return digest.hexdigest(), size
 
 
@@ -116,14 +121,16 @@ def fetch_file(location: str, dest: Path, expected_sha256: str | None, timeout_s
     partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.partial")
     try:
         with _open_location(location, timeout_s) as (stream, length), open(partial, "wb") as out:
-            found_sha256, size = _stream_to(stream, out, location)
+            found_sha256, size = _stream_to(stream, out, location, length)
             out.flush()
             os.fsync(out.fileno())
         if length is not None and size != length:
             raise DownloadError(f"{location}: got {size} bytes, expected {length} (Content-Length)")
         if expected_sha256 and found_sha256 != expected_sha256:
+            # Without an announced length a cut transfer looks like wrong bytes; say so rather than guess.
+            hint = "" if length is not None else "; the server announced no length, so it may have been cut short"
             raise ChecksumMismatch(
-                f"{location}: SHA-256 mismatch: expected {expected_sha256}, found {found_sha256} ({size} bytes)"
+                f"{location}: SHA-256 mismatch: expected {expected_sha256}, found {found_sha256} ({size} bytes{hint})"
             )
         os.replace(partial, dest)
     finally:
