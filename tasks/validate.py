@@ -2,17 +2,20 @@
 
 Per-pixel expectations (784 columns x N rows) are slow in GX, so the rows are first reduced with
 NumPy to a few derived columns (row min/max, nulls, non-integers) and a one-row table of split
-statistics; GX validates those. Every run writes its drift numbers and GX results to the report
-folder, passed or failed.
+statistics; GX validates those, and NumPy then points at the offending cells of the rows GX flags.
+Every run writes its drift numbers and GX results (``validation.json``) and the GX Data Docs
+(``data_docs/index.html``) to the report folder, passed or failed.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import math
 import os
+import re
+import shutil
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +37,13 @@ from tasks.datasets import (
     Split,
 )
 
-SNIFF_BYTES = 64 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+PARSE_BLOCK_BYTES = 4 << 20  # smaller blocks parse faster than 16 MB ones and spread over threads
+STATS_CHUNK_ROWS = 8192  # bounds the temporaries of the sum-of-squares pass
+MAX_EXAMPLES = 5  # offending rows/lines quoted per failure
+DOCS_DIRNAME = "data_docs"
+DOCS_SITE = "train-mnist-run"
+GX_LOGGERS = ("great_expectations", "great_expectations.data_context.types.base")
 
 
 class DataValidationError(Exception):
@@ -43,6 +52,19 @@ class DataValidationError(Exception):
     def __init__(self, message: str, report_path: Path | None = None):
         super().__init__(message + (f"\nreport: {report_path}" if report_path else ""))
         self.report_path = report_path
+
+
+@dataclass
+class ParsedSplit:
+    """A split's values and where each row came from."""
+
+    matrix: np.ndarray  # (rows, 785): uint8 when every value is a byte, else float32 with NaN for empty cells
+    first_line: int  # 1-based line number of the first data row
+    lines: np.ndarray | None = None  # line number of each row; None when rows are consecutive lines
+    bad_rows: list[tuple[int | None, int, str]] = field(default_factory=list)  # (line, fields, text) skipped
+
+    def line_of(self, row: int) -> int:
+        return int(self.lines[row]) if self.lines is not None else self.first_line + row
 
 
 @dataclass
@@ -59,37 +81,52 @@ class SplitProfile:
 # ---- reading -------------------------------------------------------------------------------------
 
 
-def _open_text_head(path: Path) -> bytes:
-    """First bytes of the (possibly gzip-compressed) file, decompressed."""
-    raw = path.read_bytes()[:SNIFF_BYTES] if path.stat().st_size else b""
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return zlib.decompressobj(wbits=31).decompress(raw, SNIFF_BYTES)
-    except zlib.error as exc:
-        raise DataValidationError(f"{path.name}: corrupt gzip stream: {exc}") from exc
+def read_text(path: Path) -> tuple[bytes, str | None]:
+    """The file's bytes, gunzipped if gzip-compressed, and a problem if the gzip stream was truncated.
+
+    A truncated stream keeps its complete lines, so the drift numbers can still be computed.
+    """
+    raw = path.read_bytes()
+    if raw[:2] != GZIP_MAGIC:
+        return raw, None
+    parts: list[bytes] = []
+    rest = raw
+    while rest[:2] == GZIP_MAGIC:  # concatenated gzip members form one stream
+        decoder = zlib.decompressobj(wbits=31)
+        try:
+            parts.append(decoder.decompress(rest))
+        except zlib.error as exc:
+            raise DataValidationError(f"{path.name}: corrupt gzip stream: {exc}") from exc
+        if not decoder.eof:
+            data = b"".join(parts)
+            kept = data[: data.rfind(b"\n") + 1]
+            lines = kept.count(b"\n")
+            return kept, (f"{path.name}: gzip stream truncated (no end-of-stream marker after {len(raw)} compressed "
+                          f"bytes); checked the {lines} complete lines before the cut")
+        rest = decoder.unused_data
+    return b"".join(parts), None
 
 
-def sniff_columns(path: Path, header: bool | None) -> tuple[list[str], bool]:
+def sniff_columns(data: bytes, name: str, header: bool | None) -> tuple[list[str], bool]:
     """Column names of the CSV (from its header, or generated) and whether it has a header row.
 
     Fails early, with what was found, on empty files and on documents that are not CSV at all.
     """
-    head = _open_text_head(path)
-    if not head.strip():
-        raise DataValidationError(f"{path.name}: file is empty (no header, no rows)")
+    head = data[:64 * 1024].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head:
+        raise DataValidationError(f"{name}: file is empty (no header, no rows)")
+    if head[:1] in (b"<", b"{", b"["):
+        kind = "an HTML page" if head[:1] == b"<" else "a JSON document"
+        raise DataValidationError(f"{name}: looks like {kind}, not CSV; starts with {_quote(head)}")
     try:
-        first_line = head.split(b"\n", 1)[0].decode("utf-8").strip("\r\n\ufeff ")
+        first_line = head.split(b"\n", 1)[0].decode("utf-8").strip("\r\n ")
     except UnicodeDecodeError as exc:
-        raise DataValidationError(f"{path.name}: not a text CSV (first line is not UTF-8)") from exc
-    if first_line[:1] in ("<", "{", "["):
-        kind = "an HTML page" if first_line[:1] == "<" else "a JSON document"
-        raise DataValidationError(f"{path.name}: looks like {kind}, not CSV; first line: {first_line[:120]!r}")
+        raise DataValidationError(f"{name}: not a text CSV (first line is not UTF-8); starts with {head[:40]!r}") from exc
     fields = [f.strip().strip('"') for f in first_line.split(",")]
     detected_header = not _is_number(fields[0])
     if header is not None and header != detected_header:
         expected = "a header row" if header else "no header row"
-        raise DataValidationError(f"{path.name}: expected {expected}; first line: {first_line[:120]!r}")
+        raise DataValidationError(f"{name}: expected {expected}; first line: {_quote(first_line)}")
     if detected_header:
         return fields, True
     return [LABEL_COLUMN] + [f"pixel{i}" for i in range(1, len(fields))], False
@@ -103,23 +140,96 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def read_matrix(path: Path, columns: list[str], has_header: bool) -> np.ndarray:
-    """All values as an (rows, columns) array: uint8 when every value is a byte, else float32 with NaN."""
-    read = pacsv.ReadOptions(column_names=columns, skip_rows=1 if has_header else 0, block_size=1 << 24)
+def _quote(text: str | bytes, limit: int = 120) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = text.strip()
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def schema_problems(found: list[str], expected: list[str], has_header: bool) -> str:
+    """What differs between the file's columns and the expected ones, in words."""
+    if not has_header:
+        return f"rows have {len(found)} fields, expected {len(expected)} ({expected[0]} + {len(expected) - 1} pixels)"
+    parts = []
+    missing = [c for c in expected if c not in found]
+    extra = [c for c in found if c not in expected]
+    if missing:
+        parts.append(f"missing columns {_few(missing)}")
+    if extra:
+        parts.append(f"unexpected columns {_few(extra)}")
+    if not parts:
+        moved = [(i, f, e) for i, (f, e) in enumerate(zip(found, expected, strict=False)) if f != e]
+        parts.append("columns in the wrong order: " + ", ".join(
+            f"position {i} has {f}, expected {e}" for i, f, e in moved[:MAX_EXAMPLES]))
+    return "; ".join(parts)
+
+
+def _few(items: list[Any]) -> str:
+    shown = ", ".join(str(i) for i in items[:MAX_EXAMPLES])
+    return f"[{shown}{', ...' if len(items) > MAX_EXAMPLES else ''}] ({len(items)})"
+
+
+def read_matrix(data: bytes, name: str, columns: list[str], has_header: bool) -> ParsedSplit:
+    """Parse the CSV text; rows with a wrong field count are skipped and listed in ``bad_rows``."""
+    start = data.find(b"\n") + 1 if has_header else 0
+    end = len(data.rstrip(b"\r\n\t "))  # trailing blank lines are harmless; blank lines inside are not
+    first_line = 1 + int(has_header)
+    if start == 0 and has_header or start >= end:
+        return ParsedSplit(np.zeros((0, len(columns)), np.uint8), first_line)
+    buffer = pa.py_buffer(data)[start:end]
     for dtype in (pa.uint8(), pa.float32()):
-        convert = pacsv.ConvertOptions(column_types={c: dtype for c in columns}, strings_can_be_null=True)
         try:
-            table = pacsv.read_csv(path, read_options=read, convert_options=convert)
+            table, bad = _parse(buffer, columns, dtype, threads=True)
         except pa.ArrowInvalid as exc:
-            if dtype == pa.uint8() and "CSV conversion error" in str(exc):
+            if dtype == pa.uint8() and "conversion error" in str(exc):
                 continue  # out-of-byte or fractional values: re-read as floats to report them
-            raise DataValidationError(f"{path.name}: cannot parse as CSV of numbers: {_short(exc)}") from exc
-        except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise DataValidationError(f"{path.name}: cannot read (truncated or corrupt file?): {_short(exc)}") from exc
+            raise DataValidationError(_parse_error(buffer, name, columns, first_line, exc)) from exc
         if dtype == pa.uint8() and table.num_rows and any(col.null_count for col in table.columns):
             continue  # empty cells: float32 keeps them as NaN
-        return _table_to_matrix(table, np.uint8 if dtype == pa.uint8() else np.float32)
+        parsed = ParsedSplit(_table_to_matrix(table, np.uint8 if dtype == pa.uint8() else np.float32), first_line)
+        if bad:
+            if any(line is None for line, _, _ in bad):  # threaded parsing does not know line numbers
+                _, bad = _parse(buffer, columns, dtype, threads=False, first_line=first_line)
+            lines = np.arange(first_line, first_line + table.num_rows + len(bad))
+            parsed.lines = np.setdiff1d(lines, [line for line, _, _ in bad], assume_unique=True)
+            parsed.bad_rows = bad
+        return parsed
     raise AssertionError("unreachable")
+
+
+def _parse(buffer: pa.Buffer, columns: list[str], dtype: pa.DataType, threads: bool,
+           first_line: int = 1) -> tuple[pa.Table, list[tuple[int | None, int, str]]]:
+    """Parse data lines (no header); rows with a wrong field count are skipped and returned with their line."""
+    bad: list[tuple[int | None, int, str]] = []
+
+    def skip(row: Any) -> str:  # pyarrow knows line numbers only when parsing single-threaded
+        bad.append((None if row.number is None else row.number + first_line - 1, row.actual_columns, row.text))
+        return "skip"
+
+    table = pacsv.read_csv(
+        pa.BufferReader(buffer),
+        read_options=pacsv.ReadOptions(column_names=columns, block_size=PARSE_BLOCK_BYTES, use_threads=threads),
+        parse_options=pacsv.ParseOptions(invalid_row_handler=skip, ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, dtype)),
+    )
+    return table, sorted(bad, key=lambda b: b[0] or 0)
+
+
+def _parse_error(buffer: pa.Buffer, name: str, columns: list[str], first_line: int, exc: pa.ArrowInvalid) -> str:
+    """Name the column, line and value of a value that is not a number."""
+    message = str(exc)
+    if "Row #" not in message and "conversion error" in message:
+        try:  # single-threaded parsing reports the line number
+            _parse(buffer, columns, pa.float32(), threads=False)
+        except pa.ArrowInvalid as again:
+            message = str(again)
+    found = re.search(r"column #(\d+): (?:Row #(\d+): )?CSV conversion error to \w+: invalid value '(.*)'", message)
+    if found:
+        column, row, value = found.groups()
+        where = f" at line {int(row) + first_line - 1}" if row else ""
+        return f"{name}: non-numeric value {value[:40]!r} in column {columns[int(column)]}{where}; expected integers"
+    return f"{name}: cannot parse as CSV of numbers: {_short(message)}"
 
 
 def _table_to_matrix(table: pa.Table, dtype: type) -> np.ndarray:
@@ -129,8 +239,8 @@ def _table_to_matrix(table: pa.Table, dtype: type) -> np.ndarray:
     return matrix
 
 
-def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0][:300]
+def _short(text: str) -> str:
+    return text.strip().splitlines()[0][:300]
 
 
 # ---- profiling -----------------------------------------------------------------------------------
@@ -147,28 +257,48 @@ def profile_split(matrix: np.ndarray, num_classes: int, has_header: bool = False
     else:
         missing = np.isnan(pixels)
         nulls = missing.sum(axis=1)
-        filled = np.where(missing, 0, pixels)
+        filled = np.where(missing, np.float32(0), pixels)
         non_integer = (filled != np.round(filled)).sum(axis=1)
+    n = len(matrix)
+    row_max = filled.max(axis=1).astype(np.float64) if n else np.zeros(0)
     rows = pd.DataFrame({
         LABEL_COLUMN: labels,
-        "row_min": filled.min(axis=1).astype(np.float64),
-        "row_max": filled.max(axis=1).astype(np.float64),
+        "row_min": filled.min(axis=1).astype(np.float64) if n else np.zeros(0),
+        "row_max": row_max,
         "row_nulls": nulls,
         "row_non_integer": non_integer,
     })
     valid_labels = labels[np.isfinite(labels) & (labels >= 0) & (labels < num_classes) & (labels == np.round(labels))]
     counts = np.bincount(valid_labels.astype(np.int64), minlength=num_classes)[:num_classes]
-    hashes = [hash(row.tobytes()) for row in filled]
-    unique = set(hashes)
-    n = len(matrix)
+    unique = {hash(row.tobytes()) for row in filled}
+    mean, std = pixel_mean_std(filled) if n else (math.nan, math.nan)
     stats = {
         "rows": float(n),
-        "pixel_mean": float(filled.mean(dtype=np.float64)) if n else math.nan,
-        "pixel_std": float(filled.std(dtype=np.float64)) if n else math.nan,
-        "blank_share": float((rows["row_max"] == 0).mean()) if n else math.nan,
+        "pixel_mean": mean,
+        "pixel_std": std,
+        "blank_share": float((row_max == 0).mean()) if n else math.nan,
         "duplicate_share": 1.0 - len(unique) / n if n else math.nan,
     }
     return SplitProfile(has_header=has_header, rows=rows, stats=stats, label_counts=counts.tolist(), row_hashes=unique)
+
+
+def pixel_mean_std(pixels: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) standard deviation of all pixels, without a float64 copy of the matrix."""
+    count = pixels.size
+    if pixels.dtype == np.uint8:  # exact integer sums: sum of squares of 784 bytes fits uint32 per element
+        total = int(pixels.sum(dtype=np.uint64))
+        squares = 0
+        for start in range(0, len(pixels), STATS_CHUNK_ROWS):
+            chunk = pixels[start:start + STATS_CHUNK_ROWS].astype(np.uint32)
+            np.multiply(chunk, chunk, out=chunk)
+            squares += int(chunk.sum(dtype=np.uint64))
+        return total / count, math.sqrt((squares * count - total * total) / (count * count))
+    mean = float(pixels.sum(dtype=np.float64) / count)
+    deviation = 0.0
+    for start in range(0, len(pixels), STATS_CHUNK_ROWS):
+        chunk = pixels[start:start + STATS_CHUNK_ROWS].astype(np.float64) - mean
+        deviation += float(np.einsum("ij,ij->", chunk, chunk))
+    return mean, math.sqrt(deviation / count)
 
 
 def reference_from_profile(profile: SplitProfile) -> Reference:
@@ -187,120 +317,223 @@ def label_drift(counts: list[int], reference: Reference) -> dict[str, float]:
         return {"label_kl": math.inf, "min_class_share_ratio": 0.0}
     observed = [c / total for c in counts]
     expected = reference.class_proportions
-    kl = sum(p * math.log(p / q) for p, q in zip(observed, expected, strict=True) if p > 0)
-    ratio = min(p / q for p, q in zip(observed, expected, strict=True))
+    kl = sum(p * math.log(p / q) if q > 0 else math.inf
+             for p, q in zip(observed, expected, strict=True) if p > 0)
+    ratio = min(p / q for p, q in zip(observed, expected, strict=True) if q > 0)
     return {"label_kl": kl, "min_class_share_ratio": ratio}
 
 
 # ---- Great Expectations --------------------------------------------------------------------------
+# Each expectation carries, in ``meta["check"]``, the problem it catches in words; failure messages
+# and the Data Docs notes use it.
+
+
+def _expect(kind: str, check: str, **kwargs: Any) -> Any:
+    import great_expectations.expectations as gxe
+
+    return getattr(gxe, kind)(meta={"check": check}, notes=check, **kwargs)
 
 
 def _schema_expectations(expected_columns: list[str]) -> list:
-    import great_expectations.expectations as gxe
-
-    return [gxe.ExpectTableColumnsToMatchOrderedList(column_list=expected_columns)]
+    return [_expect("ExpectTableColumnsToMatchOrderedList", "column layout differs from label, pixel1..pixel784",
+                    column_list=expected_columns)]
 
 
 def _rows_expectations(spec: DatasetSpec, split: Split) -> list:
-    import great_expectations.expectations as gxe
-
     expected_rows = spec.split(split).rows
-    count = (gxe.ExpectTableRowCountToEqual(value=expected_rows) if expected_rows
-             else gxe.ExpectTableRowCountToBeBetween(min_value=1))
+    count = (_expect("ExpectTableRowCountToEqual", "row count differs from the pinned count", value=expected_rows)
+             if expected_rows else
+             _expect("ExpectTableRowCountToBeBetween", "no data rows", min_value=1))
     return [
         count,
-        gxe.ExpectColumnValuesToNotBeNull(column=LABEL_COLUMN),
-        gxe.ExpectColumnValuesToBeInSet(column=LABEL_COLUMN, value_set=list(range(spec.num_classes))),
-        gxe.ExpectColumnValuesToBeBetween(column="row_nulls", max_value=0),
-        gxe.ExpectColumnValuesToBeBetween(column="row_non_integer", max_value=0),
-        gxe.ExpectColumnValuesToBeBetween(column="row_min", min_value=PIXEL_MIN),
-        gxe.ExpectColumnValuesToBeBetween(column="row_max", max_value=PIXEL_MAX),
+        _expect("ExpectColumnValuesToNotBeNull", "label missing", column=LABEL_COLUMN),
+        _expect("ExpectColumnValuesToBeInSet", f"label outside the classes 0..{spec.num_classes - 1}",
+                column=LABEL_COLUMN, value_set=list(range(spec.num_classes))),
+        _expect("ExpectColumnValuesToBeBetween", "empty pixel cells", column="row_nulls", max_value=0),
+        _expect("ExpectColumnValuesToBeBetween", "non-integer pixel values", column="row_non_integer", max_value=0),
+        _expect("ExpectColumnValuesToBeBetween", f"pixel value below {PIXEL_MIN}", column="row_min",
+                min_value=PIXEL_MIN),
+        _expect("ExpectColumnValuesToBeBetween", f"pixel value above {PIXEL_MAX}", column="row_max",
+                max_value=PIXEL_MAX),
     ]
 
 
 def _stats_expectations(spec: DatasetSpec, reference: Reference) -> list:
-    import great_expectations.expectations as gxe
-
     tol = spec.tolerances
     mean, std = reference.pixel_mean, reference.pixel_std
     return [
-        gxe.ExpectColumnValuesToBeBetween(column="pixel_mean", min_value=mean * (1 - tol.pixel_mean_rel_tol),
-                                          max_value=mean * (1 + tol.pixel_mean_rel_tol)),
-        gxe.ExpectColumnValuesToBeBetween(column="pixel_std", min_value=std * (1 - tol.pixel_std_rel_tol),
-                                          max_value=std * (1 + tol.pixel_std_rel_tol)),
-        gxe.ExpectColumnValuesToBeBetween(column="label_kl", max_value=tol.max_label_kl),
-        gxe.ExpectColumnValuesToBeBetween(column="min_class_share_ratio", min_value=tol.min_class_share_ratio),
-        gxe.ExpectColumnValuesToBeBetween(column="blank_share", max_value=tol.max_blank_share),
-        gxe.ExpectColumnValuesToBeBetween(column="duplicate_share", max_value=tol.max_duplicate_share),
+        _expect("ExpectColumnValuesToBeBetween", "pixel mean drifted from the reference", column="pixel_mean",
+                min_value=mean * (1 - tol.pixel_mean_rel_tol), max_value=mean * (1 + tol.pixel_mean_rel_tol)),
+        _expect("ExpectColumnValuesToBeBetween", "pixel std drifted from the reference", column="pixel_std",
+                min_value=std * (1 - tol.pixel_std_rel_tol), max_value=std * (1 + tol.pixel_std_rel_tol)),
+        _expect("ExpectColumnValuesToBeBetween", "class balance drifted (label KL divergence from the reference)",
+                column="label_kl", max_value=tol.max_label_kl),
+        _expect("ExpectColumnValuesToBeBetween", "a class is under-represented (smallest observed/reference share)",
+                column="min_class_share_ratio", min_value=tol.min_class_share_ratio),
+        _expect("ExpectColumnValuesToBeBetween", "too many blank (all-zero) images", column="blank_share",
+                max_value=tol.max_blank_share),
+        _expect("ExpectColumnValuesToBeBetween", "too many exact duplicate images", column="duplicate_share",
+                max_value=tol.max_duplicate_share),
     ]
 
 
 def _pair_expectations(spec: DatasetSpec) -> list:
-    import great_expectations.expectations as gxe
-
     return [
-        gxe.ExpectColumnValuesToBeBetween(column="test_in_train_share",
-                                          max_value=spec.tolerances.max_test_in_train_share),
-        # A test split larger than the train split means the two were swapped.
-        gxe.ExpectColumnValuesToBeBetween(column="test_to_train_rows", max_value=1.0),
+        _expect("ExpectColumnValuesToBeBetween", "test split overlaps the train split (test images found in train)",
+                column="test_in_train_share", max_value=spec.tolerances.max_test_in_train_share),
+        _expect("ExpectColumnValuesToBeBetween", "test split has more rows than train (splits swapped?)",
+                column="test_to_train_rows", max_value=1.0),
     ]
+
+
+def quiet_gx_logging() -> None:
+    """GX logs progress and config chatter at INFO/WARNING; keep only its errors."""
+    for name in GX_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class GxRunner:
     """One ephemeral GX context for a validation run; each ``run`` validates a DataFrame against a suite."""
 
-    def __init__(self, docs_dir: Path | None = None):
+    def __init__(self) -> None:
+        quiet_gx_logging()
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        for name in ("great_expectations", "great_expectations.data_context.types.base"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        quiet_gx_logging()
         self._gx = gx
         self.context = gx.get_context(mode="ephemeral")
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
         self._source = self.context.data_sources.add_pandas("train-mnist")
         self.results: list[Any] = []
-        self.docs_dir = docs_dir
 
     def run(self, name: str, frame: pd.DataFrame, expectations: list) -> Any:
         gx = self._gx
         batch = self._source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
         suite = self.context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
         definition = self.context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        # The result is also kept in the context's validation results store, from which the docs are built.
         result = definition.run(batch_parameters={"dataframe": frame},
-                                result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5})
+                                result_format={"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES})
         self.results.append(result)
         return result
 
+    def build_docs(self, dest: Path) -> Path:
+        """Render this run's suites and results as GX Data Docs in ``dest`` (replaced whole); returns index.html."""
+        staging = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        for site in list(self.context.list_data_docs_sites()):  # the default site writes to a temp folder
+            self.context.delete_data_docs_site(site)
+        self.context.add_data_docs_site(DOCS_SITE, {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(staging)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        })
+        try:
+            self.context.build_data_docs(site_names=[DOCS_SITE])
+            old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+            if dest.exists():
+                dest.rename(old)
+            staging.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return dest / "index.html"
 
-def describe_failures(suite_name: str, result: Any) -> list[str]:
-    """One line per failed expectation: what was expected and what was observed."""
+
+def describe_failures(suite_name: str, result: Any, locate: Any = None, found: str | None = None) -> list[str]:
+    """One line per failed expectation: the problem, what was expected and what was found.
+
+    ``locate(column, rows)`` may add where the offending values are (lines, pixel columns); ``found``
+    replaces GX's observed value (for the schema, whose observed value is the whole column list).
+    """
     lines = []
     for res in result.results:
         if res.success:
             continue
         cfg = res.expectation_config
-        kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "column")}
         column = cfg.kwargs.get("column")
-        what = f"{cfg.type}({column})" if column else cfg.type
+        check = (cfg.meta or {}).get("check", cfg.type)
         r = res.result or {}
-        if res.exception_info and res.exception_info.get("raised_exception"):
-            found = f"error: {res.exception_info.get('exception_message')}"
-        elif r.get("unexpected_count"):
+        if found is not None:
+            observed = found
+        elif res.exception_info and res.exception_info.get("raised_exception"):
+            observed = f"GX error: {res.exception_info.get('exception_message')}"
+        elif r.get("unexpected_count") and locate is not None:
             rows = r.get("partial_unexpected_index_list") or []
-            values = r.get("partial_unexpected_list") or []
-            found = f"{r['unexpected_count']} of {r.get('element_count')} rows fail, e.g. data rows {rows} values {values}"
+            where = locate(column, rows) or f"data rows {rows} with {column} {_fmt(r.get('partial_unexpected_list'))}"
+            observed = f"{r['unexpected_count']} of {r['element_count']} rows, e.g. {where}"
+        elif r.get("partial_unexpected_list"):
+            observed = _fmt_value(r["partial_unexpected_list"][0])
         else:
-            found = f"observed {_fmt(r.get('observed_value'))}"
-            if r.get("details"):
-                found += f" {_fmt(r['details'])}"
-        lines.append(f"{suite_name}: {what} expected {_fmt(kwargs)}; {found}")
+            observed = _fmt(r.get("observed_value"))
+        what = f"{cfg.type}({column})" if column else cfg.type
+        lines.append(f"{suite_name}: {check}: expected {_expected(cfg.kwargs)}; found {observed} [{what}]")
     return lines
+
+
+def _expected(kwargs: dict[str, Any]) -> str:
+    low, high = kwargs.get("min_value"), kwargs.get("max_value")
+    if "column_list" in kwargs:
+        cols = kwargs["column_list"]
+        return f"{len(cols)} columns {cols[0]}, {cols[1]}, ..., {cols[-1]}"
+    if "value_set" in kwargs:
+        return f"a value in {_fmt(kwargs['value_set'])}"
+    if "value" in kwargs:
+        return f"== {kwargs['value']}"
+    if low is not None and high is not None:
+        return f"between {_fmt_value(low)} and {_fmt_value(high)}"
+    if low is not None:
+        return f">= {_fmt_value(low)}"
+    if high is not None:
+        return f"<= {_fmt_value(high)}"
+    return "not null" if "column" in kwargs else _fmt(kwargs)
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "empty"
+        return str(int(value)) if value.is_integer() else f"{value:.4g}"
+    return str(value)
 
 
 def _fmt(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return text if len(text) <= 400 else text[:400] + "..."
+
+
+class CellLocator:
+    """Points at the offending cells of the rows GX flagged: line numbers and pixel columns with their values."""
+
+    def __init__(self, parsed: ParsedSplit, columns: list[str]):
+        self.parsed = parsed
+        self.columns = columns
+
+    def __call__(self, derived: str | None, rows: list[int]) -> str | None:
+        matrix = self.parsed.matrix
+        rows = [r for r in rows if isinstance(r, (int, np.integer)) and 0 <= r < len(matrix)]
+        if not rows:
+            return None
+        if derived == LABEL_COLUMN:
+            return ", ".join(f"line {self.parsed.line_of(r)} {LABEL_COLUMN}={_fmt_value(float(matrix[r, 0]))}"
+                             for r in rows)
+        tests = {
+            "row_max": lambda v: v > PIXEL_MAX,
+            "row_min": lambda v: v < PIXEL_MIN,
+            "row_nulls": np.isnan,
+            "row_non_integer": lambda v: np.isfinite(v) & (v != np.round(v)),
+        }
+        if derived not in tests:
+            return None
+        found = []
+        for r in rows:
+            values = matrix[r, 1:].astype(np.float64)
+            bad = np.flatnonzero(tests[derived](values))
+            cells = ", ".join(f"{self.columns[1 + c]}={_fmt_value(float(values[c]))}" for c in bad[:3])
+            more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+            found.append(f"line {self.parsed.line_of(r)} {cells}{more}")
+        return "; ".join(found)
 
 
 # ---- the stage -----------------------------------------------------------------------------------
@@ -316,34 +549,50 @@ class ValidationReport:
     drift: dict[str, Any]
     report_path: Path
     has_header: dict[str, bool]  # per split, as detected
+    docs_path: Path | None = None  # GX Data Docs index.html, if it could be built
 
 
 def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRunner,
                    failures: list[str]) -> SplitProfile | None:
     """Schema, parse and row checks for one split; returns its profile, or None if it cannot be read."""
     name = f"{spec.name}-{split}"
+    where = f"{name} ({path.name})"
     try:
-        columns, has_header = sniff_columns(path, spec.header)
+        data, truncated = read_text(path)
+        if truncated:
+            failures.append(f"{name}: {truncated}")
+        columns, has_header = sniff_columns(data, where, spec.header)
     except DataValidationError as exc:
-        failures.append(f"{name}: {exc}")
+        failures.append(str(exc))
         return None
-    schema = gx_runner.run(f"{name}-schema", pd.DataFrame(columns=columns), _schema_expectations(list(COLUMNS)))
+    # An empty frame with the file's columns; one uint8 block, since GX fingerprints every column of a batch.
+    header_frame = pd.DataFrame(np.zeros((0, len(columns)), np.uint8), columns=columns)
+    schema = gx_runner.run(f"{name}-schema", header_frame, _schema_expectations(list(COLUMNS)))
     if not schema.success:
-        failures.extend(describe_failures(f"{name}-schema", schema))
+        detail = schema_problems(columns, list(COLUMNS), has_header)
+        failures.extend(describe_failures(f"{name}-schema", schema, found=detail))
         return None
     try:
-        matrix = read_matrix(path, columns, has_header)
+        parsed = read_matrix(data, where, columns, has_header)
     except DataValidationError as exc:
-        failures.append(f"{name}: {exc}")
+        failures.append(str(exc))
         return None
-    profile = profile_split(matrix, spec.num_classes, has_header)
+    del data
+    if parsed.bad_rows:
+        examples = ", ".join(f"line {line} has {fields} fields" for line, fields, _ in parsed.bad_rows[:MAX_EXAMPLES])
+        failures.append(f"{where}: {len(parsed.bad_rows)} row(s) with the wrong number of fields, expected "
+                        f"{len(COLUMNS)} (truncated or malformed rows, skipped): {examples}")
+    profile = profile_split(parsed.matrix, spec.num_classes, has_header)
     rows = gx_runner.run(f"{name}-rows", profile.rows, _rows_expectations(spec, split))
-    failures.extend(describe_failures(f"{name}-rows", rows))
+    failures.extend(describe_failures(f"{name}-rows", rows, CellLocator(parsed, columns)))
+    if not len(parsed.matrix):
+        failures.append(f"{where}: no data rows" + (" after the header (header-only file)" if has_header else ""))
+        return None
     return profile
 
 
 def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, report_dir: Path) -> ValidationReport:
-    """Validate both splits and their relation; write ``validation.json``; raise if anything failed."""
+    """Validate both splits and their relation; write ``validation.json`` and Data Docs; raise if anything failed."""
     report_dir.mkdir(parents=True, exist_ok=True)
     runner = GxRunner()
     failures: list[str] = []
@@ -352,16 +601,21 @@ def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, repor
     drift: dict[str, Any] = {}
     reference = spec.reference
     if reference is None and profiles["train"] is not None:
-        reference = reference_from_profile(profiles["train"])
-        drift["reference_computed_from_train"] = reference.model_dump()
+        try:
+            reference = reference_from_profile(profiles["train"])
+            drift["reference_computed_from_train"] = reference.model_dump(mode="json")
+        except ValueError as exc:
+            failures.append(f"{spec.name}-train: cannot compute reference statistics from train: {_short(str(exc))}")
     for split, profile in profiles.items():
-        if profile is None or reference is None:
+        if profile is None:
             continue
-        stats = {**profile.stats, **label_drift(profile.label_counts, reference), "label_counts": profile.label_counts}
-        drift[split] = stats
-        frame = pd.DataFrame([{k: v for k, v in stats.items() if k != "label_counts"}])
-        result = runner.run(f"{spec.name}-{split}-stats", frame, _stats_expectations(spec, reference))
-        failures.extend(describe_failures(f"{spec.name}-{split}-stats", result))
+        stats: dict[str, Any] = dict(profile.stats)
+        if reference is not None:
+            stats.update(label_drift(profile.label_counts, reference))
+        drift[split] = {**stats, "label_counts": profile.label_counts}
+        if reference is not None:
+            result = runner.run(f"{spec.name}-{split}-stats", pd.DataFrame([stats]), _stats_expectations(spec, reference))
+            failures.extend(describe_failures(f"{spec.name}-{split}-stats", result))
     train, test = profiles["train"], profiles["test"]
     if train is not None and test is not None:
         n_test = test.stats["rows"]
@@ -372,9 +626,14 @@ def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, repor
         drift["pair"] = pair
         result = runner.run(f"{spec.name}-pair", pd.DataFrame([pair]), _pair_expectations(spec))
         failures.extend(describe_failures(f"{spec.name}-pair", result))
-    report_path = write_report(report_dir, spec, failures, drift, runner.results)
+    docs_path, docs_error = None, None
+    try:
+        docs_path = runner.build_docs(report_dir / DOCS_DIRNAME)
+    except Exception as exc:  # noqa: BLE001 - the docs are a view; the verdict and validation.json must not depend on them
+        docs_error = f"{type(exc).__name__}: {_short(str(exc))}"
+    report_path = write_report(report_dir, spec, failures, drift, runner.results, docs_path, docs_error)
     layouts = {split: p.has_header for split, p in profiles.items() if p is not None}
-    report = ValidationReport(spec.name, not failures, failures, drift, report_path, layouts)
+    report = ValidationReport(spec.name, not failures, failures, drift, report_path, layouts, docs_path)
     if failures:
         raise DataValidationError(
             f"{spec.name}: data failed validation ({len(failures)} problem(s)):\n- " + "\n- ".join(failures),
@@ -384,27 +643,38 @@ def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, repor
 
 
 def write_report(report_dir: Path, spec: DatasetSpec, failures: list[str], drift: dict[str, Any],
-                 results: list[Any]) -> Path:
+                 results: list[Any], docs_path: Path | None = None, docs_error: str | None = None) -> Path:
     """Write the run's validation report (drift numbers and GX results) atomically."""
     report = {
         "dataset": spec.name,
         "passed": not failures,
         "failures": failures,
         "drift": drift,
+        "data_docs": str(docs_path) if docs_path else None,
+        **({"data_docs_error": docs_error} if docs_error else {}),
         "great_expectations": [r.to_json_dict() for r in results],
     }
     path = report_dir / "validation.json"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=_json_default))
+    tmp.write_text(json.dumps(_finite(report), indent=2, default=_json_default))
     os.replace(tmp, path)
     return path
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
+def _finite(value: Any) -> Any:
+    """NaN and infinities as strings, so validation.json stays strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return _finite(value.item())
     return str(value)
 
 
@@ -421,7 +691,7 @@ def validate_task(spec: DatasetSpec, train_path: Path, test_path: Path, report_d
     except DataValidationError as exc:
         logger.error("%s", exc)
         raise
-    logger.info("%s passed validation; drift %s; report %s", spec.name,
+    logger.info("%s passed validation; drift %s; report %s; data docs %s", spec.name,
                 {s: {k: round(v, 4) for k, v in d.items() if isinstance(v, float)} for s, d in report.drift.items()
-                 if s in ("train", "test")}, report.report_path)
+                 if s in ("train", "test")}, report.report_path, report.docs_path)
     return report
