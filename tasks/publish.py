@@ -9,6 +9,11 @@ Registry layout::
 A version is assembled in a hidden staging folder, fsynced and renamed into place whole; the
 pointer is then replaced atomically. Publishing of one dataset is serialised by a lock file, so
 concurrent runs never interleave: the pointer names the version of the run that published last.
+
+Before publishing, the current production model (the champion) is loaded (Keras safe mode) and
+re-scored on the challenger's own test Parquet file, under the same lock, so two runs can never both
+beat a stale champion; ``tasks.promote`` decides. A failed gate or a refused promotion publishes
+nothing and leaves the pointer and every version as they were.
 """
 
 from __future__ import annotations
@@ -27,10 +32,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import task
 
-from tasks.evaluate import Metrics, read_metrics
+from tasks.evaluate import Metrics, predict_probabilities, read_metrics
 from tasks.gate import GateDecision
+from tasks.promote import (
+    PromotionDecision,
+    PromotionPolicy,
+    decide_promotion,
+    first_version_decision,
+    refusal_message,
+)
+from tasks.train import load_xy
 
 POINTER = "production"
 STAGING_PREFIX = ".staging-"
@@ -39,6 +53,14 @@ VERSION_FILES = ("model.keras", "metrics.json", "confusion_matrix.csv", "confusi
 
 class GateFailed(Exception):
     """The model did not pass its gates; nothing was published."""
+
+
+class PromotionRefused(GateFailed):
+    """The model passed its gates but is worse than the production model; nothing was published."""
+
+
+class ChampionUnreadable(RuntimeError):
+    """The production model cannot be loaded or scored, so no challenger can be compared with it."""
 
 
 def new_version_name(now: datetime | None = None) -> str:
@@ -155,7 +177,8 @@ def confusion_matrix_png(metrics: Metrics, title: str) -> bytes:
     return buffer.getvalue()
 
 
-def model_card(dataset: str, version: str, metrics: Metrics, decision: GateDecision, lineage: dict[str, Any]) -> str:
+def model_card(dataset: str, version: str, metrics: Metrics, decision: GateDecision, promotion: PromotionDecision,
+               lineage: dict[str, Any]) -> str:
     """A short human-readable card: data, parameters, metrics and why it was published."""
     lines = [
         f"# {dataset} model {version}",
@@ -186,9 +209,31 @@ def model_card(dataset: str, version: str, metrics: Metrics, decision: GateDecis
               + ", ".join(f"{p.true} -> {p.predicted}: {p.count}" for p in metrics.most_confused), ""]
     lines += ["## Gate decision", "", f"**{'PASSED' if decision.passed else 'FAILED'}**", ""]
     lines += [f"- {reason}" for reason in decision.reasons]
-    if lineage.get("champion"):
-        lines += ["", "## Champion comparison", "", "```json", json.dumps(lineage["champion"], indent=2), "```"]
+    lines += ["", "## Champion comparison", ""] + champion_comparison_lines(promotion)
     return "\n".join(lines) + "\n"
+
+
+def champion_comparison_lines(promotion: PromotionDecision) -> list[str]:
+    """The promotion decision as Markdown: the paired comparison with the champion, or why there was none."""
+    verdict = "PROMOTED" if promotion.promoted else "REFUSED"
+    if promotion.champion_version is None:
+        return [f"**{verdict}**: no champion (first version of this dataset); the absolute gates alone decided. "
+                f"Test accuracy {promotion.challenger_accuracy:.4f} on {promotion.test_rows} rows.", ""]
+    lines = [
+        f"**{verdict}** against champion `{promotion.champion_version}`, both scored on the same "
+        f"{promotion.test_rows} test rows.",
+        "",
+        "| | value |",
+        "| --- | --- |",
+        f"| challenger test accuracy | {promotion.challenger_accuracy:.4f} |",
+        f"| champion test accuracy | {promotion.champion_accuracy:.4f} |",
+        f"| challenger right, champion wrong (b) | {promotion.challenger_only_right} |",
+        f"| champion right, challenger wrong (c) | {promotion.champion_only_right} |",
+        f"| McNemar exact p-value (two-sided) | {promotion.p_value:.4g} |",
+        f"| tolerance / alpha | {promotion.tolerance} / {promotion.alpha} |",
+        "",
+    ]
+    return lines + [f"- {reason}" for reason in promotion.reasons]
 
 
 @dataclass(frozen=True)
@@ -196,35 +241,88 @@ class Published:
     dataset: str
     version: str
     path: Path
+    promotion: PromotionDecision
+
+
+def challenger_predictions(predictions_path: Path, metrics: Metrics, labels: np.ndarray) -> np.ndarray:
+    """The challenger's predicted classes (``predictions.npy``), checked against its metrics and the test rows."""
+    predictions = np.load(predictions_path, allow_pickle=False)
+    if predictions.shape != labels.shape or metrics.test_rows != len(labels):
+        raise ValueError(f"{predictions_path}: {predictions.shape} predictions and metrics of {metrics.test_rows} "
+                         f"rows, expected one class per test row ({labels.shape}); not the same test split")
+    accuracy = float(np.mean(predictions == labels))
+    if abs(accuracy - metrics.test_accuracy) > 1e-9:
+        raise ValueError(f"{predictions_path}: accuracy {accuracy:.6f} on the test split, but metrics say "
+                         f"{metrics.test_accuracy:.6f}; predictions and metrics come from different evaluations")
+    return predictions
+
+
+def champion_predictions(model_path: Path, pixels: np.ndarray) -> np.ndarray:
+    """Predicted classes of a saved model (loaded in Keras safe mode) on raw pixel rows."""
+    return predict_probabilities(model_path, pixels).argmax(axis=1)
+
+
+def score_champion(registry: Path, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray:
+    """Re-score the production model on the challenger's test rows; a clear error if it cannot be."""
+    model_path = registry / dataset / champion / "model.keras"
+    fix = (f"; nothing was published. Restore the file, or point {registry / dataset / POINTER} "
+           "at a readable version")
+    if not model_path.is_file():
+        raise ChampionUnreadable(f"{dataset}: champion {champion}'s model file {model_path} is missing{fix}")
+    try:
+        predictions = champion_predictions(model_path, pixels)
+    except Exception as exc:  # noqa: BLE001 - any failure to load or run it means the same: no comparison
+        raise ChampionUnreadable(f"{dataset}: champion {champion}'s model file {model_path} cannot be loaded "
+                                 f"or scored ({type(exc).__name__}: {exc}){fix}") from exc
+    if predictions.shape != (len(pixels),):
+        raise ChampionUnreadable(f"{dataset}: champion {champion}'s model {model_path} gave {predictions.shape} "
+                                 f"predictions for {len(pixels)} test rows{fix}")
+    return predictions
 
 
 def publish_version(registry: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
-                    decision: GateDecision, lineage: dict[str, Any], extra_files: dict[str, Path] | None = None,
+                    decision: GateDecision, lineage: dict[str, Any], *, test_parquet: Path, predictions_path: Path,
+                    extra_files: dict[str, Path] | None = None, policy: PromotionPolicy | None = None,
                     ) -> Published:
-    """Write a complete version and switch production to it; refuses if the gate did not pass."""
+    """Write a complete version and switch production to it, if it passed its gates and is not worse than
+    the champion (re-scored on ``test_parquet``, the split ``predictions_path`` was made from)."""
     if not decision.passed:
         raise GateFailed(f"{dataset}: gate failed, nothing published:\n- " + "\n- ".join(decision.reasons))
+    policy = policy or PromotionPolicy()
+    pixels, labels = load_xy(test_parquet)
+    challenger = challenger_predictions(predictions_path, metrics, labels)
     with dataset_lock(registry, dataset):
         remove_stale_staging(registry, dataset)
         root = registry / dataset
         final = root / version
         if final.exists():
             raise FileExistsError(f"{final} already exists; versions are never overwritten")
+        # Read under the lock: the champion is whatever the last publisher left, never a stale one.
+        champion = read_production(registry, dataset)
+        if champion is None:
+            promotion = first_version_decision(labels, challenger, policy)
+        else:
+            promotion = decide_promotion(labels, challenger, score_champion(registry, dataset, champion, pixels),
+                                         champion, policy)
+        if not promotion.promoted:
+            raise PromotionRefused(refusal_message(dataset, version, promotion))
         staging = root / f"{STAGING_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         _copy_file(model_path, staging / "model.keras")
         for name, src in (extra_files or {}).items():
             _copy_file(src, staging / name)
-        metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": version, **lineage}
+        metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": version, **lineage,
+                       "promotion": promotion.model_dump()}
         _write_file(staging / "metrics.json", json.dumps(metrics_doc, indent=2).encode())
         _write_file(staging / "confusion_matrix.csv", confusion_matrix_csv(metrics))
         _write_file(staging / "confusion_matrix.png", confusion_matrix_png(metrics, f"{dataset} {version}"))
-        _write_file(staging / "model_card.md", model_card(dataset, version, metrics, decision, lineage).encode())
+        _write_file(staging / "model_card.md",
+                    model_card(dataset, version, metrics, decision, promotion, lineage).encode())
         _fsync_dir(staging)
         os.rename(staging, final)
         _fsync_dir(root)
         set_production(registry, dataset, version)
-    return Published(dataset, version, final)
+    return Published(dataset, version, final, promotion)
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------
@@ -243,7 +341,9 @@ def _create_artifacts(published: Published, metrics: Metrics, decision: GateDeci
         key=f"{key}-summary",
         markdown=(f"# {published.dataset}: published {published.version}\n\n"
                   f"Test accuracy **{metrics.test_accuracy:.4f}**, loss {metrics.test_loss:.4f}.\n\n"
-                  + "\n".join(f"- {r}" for r in decision.reasons) + f"\n\nRegistry folder: `{published.path}`\n"),
+                  + "\n".join(f"- {r}" for r in decision.reasons) + "\n\n## Champion comparison\n\n"
+                  + "\n".join(champion_comparison_lines(published.promotion))
+                  + f"\n\nRegistry folder: `{published.path}`\n"),
         description=f"{published.dataset} model summary",
     )
     create_link_artifact(key=f"{key}-confusion-png", link=(published.path / "confusion_matrix.png").as_uri(),
@@ -252,14 +352,17 @@ def _create_artifacts(published: Published, metrics: Metrics, decision: GateDeci
 
 @task(name="publish", task_run_name="publish-{dataset}")
 def publish_task(registry: Path, dataset: str, version: str, model_path: Path, metrics_path: Path,
-                 decision: GateDecision, lineage: dict[str, Any], extra_files: dict[str, Path]) -> Published:
+                 decision: GateDecision, lineage: dict[str, Any], extra_files: dict[str, Path],
+                 test_parquet: Path, predictions_path: Path, policy: PromotionPolicy | None = None) -> Published:
     from prefect import get_run_logger
 
     logger = get_run_logger()
     metrics = read_metrics(metrics_path)
     try:
-        published = publish_version(registry, dataset, version, model_path, metrics, decision, lineage, extra_files)
-    except GateFailed as exc:
+        published = publish_version(registry, dataset, version, model_path, metrics, decision, lineage,
+                                    test_parquet=test_parquet, predictions_path=predictions_path,
+                                    extra_files=extra_files, policy=policy)
+    except (GateFailed, ChampionUnreadable) as exc:
         logger.error("%s", exc)
         raise
     _create_artifacts(published, metrics, decision)
