@@ -81,6 +81,7 @@ class Recipe(_Strict):
     epochs: int = Field(default=12, gt=0)
     # Mirroring keeps a garment's class but not a digit's, so it is opt-in per dataset.
     horizontal_flip: bool = False
+    translate: float = Field(default=0.1, ge=0, lt=0.5, description="Random shifts (CNNs), share of the side")
 
 
 class DatasetSpec(_Strict):

@@ -51,7 +51,7 @@ def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int
     chosen = model or recipe.model
     default_epochs = recipe.epochs if chosen == recipe.model else DEFAULT_EPOCHS[chosen]
     return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows,
-                       horizontal_flip=recipe.horizontal_flip)
+                       horizontal_flip=recipe.horizontal_flip, translate=recipe.translate)
 
 
 def load_xy(parquet_path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
