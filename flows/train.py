@@ -20,6 +20,7 @@ from tasks.datasets import DatasetSpec, Gates, ModelKind, load_catalog, select_d
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task
 from tasks.gate import gate_task
+from tasks.promote import PromotionPolicy
 from tasks.publish import Published, new_version_name, publish_task
 from tasks.settings import Settings
 from tasks.train import TrainConfig, train_config_for, train_task
@@ -29,7 +30,8 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 @flow(name="train-dataset", flow_run_name="{spec.name}")
-def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, version: str) -> Published:
+def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, version: str,
+                  policy: PromotionPolicy | None = None) -> Published:
     """One dataset through every stage; fails (and publishes nothing) at the first stage that does."""
     run_dir = settings.runs_dir / spec.name / version
     download = download_task.with_options(retries=settings.download_retries, retry_delay_seconds=[
@@ -50,7 +52,7 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
     }
     return publish_task(settings.registry_dir, spec.name, version, model_path, metrics_path, decision, lineage,
                         {"training_curves.png": run_dir / "training_curves.png"},
-                        test_parquet=test_parquet, predictions_path=run_dir / "predictions.npy")
+                        test_parquet=test_parquet, predictions_path=run_dir / "predictions.npy", policy=policy)
 
 
 @flow(name="train-mnist", flow_run_name="train-mnist-{dataset}")
@@ -66,6 +68,7 @@ def train_mnist(
     min_class_recall: Fraction | None = None,
     train_rows: Annotated[int, Field(gt=0)] | None = None,
     seed: int = 42,
+    promotion_tolerance: Fraction = 0.005,
 ) -> dict[str, str]:
     """Retrain and publish each requested dataset (``all``, one name, or names separated by commas).
 
@@ -77,7 +80,7 @@ def train_mnist(
     specs = [with_gate_overrides(s, min_accuracy, min_class_recall) for s in specs]
     version = new_version_name(datetime.now(UTC))
     states = {spec.name: train_dataset(spec, settings, train_config_for(spec.recipe, model, epochs, seed, train_rows),
-                                       version, return_state=True)
+                                       version, PromotionPolicy(tolerance=promotion_tolerance), return_state=True)
               for spec in specs}
     return summarize(states)
 
@@ -120,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-class-recall", type=float, help="override every dataset's per-class recall floor")
     parser.add_argument("--train-rows", type=int, help="train on the first N rows only (quick runs)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--promotion-tolerance", type=float,
+                        help="largest accuracy drop accepted against the production model (default 0.005)")
     return parser.parse_args(argv)
 
 
