@@ -38,6 +38,7 @@ from tasks.datasets import (
 )
 
 GZIP_MAGIC = b"\x1f\x8b"
+SNIFF_BYTES = 64 * 1024
 PARSE_BLOCK_BYTES = 4 << 20  # smaller blocks parse faster than 16 MB ones and spread over threads
 STATS_CHUNK_ROWS = 8192  # bounds the temporaries of the sum-of-squares pass
 MAX_EXAMPLES = 5  # offending rows/lines quoted per failure
@@ -81,6 +82,22 @@ class SplitProfile:
 # ---- reading -------------------------------------------------------------------------------------
 
 
+def read_head(path: Path) -> bytes:
+    """The first ``SNIFF_BYTES`` of the file's text (gunzipped if gzip-compressed), to sniff its layout."""
+    with open(path, "rb") as fh:
+        raw = fh.read(SNIFF_BYTES)
+        if raw[:2] != GZIP_MAGIC:
+            return raw
+        decoder, head = zlib.decompressobj(wbits=31), b""
+        while len(head) < SNIFF_BYTES and raw and not decoder.eof:
+            try:
+                head += decoder.decompress(raw, SNIFF_BYTES - len(head))
+            except zlib.error as exc:
+                raise DataValidationError(f"{path.name}: corrupt gzip stream: {exc}") from exc
+            raw = decoder.unconsumed_tail or fh.read(SNIFF_BYTES)
+        return head
+
+
 def read_text(path: Path) -> tuple[bytes, str | None]:
     """The file's bytes, gunzipped if gzip-compressed, and a problem if the gzip stream was truncated.
 
@@ -112,7 +129,7 @@ def sniff_columns(data: bytes, name: str, header: bool | None) -> tuple[list[str
 
     Fails early, with what was found, on empty files and on documents that are not CSV at all.
     """
-    head = data[:64 * 1024].lstrip(b"\xef\xbb\xbf \t\r\n")
+    head = data[:SNIFF_BYTES].lstrip(b"\xef\xbb\xbf \t\r\n")
     if not head:
         raise DataValidationError(f"{name}: file is empty (no header, no rows)")
     if head[:1] in (b"<", b"{", b"["):
@@ -170,10 +187,38 @@ def _few(items: list[Any]) -> str:
     return f"[{shown}{', ...' if len(items) > MAX_EXAMPLES else ''}] ({len(items)})"
 
 
+def read_clean_matrix(path: Path, columns: list[str], has_header: bool) -> ParsedSplit | None:
+    """The common case in one pass, decompressing in pyarrow's read-ahead thread while its workers parse.
+
+    Returns None as soon as anything is unusual (bad rows, empty or non-byte cells, a truncated or
+    corrupt stream): ``read_text`` + ``read_matrix`` then read the file again to say exactly what.
+    """
+    stream = pa.OSFile(str(path))
+    with open(path, "rb") as fh:
+        if fh.read(2) == GZIP_MAGIC:
+            stream = pa.CompressedInputStream(stream, "gzip")
+    try:
+        with stream:
+            table = pacsv.read_csv(
+                stream,
+                read_options=pacsv.ReadOptions(column_names=columns, skip_rows=int(has_header),
+                                               block_size=PARSE_BLOCK_BYTES),
+                parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+                convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.uint8())),
+            )
+    except (pa.ArrowInvalid, OSError):
+        return None
+    if not table.num_rows or any(col.null_count for col in table.columns):
+        return None
+    return ParsedSplit(_table_to_matrix(table, np.uint8), 1 + int(has_header))
+
+
 def read_matrix(data: bytes, name: str, columns: list[str], has_header: bool) -> ParsedSplit:
     """Parse the CSV text; rows with a wrong field count are skipped and listed in ``bad_rows``."""
     start = data.find(b"\n") + 1 if has_header else 0
-    end = len(data.rstrip(b"\r\n\t "))  # trailing blank lines are harmless; blank lines inside are not
+    end = len(data)
+    while end > start and data[end - 1] in b"\r\n\t ":  # trailing blank lines are harmless; inner ones are not
+        end -= 1
     first_line = 1 + int(has_header)
     if start == 0 and has_header or start >= end:
         return ParsedSplit(np.zeros((0, len(columns)), np.uint8), first_line)
@@ -233,9 +278,13 @@ def _parse_error(buffer: pa.Buffer, name: str, columns: list[str], first_line: i
 
 
 def _table_to_matrix(table: pa.Table, dtype: type) -> np.ndarray:
+    """Row-major matrix of a table of same-typed columns (nulls as NaN), one record batch at a time."""
     matrix = np.empty((table.num_rows, table.num_columns), dtype=dtype)
-    for i, column in enumerate(table.columns):
-        matrix[:, i] = column.to_numpy(zero_copy_only=False) if column.null_count else column.to_numpy()
+    start = 0
+    for batch in table.to_batches():
+        tensor = batch.to_tensor(null_to_nan=dtype != np.uint8, row_major=True)
+        matrix[start:start + batch.num_rows] = tensor.to_numpy()
+        start += batch.num_rows
     return matrix
 
 
@@ -558,10 +607,7 @@ def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRun
     name = f"{spec.name}-{split}"
     where = f"{name} ({path.name})"
     try:
-        data, truncated = read_text(path)
-        if truncated:
-            failures.append(f"{name}: {truncated}")
-        columns, has_header = sniff_columns(data, where, spec.header)
+        columns, has_header = sniff_columns(read_head(path), where, spec.header)
     except DataValidationError as exc:
         failures.append(str(exc))
         return None
@@ -572,12 +618,17 @@ def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRun
         detail = schema_problems(columns, list(COLUMNS), has_header)
         failures.extend(describe_failures(f"{name}-schema", schema, found=detail))
         return None
-    try:
-        parsed = read_matrix(data, where, columns, has_header)
-    except DataValidationError as exc:
-        failures.append(str(exc))
-        return None
-    del data
+    parsed = read_clean_matrix(path, columns, has_header)
+    if parsed is None:
+        try:
+            data, truncated = read_text(path)
+            if truncated:
+                failures.append(f"{name}: {truncated}")
+            parsed = read_matrix(data, where, columns, has_header)
+        except DataValidationError as exc:
+            failures.append(str(exc))
+            return None
+        del data
     if parsed.bad_rows:
         examples = ", ".join(f"line {line} has {fields} fields" for line, fields, _ in parsed.bad_rows[:MAX_EXAMPLES])
         failures.append(f"{where}: {len(parsed.bad_rows)} row(s) with the wrong number of fields, expected "

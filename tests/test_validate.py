@@ -151,3 +151,27 @@ def test_pixel_mean_std_matches_numpy(dtype):
     mean, std = pixel_mean_std(pixels)
     assert mean == pytest.approx(pixels.mean(dtype=np.float64), rel=1e-12)
     assert std == pytest.approx(pixels.std(dtype=np.float64), rel=1e-9)
+
+
+@pytest.mark.parametrize("fixture", ["mnist_slice", "fashion_slice"])
+def test_layout_is_detected_when_the_spec_does_not_say(request, slice_mirror, tmp_path, fixture):
+    spec = request.getfixturevalue(fixture)
+    report = validate_dataset(spec.model_copy(update={"header": None}), *paths(spec, slice_mirror), tmp_path)
+    assert report.has_header == {"train": bool(spec.header), "test": bool(spec.header)}
+
+
+def test_line_numbers_stay_right_after_skipped_malformed_rows(fashion_slice, slice_mirror, tmp_path):
+    import badinputs
+
+    header, rows = badinputs.read_slice(slice_mirror / fashion_slice.train.path)
+    rows[5] = rows[5].rsplit(",", 10)[0]  # 775 fields: skipped
+    cells = rows[40].split(",")
+    cells[7] = "999"
+    rows[40] = ",".join(cells)
+    bad = badinputs.write_csv_gz(tmp_path / "train.csv.gz", header, rows)
+    with pytest.raises(DataValidationError) as failed:
+        validate_dataset(fashion_slice, bad, slice_mirror / fashion_slice.test.path, tmp_path / "report")
+    message = str(failed.value)
+    # Data row 5 is line 7 (after the header); data row 40 is line 42 even though a row before it was skipped.
+    assert "1 row(s) with the wrong number of fields, expected 785" in message and "line 7 has 775 fields" in message
+    assert "pixel value above 255: expected <= 255; found 1 of 2999 rows, e.g. line 42 pixel7=999" in message
