@@ -11,6 +11,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect import task
 
+from tasks.caching import CONVERT_CACHE
 from tasks.datasets import COLUMNS
 from tasks.download import RawFile
 
@@ -50,7 +51,8 @@ def convert_to_parquet(csv_path: Path, dest: Path, has_header: bool) -> Path:
 # ---- Prefect wrapper -----------------------------------------------------------------------------
 
 
-@task(name="convert", task_run_name="convert-{dataset}-{split}")
+# Cached by the raw file's sha256 + code version; a deleted Parquet file is written again.
+@task(name="convert", task_run_name="convert-{dataset}-{split}", cache_policy=CONVERT_CACHE, persist_result=True)
 def convert_task(raw: RawFile, has_header: bool, parquet_dir: Path, dataset: str, split: str) -> Path:
     from prefect import get_run_logger
 
