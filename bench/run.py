@@ -1,0 +1,473 @@
+"""Benchmarks of the pipeline against a baseline measured in the same run: ``python bench/run.py [--quick]``.
+
+Every number is a ratio (or a per-unit time) measured within one run, so a busy shared machine
+skews both sides alike. Prints a table and writes ``bench/results.json``; see bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_FILE = Path(__file__).with_name("results.json")
+
+# metric: (target, "min" when bigger is better / "max" when smaller is better, what it compares)
+TARGETS: dict[str, tuple[float, str, str]] = {
+    "conversion_speedup_vs_pandas": (5.0, "min", "pandas.read_csv + to_parquet time / convert_to_parquet time"),
+    "parquet_size_ratio": (0.6, "max", "Parquet bytes / .csv.gz bytes (worst dataset)"),
+    "validation_seconds_per_split": (2.0, "max", "validate_dataset seconds per 60k rows"),
+    "overhead_fraction": (0.10, "max", "(cold flow wall - model.fit) / cold flow wall"),
+    "training_throughput_ratio": (0.95, "min", "samples/s of train_model / samples/s of a bare Keras script"),
+    "warm_data_stages_seconds": (3.0, "max", "download + validate + convert on a warm rerun"),
+}
+
+
+@dataclass(frozen=True)
+class Mode:
+    repeats: int  # timed repetitions of each side, interleaved; the fastest of each side is kept
+    slow_repeats: int  # the same for validation and training, which take longer
+    epochs: int
+    train_rows: int | None  # None: the whole train split
+
+
+FULL = Mode(repeats=3, slow_repeats=1, epochs=3, train_rows=None)
+QUICK = Mode(repeats=1, slow_repeats=1, epochs=1, train_rows=10_000)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def interleaved_best(sides: dict[str, Callable[[], Any]], repeats: int,
+                     cpu: dict[str, float] | None = None) -> dict[str, float]:
+    """Run each side ``repeats`` times, alternating, and keep each side's fastest time (least disturbed).
+
+    ``cpu``, if given, receives each side's CPU seconds (all threads) of that fastest run.
+    """
+    best = {name: float("inf") for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            cpu_start = time.process_time()
+            seconds = timed(fn)[0]
+            if seconds < best[name]:
+                best[name] = seconds
+                if cpu is not None:
+                    cpu[name] = time.process_time() - cpu_start
+    return best
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---- data stages ---------------------------------------------------------------------------------
+
+
+def bench_conversion(work: Path, mode: Mode) -> dict[str, Any]:
+    """pyarrow convert_to_parquet against pandas.read_csv + DataFrame.to_parquet on the full mnist train file."""
+    import pandas as pd
+
+    from tasks.convert import COMPRESSION, convert_to_parquet
+    from tasks.datasets import load_catalog
+    from tasks.settings import BUNDLED_MIRROR
+
+    spec = load_catalog()["mnist"]
+    src = BUNDLED_MIRROR / spec.train.path
+    header = bool(spec.header)
+
+    def ours() -> None:
+        dest = work / "ours.parquet"
+        dest.unlink(missing_ok=True)  # convert_to_parquet reuses an existing file
+        convert_to_parquet(src, dest, header)
+
+    def pandas() -> None:
+        pd.read_csv(src, header=0 if header else None).to_parquet(work / "pandas.parquet", compression=COMPRESSION)
+
+    cpu: dict[str, float] = {}
+    best = interleaved_best({"pyarrow": ours, "pandas": pandas}, mode.repeats, cpu)
+    return {"conversion_speedup_vs_pandas": best["pandas"] / best["pyarrow"],
+            "details": {"file": spec.train.path, "pyarrow_s": best["pyarrow"], "pandas_s": best["pandas"],
+                        "pyarrow_cpu_s": cpu["pyarrow"], "pandas_cpu_s": cpu["pandas"],
+                        "cpu_speedup": cpu["pandas"] / cpu["pyarrow"], "repeats": mode.repeats}}
+
+
+def bench_sizes(work: Path) -> dict[str, Any]:
+    """Parquet bytes over .csv.gz bytes for each built-in dataset (train + test), with the pipeline's writer."""
+    from tasks.convert import convert_to_parquet
+    from tasks.datasets import load_catalog
+    from tasks.settings import BUNDLED_MIRROR
+
+    per_dataset = {}
+    for spec in load_catalog().values():
+        gz = pq_bytes = 0
+        for split in ("train", "test"):
+            src = BUNDLED_MIRROR / spec.split(split).path
+            dest = work / f"{spec.name}-{split}.parquet"
+            dest.unlink(missing_ok=True)
+            convert_to_parquet(src, dest, bool(spec.header))
+            gz, pq_bytes = gz + src.stat().st_size, pq_bytes + dest.stat().st_size
+        per_dataset[spec.name] = {"csv_gz_bytes": gz, "parquet_bytes": pq_bytes, "ratio": pq_bytes / gz}
+    return {"parquet_size_ratio": max(d["ratio"] for d in per_dataset.values()), "details": per_dataset}
+
+
+def bench_validation(work: Path, mode: Mode) -> dict[str, Any]:
+    """validate_dataset on the full mnist train + test files, normalised to seconds per 60,000 rows."""
+    from tasks.datasets import load_catalog
+    from tasks.settings import BUNDLED_MIRROR
+    from tasks.validate import validate_dataset
+
+    spec = load_catalog()["mnist"]
+    paths = [BUNDLED_MIRROR / spec.split(s).path for s in ("train", "test")]
+    rows = spec.train.rows + spec.test.rows
+    best = interleaved_best({"validate": lambda: validate_dataset(spec, *paths, work / "validation")},
+                            mode.slow_repeats)
+    return {"validation_seconds_per_split": best["validate"] * 60_000 / rows,
+            "details": {"seconds": best["validate"], "rows": rows}}
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+def training_config(mode: Mode):
+    """The config the flow trains mnist's mlp with, for ``mode``'s epochs and rows."""
+    from tasks.datasets import load_catalog
+    from tasks.train import train_config_for
+
+    return train_config_for(load_catalog()["mnist"].recipe, "mlp", mode.epochs, 42, mode.train_rows)
+
+
+def bare_fit(parquet: Path, config_json: str, deterministic: bool = False) -> dict[str, float]:
+    """What a newcomer would write: read the Parquet file, build the same model, fit it. Runs in its own process."""
+    import math
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from tasks.train import TrainConfig, build_model, import_keras
+
+    config = TrainConfig.model_validate_json(config_json)
+    import_seconds, keras = timed(import_keras)
+    keras.utils.set_random_seed(config.seed)
+    if deterministic:  # diagnostic only: the pipeline's seed_everything also turns on op determinism
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    start = time.perf_counter()
+    table = pq.read_table(parquet)
+    if config.train_rows is not None:
+        table = table.slice(0, config.train_rows)
+    data = np.column_stack([c.to_numpy() for c in table.columns])
+    x, y = data[:, 1:], data[:, 0].astype(np.int64)
+    order = np.random.default_rng(config.seed).permutation(len(y))
+    n_val = max(1, int(len(y) * config.validation_fraction))
+    val, fit = order[:n_val], order[n_val:]
+    model = build_model(config, 10, steps_per_epoch=math.ceil(len(fit) / config.batch_size))
+    fit_start = time.perf_counter()
+    history = model.fit(x[fit], y[fit], validation_data=(x[val], y[val]), epochs=config.epochs,
+                        batch_size=config.batch_size, shuffle=True, verbose=0)
+    end = time.perf_counter()
+    return {"seconds": end - start, "fit_seconds": end - fit_start, "samples": len(fit) * len(history.epoch),
+            "import_seconds": import_seconds}
+
+
+def run_bare_fit(parquet: Path, config, deterministic: bool = False) -> dict[str, float]:
+    """The bare script in a fresh interpreter, so none of the pipeline's settings (op determinism) leak in."""
+    argv = [sys.executable, str(Path(__file__).resolve()), "--bare-fit", str(parquet), config.model_dump_json(),
+            "deterministic" if deterministic else "plain"]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=PROJECT_ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"bare Keras fit failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class FitClock:
+    """Wraps keras.Model.fit in this process to add up the time spent inside it and the samples it saw."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.samples = 0
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[FitClock]:
+        from tasks.train import import_keras
+
+        model_cls = import_keras().Model
+        original = model_cls.fit
+
+        def fit(model, x=None, y=None, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                history = original(model, x, y, *args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+            self.samples += len(x) * len(history.epoch)
+            return history
+
+        model_cls.fit = fit
+        try:
+            yield self
+        finally:
+            model_cls.fit = original
+
+
+def bench_training(work: Path, parquet: Path, mode: Mode) -> dict[str, Any]:
+    """train_model (the pipeline's training stage, whole call) against the bare script; fastest of each side."""
+    from tasks.train import import_keras, train_model
+
+    import_keras()
+    config = training_config(mode)
+    pipeline, bare = [], []
+    for i in range(mode.slow_repeats):
+        bare.append(run_bare_fit(parquet, config))
+        with FitClock().installed() as clock:
+            seconds, _ = timed(lambda i=i: train_model(parquet, 10, config, work / f"train-{i}"))
+        pipeline.append({"seconds": seconds, "fit_seconds": clock.seconds, "samples": clock.samples})
+    best_pipeline = max(pipeline, key=lambda r: r["samples"] / r["seconds"])
+    best_bare = max(bare, key=lambda r: r["samples"] / r["seconds"])
+    ratio = (best_pipeline["samples"] / best_pipeline["seconds"]) / (best_bare["samples"] / best_bare["seconds"])
+    fit_ratio = (best_pipeline["samples"] / best_pipeline["fit_seconds"]) / (best_bare["samples"] / best_bare["fit_seconds"])
+    deterministic = run_bare_fit(parquet, config, deterministic=True)  # where a lost share goes, once
+    return {"training_throughput_ratio": ratio,
+            "details": {"pipeline": best_pipeline, "bare": best_bare, "fit_only_ratio": fit_ratio,
+                        "bare_with_op_determinism": deterministic,
+                        "epochs": mode.epochs, "train_rows": mode.train_rows or "all"}}
+
+
+# ---- the flow ------------------------------------------------------------------------------------
+
+
+def bench_flow(work: Path, mode: Mode) -> tuple[dict[str, Any], Path]:
+    """A cold train-mnist run (empty data dir and cache); everything but model.fit is overhead."""
+    from flows.train import train_mnist
+    from tasks.settings import BUNDLED_MIRROR
+
+    data_dir, registry = work / "flow-data", work / "flow-registry"
+    with FitClock().installed() as clock:
+        wall, versions = timed(lambda: train_mnist(
+            dataset="mnist", model="mlp", epochs=mode.epochs, train_rows=mode.train_rows, source=str(BUNDLED_MIRROR),
+            registry=str(registry), data_dir=str(data_dir), min_accuracy=0.0, min_class_recall=0.0))
+    return {"overhead_fraction": (wall - clock.seconds) / wall,
+            "details": {"wall_seconds": wall, "fit_seconds": clock.seconds, "samples": clock.samples,
+                        "published": versions, "task_seconds": task_durations()}}, data_dir
+
+
+def task_durations() -> dict[str, float]:
+    """Run time of each task run the throwaway server has recorded (so far only the cold flow's)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs()
+    return {run.name: round(run.total_run_time.total_seconds(), 2) for run in sorted(runs, key=lambda r: r.name)}
+
+
+def bench_warm_data_stages(data_dir: Path) -> dict[str, Any]:
+    """download -> validate -> convert again on the cold run's data dir, with the content cache policies."""
+    from prefect import flow
+
+    from tasks import caching
+    from tasks.convert import convert_task
+    from tasks.datasets import load_catalog
+    from tasks.download import download_task
+    from tasks.settings import Settings
+    from tasks.validate import validate_task
+
+    settings = Settings(data_dir=data_dir)
+    spec = load_catalog()["mnist"]
+    download = download_task.with_options(cache_policy=caching.DOWNLOAD_CACHE, persist_result=True)
+    validate = validate_task.with_options(cache_policy=caching.VALIDATE_CACHE, persist_result=True)
+    convert = convert_task.with_options(cache_policy=caching.CONVERT_CACHE, persist_result=True)
+
+    @flow(name="bench-data-stages")
+    def data_stages(run: str) -> dict[str, Any]:
+        start = time.perf_counter()
+        states = {s: download(spec, s, settings.source, settings.raw_dir, 30.0, return_state=True) for s in ("train", "test")}
+        raws = {s: state.result() for s, state in states.items()}
+        states["validate"] = validate(spec, raws["train"].path, raws["test"].path, settings.runs_dir / run,
+                                      return_state=True)
+        report = states["validate"].result()
+        for s in ("train", "test"):
+            states[f"convert-{s}"] = convert(raws[s], report.has_header[s], settings.parquet_dir, spec.name, s,
+                                             return_state=True)
+            states[f"convert-{s}"].result()
+        return {"seconds": time.perf_counter() - start, "states": {k: v.name for k, v in states.items()}}
+
+    # The first pass fills the cache for stages whose decorators do not cache yet; the second is measured,
+    # with the in-process digest memo cleared so the raw files are hashed as in a new process.
+    first = data_stages("bench-warm-1")
+    caching._DIGESTS.clear()
+    wall, warm = timed(lambda: data_stages("bench-warm-2"))
+    return {"warm_data_stages_seconds": warm["seconds"],
+            "details": {"states": warm["states"], "flow_call_seconds": wall, "fill_pass": first}}
+
+
+# ---- Parquet layouts (--layouts) -----------------------------------------------------------------
+
+
+def bench_layouts(work: Path) -> dict[str, Any]:
+    """Candidate Parquet layouts with an explicit uint8 schema: size vs .csv.gz, write and read-to-(N,784) times."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.convert import read_csv_table
+    from tasks.datasets import load_catalog
+    from tasks.settings import BUNDLED_MIRROR
+    from tasks.train import load_xy
+
+    def read_pixels_fsl(path: Path) -> np.ndarray:
+        table = pq.read_table(path)
+        return table.column("pixels").combine_chunks().values.to_numpy().reshape(table.num_rows, -1)
+
+    def read_pixels_fsb(path: Path) -> np.ndarray:
+        table = pq.read_table(path)
+        column = table.column("pixels").combine_chunks()
+        return np.frombuffer(column.buffers()[1], np.uint8).reshape(table.num_rows, -1)
+
+    out: dict[str, Any] = {}
+    for spec in load_catalog().values():
+        src = BUNDLED_MIRROR / spec.train.path
+        table = read_csv_table(src, bool(spec.header))
+        labels = pa.array(table.column(0).to_numpy(), pa.uint8())
+        pixels = np.ascontiguousarray(np.column_stack([c.to_numpy() for c in table.columns[1:]]))
+        fsl = pa.table({"label": labels, "pixels": pa.FixedSizeListArray.from_arrays(
+            pa.array(pixels.reshape(-1), pa.uint8()), pixels.shape[1])})
+        fsb = pa.table({"label": labels, "pixels": pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(pixels.shape[1]), len(pixels), [None, pa.py_buffer(pixels.tobytes())])})
+        candidates = {
+            "current: 785 uint8 columns, zstd(1)": (table, {"compression": "zstd"}, load_xy),
+            "785 uint8 columns, zstd(9)": (table, {"compression": "zstd", "compression_level": 9}, load_xy),
+            "label + FixedSizeList<uint8>[784], zstd(9), no dict": (
+                fsl, {"compression": "zstd", "compression_level": 9, "use_dictionary": False}, read_pixels_fsl),
+            "label + fixed_size_binary(784), zstd(9), no dict": (
+                fsb, {"compression": "zstd", "compression_level": 9, "use_dictionary": False}, read_pixels_fsb),
+        }
+        rows = {}
+        for name, (tbl, options, reader) in candidates.items():
+            dest = work / "layout.parquet"
+            write_s, _ = timed(lambda tbl=tbl, options=options, dest=dest: pq.write_table(tbl, dest, **options))
+            read_s, _ = timed(lambda reader=reader, dest=dest: reader(dest))
+            rows[name] = {"ratio": dest.stat().st_size / src.stat().st_size, "write_s": write_s, "read_s": read_s}
+        out[spec.name] = rows
+    return out
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    import pandas
+    import prefect
+    import pyarrow
+
+    return {"cpus": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "python": platform.python_version(), "pyarrow": pyarrow.__version__, "pandas": pandas.__version__,
+            "prefect": prefect.__version__, "load_average_at_start": list(os.getloadavg())}
+
+
+def verdict(metric: str, value: float) -> bool:
+    target, kind, _ = TARGETS[metric]
+    return value >= target if kind == "min" else value <= target
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"{'metric':32} {'value':>9} {'target':>9}  ok   what", "-" * 110]
+    for metric, (target, kind, what) in TARGETS.items():
+        if metric not in results:
+            continue
+        value = results[metric]
+        sign = ">=" if kind == "min" else "<="
+        lines.append(f"{metric:32} {value:9.3f} {sign}{target:7.2f}  {'yes' if verdict(metric, value) else 'NO ':3}  {what}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repetition, 1 epoch on 10,000 rows (a smoke run)")
+    parser.add_argument("--layouts", action="store_true", help="also compare candidate Parquet layouts")
+    parser.add_argument("--output", type=Path, default=RESULTS_FILE, help=f"default {RESULTS_FILE.relative_to(PROJECT_ROOT)}")
+    parser.add_argument("--bare-fit", nargs=3, metavar=("PARQUET", "CONFIG_JSON", "plain|deterministic"),
+                        help=argparse.SUPPRESS)  # internal: the baseline's own process
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(PROJECT_ROOT))
+    if args.bare_fit:
+        parquet, config_json, kind = args.bare_fit
+        print(json.dumps(bare_fit(Path(parquet), config_json, deterministic=kind == "deterministic")))
+        return 0
+
+    mode = QUICK if args.quick else FULL
+    command = "python bench/run.py" + (" --quick" if args.quick else "") + (" --layouts" if args.layouts else "")
+    work = Path(tempfile.mkdtemp(prefix="train-mnist-bench-"))
+    # A throwaway result store: the cold run must not find cache records from earlier runs.
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(work / "prefect-storage")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    results: dict[str, Any] = {"command": command, "mode": "quick" if args.quick else "full", "machine": machine(),
+                               "details": {}}
+    started = time.perf_counter()
+    try:
+        for name, step in (("conversion", lambda: bench_conversion(work, mode)), ("sizes", lambda: bench_sizes(work)),
+                           ("validation", lambda: bench_validation(work, mode))):
+            log(f"{name} ...")
+            out = step()
+            results["details"][name] = out.pop("details")
+            results.update(out)
+        from prefect.testing.utilities import prefect_test_harness
+
+        log("starting a throwaway Prefect server (not timed) ...")
+        with prefect_test_harness(server_startup_timeout=120):
+            log("cold flow run ...")
+            out, data_dir = bench_flow(work, mode)
+            results["details"]["flow"] = out.pop("details")
+            results.update(out)
+            log("warm data stages ...")
+            out = bench_warm_data_stages(data_dir)
+            results["details"]["warm"] = out.pop("details")
+            results.update(out)
+            train_parquet = next((data_dir / "parquet" / "mnist").glob("train-*.parquet"))
+            log("training throughput ...")
+            out = bench_training(work, train_parquet, mode)
+            results["details"]["training"] = out.pop("details")
+            results.update(out)
+        if args.layouts:
+            log("Parquet layouts ...")
+            results["parquet_layouts"] = bench_layouts(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["machine"]["load_average_at_end"] = list(os.getloadavg())
+    results["total_seconds"] = time.perf_counter() - started
+    results["targets_met"] = {m: verdict(m, results[m]) for m in TARGETS if m in results}
+    args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"{command}  ({results['mode']}, {results['machine']['cpus']} CPUs {results['machine']['cpu_model']}, "
+          f"load {results['machine']['load_average_at_start'][0]:.1f})")
+    print(table(results))
+    for dataset, layouts in results.get("parquet_layouts", {}).items():
+        print(f"\nParquet layouts, {dataset} train (size / .csv.gz, write s, read to (N,784) s):")
+        for name, r in layouts.items():
+            print(f"  {name:62} {r['ratio']:6.3f} {r['write_s']:7.2f} {r['read_s']:7.3f}")
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
