@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module_source_hash(module_name: str) -> str:
     module = sys.modules.get(module_name)
     try:

@@ -18,6 +18,7 @@ from typing import BinaryIO
 from prefect import task
 from prefect.tasks import exponential_backoff
 
+from tasks.caching import DOWNLOAD_CACHE
 from tasks.datasets import DatasetSpec, Split
 
 CHUNK_BYTES = 1 << 20
@@ -162,7 +163,8 @@ def _retry_on_network_errors(task_, task_run, state) -> bool:
 
 
 @task(name="download", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_condition_fn=_retry_on_network_errors, task_run_name="download-{spec.name}-{split}")
+      retry_condition_fn=_retry_on_network_errors, task_run_name="download-{spec.name}-{split}",
+      cache_policy=DOWNLOAD_CACHE, persist_result=True)
 def download_task(spec: DatasetSpec, split: Split, source: str, raw_dir: Path, timeout_s: float) -> RawFile:
     from prefect import get_run_logger
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from prefect import task
 
+from tasks.caching import VALIDATE_CACHE
 from tasks.datasets import (
     COLUMNS,
     LABEL_COLUMN,
@@ -732,7 +733,7 @@ def _json_default(value: Any) -> Any:
 # ---- Prefect wrapper -----------------------------------------------------------------------------
 
 
-@task(name="validate", task_run_name="validate-{spec.name}")
+@task(name="validate", task_run_name="validate-{spec.name}", cache_policy=VALIDATE_CACHE, persist_result=True)
 def validate_task(spec: DatasetSpec, train_path: Path, test_path: Path, report_dir: Path) -> ValidationReport:
     from prefect import get_run_logger
 
