@@ -37,23 +37,25 @@ def catalog() -> dict[str, DatasetSpec]:
     return load_catalog()
 
 
-@pytest.fixture(scope="session")
-def slice_mirror(tmp_path_factory, catalog) -> Path:
-    """A mirror with the built-in datasets' layout holding the first rows of each real file."""
-    root = tmp_path_factory.mktemp("slice-mirror")
-    for spec in catalog.values():
-        for split, rows in SLICE_ROWS.items():
+def build_slice_mirror(root: Path, specs, rows: dict[str, int]) -> Path:
+    """A mirror with the datasets' layout holding the first ``rows[split]`` rows of each real file."""
+    for spec in specs:
+        for split, n in rows.items():
             rel = spec.split(split).path
-            cut_slice(BUNDLED_MIRROR / rel, root / rel, rows, keep_header=bool(spec.header))
+            cut_slice(BUNDLED_MIRROR / rel, root / rel, n, keep_header=bool(spec.header))
     return root
 
 
-def slice_spec(spec: DatasetSpec, mirror: Path) -> DatasetSpec:
+@pytest.fixture(scope="session")
+def slice_mirror(tmp_path_factory, catalog) -> Path:
+    return build_slice_mirror(tmp_path_factory.mktemp("slice-mirror"), catalog.values(), SLICE_ROWS)
+
+
+def slice_spec(spec: DatasetSpec, mirror: Path, rows: dict[str, int] = SLICE_ROWS) -> DatasetSpec:
     """``spec`` re-pinned to the slice files of ``mirror`` (row counts and checksums)."""
     splits = {
-        split: spec.split(split).model_copy(update={"rows": SLICE_ROWS[split],
-                                                    "sha256": sha256_of(mirror / spec.split(split).path)})
-        for split in SLICE_ROWS
+        split: spec.split(split).model_copy(update={"rows": n, "sha256": sha256_of(mirror / spec.split(split).path)})
+        for split, n in rows.items()
     }
     return spec.model_copy(update=splits)
 

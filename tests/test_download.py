@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import cut_slice
+from conftest import build_slice_mirror, slice_spec
 from fault_server import FaultServer, partial_files
 
 from tasks.datasets import COLUMNS, DatasetSpec
@@ -26,7 +26,6 @@ from tasks.download import (
     resolve_location,
     sha256_of,
 )
-from tasks.settings import BUNDLED_MIRROR
 
 SPLITS = ("train", "test")
 TINY_ROWS = {"train": 30, "test": 20}  # a few KB per file: these tests are about bytes, not data
@@ -49,17 +48,11 @@ def repinned(spec: DatasetSpec, split: str, sha256: str) -> DatasetSpec:
 @pytest.fixture(scope="module")
 def tiny_mirror(tmp_path_factory, catalog) -> Path:
     """The built-in datasets' mirror layout holding the first few rows of each real file."""
-    root = tmp_path_factory.mktemp("tiny-mirror")
-    for spec in catalog.values():
-        for split in SPLITS:
-            rel = spec.split(split).path
-            cut_slice(BUNDLED_MIRROR / rel, root / rel, TINY_ROWS[split], keep_header=bool(spec.header))
-    return root
+    return build_slice_mirror(tmp_path_factory.mktemp("tiny-mirror"), catalog.values(), TINY_ROWS)
 
 
 def tiny_spec(spec: DatasetSpec, mirror: Path) -> DatasetSpec:
-    return spec.model_copy(update={split: spec.split(split).model_copy(update={
-        "rows": TINY_ROWS[split], "sha256": sha256_of(mirror / spec.split(split).path)}) for split in SPLITS})
+    return slice_spec(spec, mirror, TINY_ROWS)
 
 
 @pytest.fixture(scope="module")
