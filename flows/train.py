@@ -24,7 +24,7 @@ from tasks.promote import PromotionPolicy
 from tasks.publish import Published, new_version_name, publish_task
 from tasks.settings import Settings
 from tasks.train import TrainConfig, train_config_for, train_task
-from tasks.validate import validate_task
+from tasks.validate import report_in_run_dir, validate_task
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -38,7 +38,7 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
         settings.download_retry_backoff_s * 2**i for i in range(settings.download_retries)])
     train_raw = download(spec, "train", settings.source, settings.raw_dir, settings.download_timeout_s)
     test_raw = download(spec, "test", settings.source, settings.raw_dir, settings.download_timeout_s)
-    report = validate_task(spec, train_raw.path, test_raw.path, run_dir)
+    report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir), run_dir)
     train_parquet = convert_task(train_raw, report.has_header["train"], settings.parquet_dir, spec.name, "train")
     test_parquet = convert_task(test_raw, report.has_header["test"], settings.parquet_dir, spec.name, "test")
     model_path = train_task(train_parquet, spec.num_classes, config, run_dir, spec.name)

@@ -17,7 +17,7 @@ import re
 import shutil
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -711,6 +711,24 @@ def write_report(report_dir: Path, spec: DatasetSpec, failures: list[str], drift
     tmp.write_text(json.dumps(_finite(report), indent=2, default=_json_default))
     os.replace(tmp, path)
     return path
+
+
+def report_in_run_dir(report: ValidationReport, run_dir: Path) -> ValidationReport:
+    """The run's folder always holds its ``validation.json``.
+
+    A validation served from cache points at the report of the run that validated these bytes; it is
+    copied into this run's folder with ``served_from_cache`` naming the original.
+    """
+    target = run_dir / "validation.json"
+    if report.report_path == target:
+        return report
+    data = json.loads(report.report_path.read_text())
+    data["served_from_cache"] = str(report.report_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, target)
+    return replace(report, report_path=target)
 
 
 def _finite(value: Any) -> Any:

@@ -7,6 +7,7 @@ download/validate currently carry; convert's decorator already uses ``CONVERT_CA
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -28,7 +29,7 @@ from tasks.caching import (
 )
 from tasks.convert import convert_task
 from tasks.download import RawFile, download_task, sha256_of
-from tasks.validate import validate_task
+from tasks.validate import report_in_run_dir, validate_task
 
 download = download_task.with_options(cache_policy=DOWNLOAD_CACHE, persist_result=True, retries=0)
 validate = validate_task.with_options(cache_policy=VALIDATE_CACHE, persist_result=True)
@@ -46,7 +47,7 @@ def data_stages(spec, source: str, data_dir: Path) -> dict:
         raws[split] = states[f"download-{split}"].result()
     run_dir = data_dir / "runs" / spec.name / uuid.uuid4().hex[:8]
     states["validate"] = validate(spec, raws["train"].path, raws["test"].path, run_dir, return_state=True)
-    report = states["validate"].result()
+    report = report_in_run_dir(states["validate"].result(), run_dir)
     for split in ("train", "test"):
         states[f"convert-{split}"] = convert(raws[split], report.has_header[split], data_dir / "parquet", spec.name,
                                              split, return_state=True)
@@ -111,9 +112,12 @@ def test_warm_rerun_serves_every_data_stage_from_cache(harness, mnist_slice, mir
     assert warm["states"] == dict.fromkeys(STAGES, "Cached")
     assert warm["parquet"] == cold["parquet"] and warm["raws"] == cold["raws"]
     assert mtimes(*outputs) == before, "a cached stage rewrote its output"
-    # The cached validation is the first run's report; nothing was validated into the new run folder.
-    assert warm["report"].report_path == cold["report"].report_path
-    assert not (warm["run_dir"] / "validation.json").exists()
+    # The cached validation is the first run's report, copied into the new run folder naming its origin.
+    assert cold["report"].report_path == cold["run_dir"] / "validation.json"
+    assert warm["report"].report_path == warm["run_dir"] / "validation.json"
+    copied = json.loads(warm["report"].report_path.read_text())
+    assert copied["served_from_cache"] == str(cold["report"].report_path)
+    assert copied["drift"] == json.loads(cold["report"].report_path.read_text())["drift"]
     assert sorted(p.name for p in (data_dir / "parquet" / "mnist").iterdir()) == sorted(
         p.name for p in (cold["parquet"]["train"], cold["parquet"]["test"]))
 
