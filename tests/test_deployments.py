@@ -326,7 +326,9 @@ class TestServe:
             with server.client() as client:
                 client.delete_deployment_schedule(smoke.id, schedule.id)
         assert done.state_type.value == "COMPLETED", f"{done.state}\n{tail(server.root / 'serve.log')}"
-        assert done.start_time >= at
+        # Prefect's WaitForScheduledTime rounds the remaining wait to whole seconds, so a run may start
+        # up to half a second before its scheduled time (seen in CI: 0.27 s early).
+        assert done.start_time >= at - timedelta(seconds=1)
         assert done.parameters["train_rows"] == 5000 and done.parameters["registry"] == str(registry)
         assert_published_once(registry)
 
