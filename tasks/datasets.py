@@ -82,6 +82,8 @@ class Recipe(_Strict):
     # Mirroring keeps a garment's class but not a digit's, so it is opt-in per dataset.
     horizontal_flip: bool = False
     translate: float = Field(default=0.1, ge=0, lt=0.5, description="Random shifts (CNNs), share of the side")
+    rotate: float = Field(default=0.0, ge=0, lt=0.5, description="Random rotations (CNNs), share of a full turn")
+    zoom: float = Field(default=0.0, ge=0, lt=0.5, description="Random zoom in/out (CNNs), share of the side")
 
 
 class DatasetSpec(_Strict):

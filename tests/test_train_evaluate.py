@@ -63,11 +63,14 @@ def test_same_seed_and_data_give_the_same_metrics(mnist_parquet, tmp_path):
 
 @pytest.mark.parametrize("kind", ["cnn", "cnn-bn"])
 def test_convnets_take_raw_rows_and_reload_in_safe_mode(kind, mnist_parquet, tmp_path):
-    config = TrainConfig(model=kind, epochs=1, train_rows=256, horizontal_flip=True)
+    config = TrainConfig(model=kind, epochs=1, train_rows=256, horizontal_flip=True, rotate=0.03, zoom=0.1)
     model = load_model(train_model(mnist_parquet["train"], 10, config, tmp_path))
     assert model.input_shape == (None, NUM_PIXELS) and model.output_shape == (None, 10)
     layer_types = {type(layer).__name__ for layer in model.layers}
-    assert {"RandomFlip", "RandomTranslation", "Rescaling"} <= layer_types
+    assert {"RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "Rescaling"} <= layer_types
+    # Augmentation is for training only: the saved model scores a row the same way every time.
+    rows = load_xy(mnist_parquet["test"], 8)[0]
+    np.testing.assert_array_equal(model.predict(rows, verbose=0), model.predict(rows, verbose=0))
 
 
 def test_train_config_follows_the_dataset_recipe_unless_overridden(catalog):
