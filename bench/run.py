@@ -239,13 +239,14 @@ def bench_training(work: Path, parquet: Path, mode: Mode) -> dict[str, Any]:
         with FitClock().installed() as clock:
             seconds, _ = timed(lambda i=i: train_model(parquet, 10, config, work / f"train-{i}"))
         pipeline.append({"seconds": seconds, "fit_seconds": clock.seconds, "samples": clock.samples})
-    best_pipeline = max(pipeline, key=lambda r: r["samples"] / r["seconds"])
-    best_bare = max(bare, key=lambda r: r["samples"] / r["seconds"])
-    ratio = (best_pipeline["samples"] / best_pipeline["seconds"]) / (best_bare["samples"] / best_bare["seconds"])
-    fit_ratio = (best_pipeline["samples"] / best_pipeline["fit_seconds"]) / (best_bare["samples"] / best_bare["fit_seconds"])
+    def rate(run: dict[str, float], clock: str = "seconds") -> float:
+        return run["samples"] / run[clock]
+
+    best_pipeline, best_bare = max(pipeline, key=rate), max(bare, key=rate)
+    ratio = rate(best_pipeline) / rate(best_bare)
+    fit_ratio = rate(best_pipeline, "fit_seconds") / rate(best_bare, "fit_seconds")
     deterministic = run_bare_fit(parquet, config, deterministic=True)  # where a lost share goes, once
-    vs_deterministic = (best_pipeline["samples"] / best_pipeline["seconds"]) / (
-        deterministic["samples"] / deterministic["seconds"])
+    vs_deterministic = rate(best_pipeline) / rate(deterministic)
     return {"training_throughput_ratio": ratio,
             "details": {"pipeline": best_pipeline, "bare": best_bare, "fit_only_ratio": fit_ratio,
                         "bare_with_op_determinism": deterministic, "ratio_vs_bare_with_op_determinism": vs_deterministic,

@@ -52,9 +52,8 @@ def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int
     """The dataset's recipe, with the run's overrides applied."""
     chosen = model or recipe.model
     default_epochs = recipe.epochs if chosen == recipe.model else DEFAULT_EPOCHS[chosen]
-    return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows,
-                       horizontal_flip=recipe.horizontal_flip, translate=recipe.translate,
-                       rotate=recipe.rotate, zoom=recipe.zoom)
+    augmentation = recipe.model_dump(exclude={"model", "epochs"})
+    return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows, **augmentation)
 
 
 def load_xy(parquet_path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:

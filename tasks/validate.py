@@ -706,9 +706,13 @@ def write_report(report_dir: Path, spec: DatasetSpec, failures: list[str], drift
         **({"data_docs_error": docs_error} if docs_error else {}),
         "great_expectations": [r.to_json_dict() for r in results],
     }
-    path = report_dir / "validation.json"
+    return _write_json(report_dir / "validation.json", report)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Strict JSON (NaN and infinities as strings), written under a temporary name and renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(report), indent=2, default=_json_default))
+    tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default))
     os.replace(tmp, path)
     return path
 
@@ -725,10 +729,7 @@ def report_in_run_dir(report: ValidationReport, run_dir: Path) -> ValidationRepo
     data = json.loads(report.report_path.read_text())
     data["served_from_cache"] = str(report.report_path)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, target)
-    return replace(report, report_path=target)
+    return replace(report, report_path=_write_json(target, data))
 
 
 def _finite(value: Any) -> Any:
