@@ -18,10 +18,11 @@ from pydantic import Field
 from tasks.convert import convert_task
 from tasks.datasets import DatasetSpec, Gates, ModelKind, load_catalog, select_datasets
 from tasks.download import download_task
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_task, read_metrics
 from tasks.gate import gate_task
 from tasks.promote import PromotionPolicy
-from tasks.publish import Published, new_version_name, publish_task
+from tasks.publish import new_version_name, publish_task
+from tasks.registry import Candidate, Published
 from tasks.settings import Settings
 from tasks.train import TrainConfig, train_config_for, train_task
 from tasks.validate import report_in_run_dir, validate_task
@@ -45,14 +46,19 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
     metrics_path = evaluate_task(model_path, test_parquet, list(spec.class_names), run_dir, spec.name)
     decision = gate_task(metrics_path, spec.gates, spec.name)
     lineage = {
-        "data": {raw.path.parent.name: {"location": raw.location, "sha256": raw.sha256, "bytes": raw.size}
+        "data": {raw.path.parent.name: {"location": raw.location, "sha256": raw.sha256, "bytes": raw.size,
+                                         "rows": report.drift.get(raw.path.parent.name, {}).get("rows")}
                  for raw in (train_raw, test_raw)},
         "parameters": {"dataset": spec.name, **config.model_dump()},
         "validation_report": str(report.report_path),
     }
-    return publish_task(settings.registry_dir, spec.name, version, model_path, metrics_path, decision, lineage,
-                        {"training_curves.png": run_dir / "training_curves.png"},
-                        test_parquet=test_parquet, predictions_path=run_dir / "predictions.npy", policy=policy)
+    candidate = Candidate(dataset=spec.name, version=version, model_path=model_path,
+                          metrics=read_metrics(metrics_path), decision=decision, lineage=lineage,
+                          test_parquet=test_parquet, predictions_path=run_dir / "predictions.npy",
+                          files={"training_curves.png": run_dir / "training_curves.png",
+                                 "validation.json": report.report_path},
+                          parameters=lineage["parameters"])
+    return publish_task(settings.registry_location, candidate, policy=policy)
 
 
 @flow(name="train-mnist", flow_run_name="train-mnist-{dataset}")
@@ -116,7 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's, or the model's default)")
     parser.add_argument("--source", help="mirror: directory, file:// or http(s):// URL (default: bundled data/mirror; "
                         "env TRAIN_MNIST_SOURCE)")
-    parser.add_argument("--registry", help="model registry folder (default <data-dir>/registry; env TRAIN_MNIST_REGISTRY)")
+    parser.add_argument("--registry", help="model registry: a folder (default <data-dir>/registry) or an MLflow "
+                        "tracking server URL http(s)://host:port; env TRAIN_MNIST_REGISTRY")
     parser.add_argument("--data-dir", help="raw/parquet/runs folder (default ./data; env TRAIN_MNIST_DATA_DIR)")
     parser.add_argument("--datasets-file", help="TOML file with more dataset definitions (see README)")
     parser.add_argument("--min-accuracy", type=float, help="override every dataset's accuracy gate")

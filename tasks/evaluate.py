@@ -10,9 +10,8 @@ import numpy as np
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.train import load_model, load_xy
-
-PREDICT_BATCH = 2048
+from tasks.model_io import predict_probabilities
+from tasks.train import load_xy
 
 
 class ConfusedPair(BaseModel):
@@ -32,11 +31,6 @@ class Metrics(BaseModel):
     recall: dict[str, float]
     confusion_matrix: list[list[int]]
     most_confused: list[ConfusedPair]
-
-
-def predict_probabilities(model_path: Path, pixels: np.ndarray) -> np.ndarray:
-    model = load_model(model_path)
-    return np.asarray(model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0), dtype=np.float64)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

@@ -1,33 +1,19 @@
-"""Stage 7: publish a gated model as a new registry version and move the production pointer to it.
+"""Stage 7: publish a gated model to the registry and move the production pointer to it.
 
-Registry layout::
-
-    <registry>/<dataset>/<version>/{model.keras, metrics.json, confusion_matrix.csv,
-                                    confusion_matrix.png, training_curves.png, model_card.md}
-    <registry>/<dataset>/production      # the current version's name
-
-A version is assembled in a hidden staging folder, fsynced and renamed into place whole; the
-pointer is then replaced atomically. Publishing of one dataset is serialised by a lock file, so
-concurrent runs never interleave: the pointer names the version of the run that published last.
-
-Before publishing, the current production model (the champion) is loaded (Keras safe mode) and
-re-scored on the challenger's own test Parquet file, under the same lock, so two runs can never both
-beat a stale champion; ``tasks.promote`` decides. A failed gate or a refused promotion publishes
-nothing and leaves the pointer and every version as they were.
+The decision is the same for every registry (``tasks.registry``: a folder or an MLflow server). Under the
+dataset's publish lock (``tasks.publish_lock``: the Prefect server's global concurrency limit, or a file
+lock without a server) the current production model (the champion) is loaded (Keras safe mode) and
+re-scored on the challenger's own test Parquet file, so two runs can never both beat a stale champion;
+``tasks.promote`` decides. A failed gate or a refused promotion publishes nothing and leaves the pointer
+and every version as they were; the registry records why where it keeps such records (MLflow).
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import io
 import json
-import os
-import shutil
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +21,7 @@ from typing import Any
 import numpy as np
 from prefect import task
 
-from tasks.evaluate import Metrics, predict_probabilities, read_metrics
+from tasks.evaluate import Metrics
 from tasks.gate import GateDecision
 from tasks.promote import (
     PromotionDecision,
@@ -44,11 +30,8 @@ from tasks.promote import (
     first_version_decision,
     refusal_message,
 )
+from tasks.registry import Candidate, ChampionUnreadable, Published, Registry, open_registry
 from tasks.train import load_xy
-
-POINTER = "production"
-STAGING_PREFIX = ".staging-"
-VERSION_FILES = ("model.keras", "metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "model_card.md")
 
 
 class GateFailed(Exception):
@@ -59,83 +42,10 @@ class PromotionRefused(GateFailed):
     """The model passed its gates but is worse than the production model; nothing was published."""
 
 
-class ChampionUnreadable(RuntimeError):
-    """The production model cannot be loaded or scored, so no challenger can be compared with it."""
-
-
 def new_version_name(now: datetime | None = None) -> str:
     """Sortable and unique: UTC time plus a random suffix."""
     now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-
-
-def read_production(registry: Path, dataset: str) -> str | None:
-    pointer = registry / dataset / POINTER
-    return pointer.read_text().strip() or None if pointer.is_file() else None
-
-
-def list_versions(registry: Path, dataset: str) -> list[str]:
-    root = registry / dataset
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def is_complete_version(path: Path) -> bool:
-    return all((path / name).is_file() for name in VERSION_FILES)
-
-
-@contextlib.contextmanager
-def dataset_lock(registry: Path, dataset: str) -> Iterator[None]:
-    """Exclusive lock on a dataset's registry folder; released by the OS if the process dies."""
-    root = registry / dataset
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _copy_file(src: Path, dest: Path) -> None:
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
-
-
-def set_production(registry: Path, dataset: str, version: str) -> None:
-    """Point production at ``version`` with one atomic rename."""
-    root = registry / dataset
-    tmp = root / f".{POINTER}.{uuid.uuid4().hex}.tmp"
-    _write_file(tmp, f"{version}\n".encode())
-    os.replace(tmp, root / POINTER)
-    _fsync_dir(root)
-
-
-def remove_stale_staging(registry: Path, dataset: str) -> None:
-    """Staging folders left by a killed publisher are never visible versions; clear them (under the lock)."""
-    root = registry / dataset
-    for stale in root.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in root.glob(f".{POINTER}.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 def confusion_matrix_csv(metrics: Metrics) -> bytes:
@@ -236,14 +146,6 @@ def champion_comparison_lines(promotion: PromotionDecision) -> list[str]:
     return lines + [f"- {reason}" for reason in promotion.reasons]
 
 
-@dataclass(frozen=True)
-class Published:
-    dataset: str
-    version: str
-    path: Path
-    promotion: PromotionDecision
-
-
 def challenger_predictions(predictions_path: Path, metrics: Metrics, labels: np.ndarray) -> np.ndarray:
     """The challenger's predicted classes (``predictions.npy``), checked against its metrics and the test rows."""
     predictions = np.load(predictions_path, allow_pickle=False)
@@ -257,72 +159,52 @@ def challenger_predictions(predictions_path: Path, metrics: Metrics, labels: np.
     return predictions
 
 
-def champion_predictions(model_path: Path, pixels: np.ndarray) -> np.ndarray:
-    """Predicted classes of a saved model (loaded in Keras safe mode) on raw pixel rows."""
-    return predict_probabilities(model_path, pixels).argmax(axis=1)
+def version_documents(candidate: Candidate, promotion: PromotionDecision | None) -> dict[str, bytes]:
+    """What is rendered for a version: metrics.json (with gate, lineage and promotion), matrix, model card."""
+    metrics, decision = candidate.metrics, candidate.decision
+    metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": candidate.version,
+                   **candidate.lineage, "promotion": promotion.model_dump() if promotion else None}
+    documents = {
+        "metrics.json": json.dumps(metrics_doc, indent=2).encode(),
+        "confusion_matrix.csv": confusion_matrix_csv(metrics),
+        "confusion_matrix.png": confusion_matrix_png(metrics, f"{candidate.dataset} {candidate.version}"),
+    }
+    if promotion is not None:
+        documents["model_card.md"] = model_card(candidate.dataset, candidate.version, metrics, decision, promotion,
+                                                candidate.lineage).encode()
+    return documents
 
 
-def score_champion(registry: Path, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray:
-    """Re-score the production model on the challenger's test rows; a clear error if it cannot be."""
-    model_path = registry / dataset / champion / "model.keras"
-    fix = (f"; nothing was published. Restore the file, or point {registry / dataset / POINTER} "
-           "at a readable version")
-    if not model_path.is_file():
-        raise ChampionUnreadable(f"{dataset}: champion {champion}'s model file {model_path} is missing{fix}")
-    try:
-        predictions = champion_predictions(model_path, pixels)
-    except Exception as exc:  # noqa: BLE001 - any failure to load or run it means the same: no comparison
-        raise ChampionUnreadable(f"{dataset}: champion {champion}'s model file {model_path} cannot be loaded "
-                                 f"or scored ({type(exc).__name__}: {exc}){fix}") from exc
-    if predictions.shape != (len(pixels),):
-        raise ChampionUnreadable(f"{dataset}: champion {champion}'s model {model_path} gave {predictions.shape} "
-                                 f"predictions for {len(pixels)} test rows{fix}")
-    return predictions
-
-
-def publish_version(registry: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
-                    decision: GateDecision, lineage: dict[str, Any], *, test_parquet: Path, predictions_path: Path,
-                    extra_files: dict[str, Path] | None = None, policy: PromotionPolicy | None = None,
-                    ) -> Published:
-    """Write a complete version and switch production to it, if it passed its gates and is not worse than
-    the champion (re-scored on ``test_parquet``, the split ``predictions_path`` was made from)."""
-    if not decision.passed:
-        raise GateFailed(f"{dataset}: gate failed, nothing published:\n- " + "\n- ".join(decision.reasons))
+def publish_version(registry: Registry, candidate: Candidate, policy: PromotionPolicy | None = None) -> Published:
+    """Publish ``candidate`` and switch production to it, if it passed its gates and is not worse than the
+    champion (re-scored on ``candidate.test_parquet``, the split its predictions were made from)."""
+    dataset, version = candidate.dataset, candidate.version
+    if not candidate.decision.passed:
+        message = f"{dataset}: gate failed, nothing published:\n- " + "\n- ".join(candidate.decision.reasons)
+        registry.record_unpublished(candidate, None, "gate_failed", message, version_documents(candidate, None))
+        raise GateFailed(message)
     policy = policy or PromotionPolicy()
-    pixels, labels = load_xy(test_parquet)
-    challenger = challenger_predictions(predictions_path, metrics, labels)
-    with dataset_lock(registry, dataset):
-        remove_stale_staging(registry, dataset)
-        root = registry / dataset
-        final = root / version
-        if final.exists():
-            raise FileExistsError(f"{final} already exists; versions are never overwritten")
+    pixels, labels = load_xy(candidate.test_parquet)
+    challenger = challenger_predictions(candidate.predictions_path, candidate.metrics, labels)
+    with registry.lock(dataset):
         # Read under the lock: the champion is whatever the last publisher left, never a stale one.
-        champion = read_production(registry, dataset)
+        champion = registry.production(dataset)
         if champion is None:
             promotion = first_version_decision(labels, challenger, policy)
         else:
-            promotion = decide_promotion(labels, challenger, score_champion(registry, dataset, champion, pixels),
-                                         champion, policy)
+            try:
+                champion_classes = registry.champion_predictions(dataset, champion, pixels)
+            except ChampionUnreadable as exc:
+                registry.record_unpublished(candidate, None, "champion_unreadable", str(exc),
+                                            version_documents(candidate, None))
+                raise
+            promotion = decide_promotion(labels, challenger, champion_classes, champion, policy)
         if not promotion.promoted:
-            raise PromotionRefused(refusal_message(dataset, version, promotion))
-        staging = root / f"{STAGING_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        _copy_file(model_path, staging / "model.keras")
-        for name, src in (extra_files or {}).items():
-            _copy_file(src, staging / name)
-        metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": version, **lineage,
-                       "promotion": promotion.model_dump()}
-        _write_file(staging / "metrics.json", json.dumps(metrics_doc, indent=2).encode())
-        _write_file(staging / "confusion_matrix.csv", confusion_matrix_csv(metrics))
-        _write_file(staging / "confusion_matrix.png", confusion_matrix_png(metrics, f"{dataset} {version}"))
-        _write_file(staging / "model_card.md",
-                    model_card(dataset, version, metrics, decision, promotion, lineage).encode())
-        _fsync_dir(staging)
-        os.rename(staging, final)
-        _fsync_dir(root)
-        set_production(registry, dataset, version)
-    return Published(dataset, version, final, promotion)
+            message = refusal_message(dataset, version, promotion)
+            registry.record_unpublished(candidate, promotion, "refused", message,
+                                        version_documents(candidate, promotion))
+            raise PromotionRefused(message)
+        return registry.publish(candidate, promotion, version_documents(candidate, promotion))
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------
@@ -330,6 +212,7 @@ def publish_version(registry: Path, dataset: str, version: str, model_path: Path
 
 def _create_artifacts(published: Published, metrics: Metrics, decision: GateDecision) -> None:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
 
     key = published.dataset.replace("_", "-")
     header = ["true \\ predicted", *metrics.class_names, "recall"]
@@ -343,28 +226,24 @@ def _create_artifacts(published: Published, metrics: Metrics, decision: GateDeci
                   f"Test accuracy **{metrics.test_accuracy:.4f}**, loss {metrics.test_loss:.4f}.\n\n"
                   + "\n".join(f"- {r}" for r in decision.reasons) + "\n\n## Champion comparison\n\n"
                   + "\n".join(champion_comparison_lines(published.promotion))
-                  + f"\n\nRegistry folder: `{published.path}`\n"),
+                  + f"\n\nRegistry: `{published.location}`\n"),
         description=f"{published.dataset} model summary",
     )
-    create_link_artifact(key=f"{key}-confusion-png", link=(published.path / "confusion_matrix.png").as_uri(),
-                         link_text=f"{published.dataset} confusion matrix (PNG)")
+    if published.path is not None:
+        create_link_artifact(key=f"{key}-confusion-png", link=(published.path / "confusion_matrix.png").as_uri(),
+                             link_text=f"{published.dataset} confusion matrix (PNG)")
 
 
-@task(name="publish", task_run_name="publish-{dataset}")
-def publish_task(registry: Path, dataset: str, version: str, model_path: Path, metrics_path: Path,
-                 decision: GateDecision, lineage: dict[str, Any], extra_files: dict[str, Path],
-                 test_parquet: Path, predictions_path: Path, policy: PromotionPolicy | None = None) -> Published:
+@task(name="publish", task_run_name="publish-{candidate.dataset}")
+def publish_task(registry: str, candidate: Candidate, policy: PromotionPolicy | None = None) -> Published:
     from prefect import get_run_logger
 
     logger = get_run_logger()
-    metrics = read_metrics(metrics_path)
     try:
-        published = publish_version(registry, dataset, version, model_path, metrics, decision, lineage,
-                                    test_parquet=test_parquet, predictions_path=predictions_path,
-                                    extra_files=extra_files, policy=policy)
+        published = publish_version(open_registry(registry), candidate, policy=policy)
     except (GateFailed, ChampionUnreadable) as exc:
         logger.error("%s", exc)
         raise
-    _create_artifacts(published, metrics, decision)
-    logger.info("published %s %s; production -> %s", dataset, version, published.path)
+    _create_artifacts(published, candidate.metrics, candidate.decision)
+    logger.info("published %s %s; production -> %s", candidate.dataset, candidate.version, published.location)
     return published

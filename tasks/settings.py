@@ -21,15 +21,16 @@ class Settings(BaseSettings):
         description="Mirror to download from: directory, file:// or http(s):// URL with the datasets' layout.",
     )
     data_dir: Path = Field(default=PROJECT_ROOT / "data", description="Raw files, Parquet and run reports.")
-    registry: Path | None = Field(default=None, description="Model registry; default <data_dir>/registry.")
+    registry: str | None = Field(default=None, description="Model registry: a folder (default <data_dir>/registry) "
+                                 "or an MLflow tracking server, http(s)://host:port.")
     datasets_file: Path | None = Field(default=None, description="TOML file with extra dataset definitions.")
     download_timeout_s: float = Field(default=30.0, gt=0, description="Socket timeout of one read.")
     download_retries: int = Field(default=3, ge=0)
     download_retry_backoff_s: float = Field(default=2.0, ge=0, description="Delays are b, 2b, 4b, ...")
 
     @property
-    def registry_dir(self) -> Path:
-        return self.registry if self.registry is not None else self.data_dir / "registry"
+    def registry_location(self) -> str:
+        return self.registry if self.registry is not None else str(self.data_dir / "registry")
 
     @property
     def raw_dir(self) -> Path:

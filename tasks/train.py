@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.datasets import IMAGE_SHAPE, NUM_PIXELS, ModelKind, Recipe
+from tasks.model_io import import_keras, save_model
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -65,27 +63,6 @@ def load_xy(parquet_path: Path, limit: int | None = None) -> tuple[np.ndarray, n
     labels = columns[0].astype(np.int64)
     pixels = np.column_stack(columns[1:]) if columns[1:] else np.empty((len(labels), 0), np.uint8)
     return pixels, labels
-
-
-def import_keras():
-    """Import Keras (TensorFlow backend) with TensorFlow's C++ start-up banner kept out of the run's output.
-
-    TensorFlow 2.21 prints its oneDNN/absl banner from C++ at import, past TF_CPP_MIN_LOG_LEVEL, so
-    stderr's file descriptor is pointed at /dev/null for the import only.
-    """
-    if "keras" in sys.modules:
-        return sys.modules["keras"]
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import keras
-            import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    return keras
 
 
 def build_model(config: TrainConfig, num_classes: int, steps_per_epoch: int = 1):
@@ -183,7 +160,7 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
     curves = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     (out_dir / "history.json").write_text(json.dumps(curves))
     plot_training_curves(curves, out_dir / "training_curves.png")
-    return save_model_atomically(model, out_dir / "model.keras")
+    return save_model(model, out_dir / "model.keras")
 
 
 def plot_training_curves(curves: dict[str, list[float]], dest: Path) -> Path:
@@ -206,23 +183,6 @@ def plot_training_curves(curves: dict[str, list[float]], dest: Path) -> Path:
     fig.savefig(dest)
     plt.close(fig)
     return dest
-
-
-def save_model_atomically(model, dest: Path) -> Path:
-    tmp = dest.with_name(f".{dest.stem}.{uuid.uuid4().hex}.keras")
-    try:
-        model.save(tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
-
-
-def load_model(path: Path):
-    """Load a saved model with Keras safe mode on: no arbitrary code from the file runs."""
-    keras = import_keras()
-
-    return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------

@@ -21,17 +21,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import publish
+from tasks import publish, storage
+from tasks import registry as registry_module
 from tasks.convert import SCHEMA
 from tasks.evaluate import Metrics, compute_metrics
 from tasks.gate import GateDecision
-from tasks.publish import (
+from tasks.publish import new_version_name, publish_version
+from tasks.registry import (
     POINTER,
     STAGING_PREFIX,
+    FolderRegistry,
     is_complete_version,
     list_versions,
-    new_version_name,
-    publish_version,
     read_production,
 )
 
@@ -87,11 +88,19 @@ def dummy_candidate(folder: Path, rows: int = 80, seed: int = 0) -> Candidate:
     return make_candidate(folder, labels, predictions)
 
 
-def publish_candidate(registry: Path, dataset: str, candidate: Candidate, version: str | None = None,
-                      decision: GateDecision = PASSED, **kwargs) -> publish.Published:
-    return publish_version(registry, dataset, version or new_version_name(), candidate.model_path,
-                           candidate.metrics, decision, LINEAGE, test_parquet=candidate.test_parquet,
-                           predictions_path=candidate.predictions_path, **kwargs)
+def registry_candidate(dataset: str, candidate: Candidate, version: str | None = None,
+                       decision: GateDecision = PASSED, files: dict[str, Path] | None = None) -> registry_module.Candidate:
+    return registry_module.Candidate(dataset=dataset, version=version or new_version_name(), model_path=candidate.model_path,
+                              metrics=candidate.metrics, decision=decision, lineage=LINEAGE,
+                              test_parquet=candidate.test_parquet, predictions_path=candidate.predictions_path,
+                              files=files or {}, parameters=LINEAGE["parameters"])
+
+
+def publish_candidate(registry_dir: Path, dataset: str, candidate: Candidate, version: str | None = None,
+                      decision: GateDecision = PASSED, files: dict[str, Path] | None = None,
+                      **kwargs) -> registry_module.Published:
+    return publish_version(FolderRegistry(registry_dir),
+                           registry_candidate(dataset, candidate, version, decision, files), **kwargs)
 
 
 def _png(width: int, height: int) -> bytes:
@@ -117,10 +126,10 @@ def fake_champion_scoring(candidate: Candidate):
     """Stands in for loading a Keras champion: it predicts exactly what the candidate predicts (a tie)."""
     predictions = np.load(candidate.predictions_path)
 
-    def champion_predictions(model_path: Path, pixels: np.ndarray) -> np.ndarray:
+    def predict_classes(model_path: Path, pixels: np.ndarray) -> np.ndarray:
         return predictions
 
-    return champion_predictions
+    return predict_classes
 
 
 def assert_registry_consistent(registry: Path, dataset: str, model_bytes: bytes = DUMMY_MODEL) -> list[str]:
@@ -179,29 +188,29 @@ def _install_hooks(log_fd: int, delay: float, current: dict[str, str]) -> None:
             return func(*args, **kwargs)
         return wrapped
 
-    original_write, original_copy = publish._write_file, publish._copy_file
-    original_set, original_clean = publish.set_production, publish.remove_stale_staging
-    original_lock = publish.dataset_lock
-    publish._write_file = lambda path, data: step(
-        "write:pointer-tmp" if path.name.startswith(f".{POINTER}.") else f"write:{path.name}", original_write)(path, data)
-    publish._copy_file = lambda src, dest: step(f"copy:{dest.name}", original_copy)(src, dest)
-    publish._fsync_dir = step("fsync-dir", publish._fsync_dir)
+    original_write, original_copy = storage.write_bytes, storage.copy_file
+    original_set, original_clean = registry_module.set_production, registry_module.remove_stale_staging
+    original_lock = registry_module.dataset_lock
+    storage.write_bytes = lambda path, data: step(
+        "write:pointer" if path.name == POINTER else f"write:{path.name}", original_write)(path, data)
+    storage.copy_file = lambda src, dest: step(f"copy:{dest.name}", original_copy)(src, dest)
+    storage.fsync_dir = step("fsync-dir", storage.fsync_dir)
 
-    def dataset_lock(registry, dataset):
+    def dataset_lock(registry_dir, dataset):
         _log(log_fd, f"want {current['version']}")
-        return original_lock(registry, dataset)
+        return original_lock(registry_dir, dataset)
 
-    def remove_stale_staging(registry, dataset):  # the first thing done holding the lock
+    def remove_stale_staging(registry_dir, dataset):  # the first thing done holding the lock
         _log(log_fd, f"enter {current['version']}")
-        return step("clean", original_clean)(registry, dataset)
+        return step("clean", original_clean)(registry_dir, dataset)
 
-    def set_production(registry, dataset, version):  # the last thing done holding the lock
-        step("pointer", original_set)(registry, dataset, version)
+    def set_production(registry_dir, dataset, version):  # the last thing done holding the lock
+        step("pointer", original_set)(registry_dir, dataset, version)
         _log(log_fd, f"exit {version}")
 
-    publish.dataset_lock = dataset_lock
-    publish.remove_stale_staging = remove_stale_staging
-    publish.set_production = set_production
+    registry_module.dataset_lock = dataset_lock
+    registry_module.remove_stale_staging = remove_stale_staging
+    registry_module.set_production = set_production
 
 
 def publish_loop(registry: str, dataset: str, candidate: Candidate, step_log: str, delay: float,
@@ -210,7 +219,7 @@ def publish_loop(registry: str, dataset: str, candidate: Candidate, step_log: st
     current = {"version": "-"}
     log_fd = os.open(step_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     _install_hooks(log_fd, delay, current)
-    publish.champion_predictions = fake_champion_scoring(candidate)
+    registry_module.predict_classes = fake_champion_scoring(candidate)
     publish.confusion_matrix_png = fast_png
     if start is not None:
         start.wait(30)

@@ -7,7 +7,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import train_mnist
 from tasks.download import sha256_of
-from tasks.publish import read_production
+from tasks.registry import read_production
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import RRuleSchedule
 from prefect.exceptions import PrefectHTTPStatusError
 
-from tasks.publish import VERSION_FILES, list_versions, read_production
+from tasks.registry import VERSION_FILES, list_versions, read_production
 from tasks.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]

@@ -11,7 +11,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import train_mnist
-from tasks.publish import VERSION_FILES, list_versions, read_production
+from tasks.registry import VERSION_FILES, list_versions, read_production
 from tasks.settings import PROJECT_ROOT
 
 E2E_EPOCHS = 5

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from tasks.convert import convert_to_parquet
 from tasks.evaluate import evaluate_model, read_metrics
+from tasks.model_io import import_keras, save_model
 from tasks.promote import (
     PromotionPolicy,
     decide_promotion,
@@ -23,16 +24,9 @@ from tasks.promote import (
     mcnemar_exact_p,
     refusal_message,
 )
-from tasks.publish import (
-    ChampionUnreadable,
-    GateFailed,
-    PromotionRefused,
-    dataset_lock,
-    list_versions,
-    read_production,
-    set_production,
-)
-from tasks.train import TrainConfig, build_model, import_keras, load_xy, save_model_atomically
+from tasks.publish import GateFailed, PromotionRefused
+from tasks.registry import ChampionUnreadable, dataset_lock, list_versions, read_production, set_production
+from tasks.train import TrainConfig, build_model, load_xy
 
 DATASET = "mnist"
 POLICY = PromotionPolicy()
@@ -152,7 +146,7 @@ def _fit(train_parquet: Path, dest: Path, rows: int, seed: int) -> Path:
         pixels, labels = load_xy(train_parquet, rows)
         model.fit(pixels, labels, epochs=1, batch_size=batch, verbose=0)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return save_model_atomically(model, dest)
+    return save_model(model, dest)
 
 
 @pytest.fixture(scope="module")

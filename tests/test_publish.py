@@ -21,19 +21,11 @@ from publish_worker import (
     publish_candidate,
 )
 
-from tasks import publish
+from tasks import registry as registry_module
 from tasks.gate import GateDecision
 from tasks.promote import PromotionPolicy, first_version_decision
-from tasks.publish import (
-    STAGING_PREFIX,
-    VERSION_FILES,
-    GateFailed,
-    confusion_matrix_csv,
-    confusion_matrix_png,
-    list_versions,
-    model_card,
-    read_production,
-)
+from tasks.publish import GateFailed, confusion_matrix_csv, confusion_matrix_png, model_card
+from tasks.registry import STAGING_PREFIX, VERSION_FILES, list_versions, read_production
 
 DATASET = "unit"
 FAILED = GateDecision(passed=False, reasons=["FAIL min_accuracy: test_accuracy 0.4000 < threshold 0.9000"])
@@ -43,7 +35,7 @@ FAILED = GateDecision(passed=False, reasons=["FAIL min_accuracy: test_accuracy 0
 def candidate(tmp_path, monkeypatch):
     """A consistent dummy candidate; the champion is scored as predicting what it predicts (a tie)."""
     cand = dummy_candidate(tmp_path / "candidate")
-    monkeypatch.setattr(publish, "champion_predictions", fake_champion_scoring(cand))
+    monkeypatch.setattr(registry_module, "predict_classes", fake_champion_scoring(cand))
     return cand
 
 
@@ -58,7 +50,7 @@ def test_publish_writes_a_complete_version_and_moves_the_pointer(tmp_path, candi
     assert doc["promotion"]["champion_version"] is None and doc["promotion"]["promoted"] is True
 
     second = publish_candidate(registry, DATASET, candidate, "20250102T000000Z-bbbbbb",
-                               extra_files={"training_curves.png": candidate.model_path})
+                               files={"training_curves.png": candidate.model_path})
     assert read_production(registry, DATASET) == second.version
     assert list_versions(registry, DATASET) == [first.version, second.version]
     assert (second.path / "training_curves.png").read_bytes() == DUMMY_MODEL

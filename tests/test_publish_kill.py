@@ -20,7 +20,8 @@ from publish_worker import (
 )
 
 from tasks import publish
-from tasks.publish import read_production
+from tasks import registry as registry_module
+from tasks.registry import read_production
 
 DATASET = "kill-test"
 TRIALS = 24
@@ -44,7 +45,7 @@ def _steps(log: Path) -> list[tuple[int, str, str]]:
 def test_sigkill_at_random_points_never_tears_the_registry(tmp_path, monkeypatch):
     rng = random.Random(SEED)
     candidate = dummy_candidate(tmp_path / "candidate")
-    monkeypatch.setattr(publish, "champion_predictions", fake_champion_scoring(candidate))
+    monkeypatch.setattr(registry_module, "predict_classes", fake_champion_scoring(candidate))
     monkeypatch.setattr(publish, "confusion_matrix_png", fast_png)
     registry = tmp_path / "registry"
     ctx = forkserver_context()

@@ -7,7 +7,8 @@ from tasks.convert import convert_to_parquet
 from tasks.datasets import NUM_PIXELS, Gates
 from tasks.evaluate import compute_metrics, evaluate_model, read_metrics
 from tasks.gate import check_gates
-from tasks.train import DEFAULT_EPOCHS, TrainConfig, load_model, load_xy, train_config_for, train_model
+from tasks.model_io import load_model
+from tasks.train import DEFAULT_EPOCHS, TrainConfig, load_xy, train_config_for, train_model
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from prefect.testing.utilities import prefect_test_harness
 
 from tasks.datasets import DatasetSpec
-from tasks.publish import POINTER, list_versions, read_production
+from tasks.registry import POINTER, list_versions, read_production
 from tasks.validate import DataValidationError, validate_dataset
 
 READABLE = ("train", "test", "pair")  # drift sections present when both splits could be read

@@ -1,0 +1,53 @@
+"""Fan-out: each dataset as its own flow run of the per-dataset deployment, on whichever worker is free.
+
+The parent run creates one child run per dataset with ``run_deployment`` (linked to the parent as a
+subflow, so the UI shows it under the parent), waits for all of them, and reports each child's final
+state. One child failing does not stop the others: every child is waited for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from prefect import task
+
+DATASET_DEPLOYMENT = "train-mnist/dataset"
+CHILD_POLL_SECONDS = 5.0
+TRAINING_WORK_QUEUE = "train"
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """A finished child run, as the parent reports it."""
+
+    dataset: str
+    flow_run_id: UUID
+    name: str
+    state: str  # Prefect state name: Completed, Failed, Crashed, Cancelled, ...
+    message: str
+    completed: bool
+
+
+def child_parameters(parameters: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The parent's parameters for one dataset, run in-process by the child (no further fan-out)."""
+    return {**{k: v for k, v in parameters.items() if v is not None}, "dataset": dataset, "fan_out": False}
+
+
+def run_child(deployment: str, dataset: str, parameters: dict[str, Any], version: str,
+              poll_seconds: float = CHILD_POLL_SECONDS) -> ChildRun:
+    """Create the child run of ``dataset`` on ``deployment`` and wait for its final state."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, parameters=child_parameters(parameters, dataset),
+                         flow_run_name=f"{version} {dataset} (child)", poll_interval=poll_seconds,
+                         as_subflow=True, timeout=None)
+    state = run.state
+    return ChildRun(dataset=dataset, flow_run_id=run.id, name=run.name, state=state.name if state else "Unknown",
+                    message=(state.message or "") if state else "", completed=bool(state and state.is_completed()))
+
+
+@task(name="run-dataset", task_run_name="run-dataset-{dataset}")
+def run_child_task(deployment: str, dataset: str, parameters: dict[str, Any], version: str) -> ChildRun:
+    return run_child(deployment, dataset, parameters, version)

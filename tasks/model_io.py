@@ -1,0 +1,69 @@
+"""The one place models are saved, loaded and scored.
+
+A saved model takes a batch of raw rows, shape (N, 784), pixel values 0..255 in CSV order, and returns
+class probabilities. Loading always uses Keras safe mode: no arbitrary code from the file runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tasks import storage
+
+PREDICT_BATCH = 2048
+
+
+def import_keras():
+    """Import Keras (TensorFlow backend) with TensorFlow's C++ start-up banner kept out of the run's output.
+
+    TensorFlow 2.21 prints its oneDNN/absl banner from C++ at import, past TF_CPP_MIN_LOG_LEVEL, so
+    stderr's file descriptor is pointed at /dev/null for the import only.
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import keras
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return keras
+
+
+def save_model(model, dest: Path) -> Path:
+    """Save ``model`` as a ``.keras`` file, atomically."""
+    dest = Path(dest)
+    tmp = storage.temporary_sibling(dest).with_suffix(".keras")  # Keras insists on the extension
+    try:
+        model.save(tmp)
+        storage.fsync_file(tmp)
+        os.replace(tmp, dest)
+        storage.fsync_dir(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def load_model(path: Path):
+    """Load a saved model with Keras safe mode on: no arbitrary code from the file runs."""
+    keras = import_keras()
+    return keras.saving.load_model(path, safe_mode=True, compile=False)
+
+
+def predict_probabilities(model_path: Path, pixels: np.ndarray) -> np.ndarray:
+    """Class probabilities (N, classes) of the saved model on raw pixel rows."""
+    model = load_model(model_path)
+    return np.asarray(model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0), dtype=np.float64)
+
+
+def predict_classes(model_path: Path, pixels: np.ndarray) -> np.ndarray:
+    """Predicted classes of the saved model on raw pixel rows."""
+    return predict_probabilities(model_path, pixels).argmax(axis=1)

@@ -1,0 +1,203 @@
+"""The MLflow registry: each dataset is a registered model, each run an MLflow run, production an alias.
+
+Chosen with ``--registry http(s)://host:port`` (an MLflow tracking server; ``mlflow server`` serves the
+artifacts too). For every dataset a run
+
+- creates an MLflow run named after the train-mnist version: parameters, test metrics, per-class precision and
+  recall, the champion comparison, the confusion matrix, curves, model card and validation report, and the data
+  lineage as ``data.<split>.*`` tags;
+- logs ``model.keras`` with the Keras flavour and an input signature (raw 0..255 rows in, probabilities out)
+  as a new version of the registered model named after the dataset, once its gates passed;
+- moves the ``production`` alias to that version only if the champion comparison passed too.
+
+A failed gate, a refused challenger or an unreadable champion leaves the alias where it was; the run's tags
+``train_mnist.decision`` and ``train_mnist.reason`` say why. MLflow is an optional extra
+(``pip install -e ".[mlflow]"``), imported only when such a registry is used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.datasets import NUM_PIXELS
+
+PRODUCTION_ALIAS = "production"
+EXPERIMENT_PREFIX = "train-mnist"
+DECISION_TAG = "train_mnist.decision"
+REASON_TAG = "train_mnist.reason"
+VERSION_TAG = "train_mnist.version"
+PROFILE_ARTIFACT = "data_profile.json"
+MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value is 8000
+
+Decision = str  # "published" | "gate_failed" | "refused" | "champion_unreadable" | "failed"
+
+
+class MlflowRegistryError(RuntimeError):
+    """The MLflow server cannot be used as a registry (unreachable, refused a request)."""
+
+
+def is_mlflow_uri(registry: str | Path | None) -> bool:
+    return isinstance(registry, str) and registry.startswith(("http://", "https://"))
+
+
+def metric_key(name: str) -> str:
+    """MLflow metric names allow letters, digits, ``_ - . /`` and spaces; class names may hold more."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
+
+
+@dataclass(frozen=True)
+class MlflowRecord:
+    """Where a run went in MLflow."""
+
+    run_id: str
+    model_version: str | None  # registered model version, when the model was logged
+    run_url: str
+
+
+class MlflowRegistry:
+    """A registry on an MLflow tracking server; one registered model per dataset."""
+
+    def __init__(self, tracking_uri: str):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri.rstrip("/")
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def __repr__(self) -> str:
+        return f"MlflowRegistry({self.tracking_uri})"
+
+    # ---- reading the champion ------------------------------------------------------------------
+
+    def production(self, dataset: str) -> str | None:
+        """The registered model version the production alias names, or None when there is none yet."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(dataset, PRODUCTION_ALIAS).version
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None  # no registered model, or no alias yet: the first version decides by its gates
+            raise MlflowRegistryError(f"{self.tracking_uri}: cannot read alias {PRODUCTION_ALIAS!r} of "
+                                      f"registered model {dataset!r}: {exc}") from exc
+
+    def model_uri(self, dataset: str, version: str) -> str:
+        return f"models:/{dataset}/{version}"
+
+    def load_model(self, dataset: str, version: str):
+        """The registered Keras model, loaded with Keras safe mode (no code from the file runs)."""
+        from tasks.model_io import import_keras
+
+        import_keras()
+        return self._mlflow.keras.load_model(self.model_uri(dataset, version), dst_path=tempfile.mkdtemp(),
+                                             load_model_kwargs={"safe_mode": True, "compile": False})
+
+    def version_tag(self, dataset: str, version: str, tag: str) -> str | None:
+        return self.client.get_model_version(dataset, version).tags.get(tag)
+
+    def download_profile(self, dataset: str, version: str) -> dict[str, Any] | None:
+        """The data profile stored with a registered version's run, if it has one."""
+        run_id = self.client.get_model_version(dataset, version).run_id
+        names = {a.path for a in self.client.list_artifacts(run_id)}
+        if PROFILE_ARTIFACT not in names:
+            return None
+        local = self.client.download_artifacts(run_id, PROFILE_ARTIFACT, tempfile.mkdtemp())
+        return json.loads(Path(local).read_text())
+
+    # ---- recording a run -------------------------------------------------------------------------
+
+    def record_run(self, dataset: str, version: str, *, params: dict[str, Any], metrics: dict[str, float],
+                   tags: dict[str, str], artifacts: dict[str, Path], decision: Decision, reason: str,
+                   model_path: Path | None = None, promote: bool = False) -> MlflowRecord:
+        """One MLflow run for one dataset; the model logged as a new registered version when given,
+        and the production alias moved to it when ``promote``."""
+        experiment_id = self._experiment(dataset)
+        run = self.client.create_run(experiment_id, run_name=version, tags={
+            VERSION_TAG: version, DECISION_TAG: decision, REASON_TAG: reason[:MAX_TAG_CHARS],
+            **{k: v[:MAX_TAG_CHARS] for k, v in tags.items()}})
+        run_id = run.info.run_id
+        model_version: str | None = None
+        try:
+            self._log_values(run_id, params, metrics)
+            for name, path in artifacts.items():
+                if path.is_file():
+                    self.client.log_artifact(run_id, str(path), artifact_path=_artifact_folder(name))
+            if model_path is not None:
+                model_version = self._log_model(run_id, dataset, version, model_path)
+                self.client.set_model_version_tag(dataset, model_version, DECISION_TAG, decision)
+                if promote:
+                    self.client.set_registered_model_alias(dataset, PRODUCTION_ALIAS, model_version)
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+        return MlflowRecord(run_id, model_version, f"{self.tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}")
+
+    def _experiment(self, dataset: str) -> str:
+        name = f"{EXPERIMENT_PREFIX}/{dataset}"
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:  # created by a concurrent run in the meantime
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def _log_values(self, run_id: str, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric, Param
+
+        self.client.log_batch(
+            run_id,
+            params=[Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in params.items()],
+            metrics=[Metric(metric_key(k), float(v), 0, 0) for k, v in metrics.items() if v is not None],
+        )
+
+    def _log_model(self, run_id: str, dataset: str, version: str, model_path: Path) -> str:
+        """Log the Keras model under the run and register it; the registered version number."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from tasks.model_io import import_keras, load_model
+
+        keras = import_keras()
+        import tensorflow as tf
+
+        model = load_model(model_path)
+        classes = int(model.output_shape[-1])
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_PIXELS), "pixels")]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes), "probabilities")]),
+        )
+        with self._mlflow_run(run_id):
+            info = self._mlflow.keras.log_model(
+                model, name="model", signature=signature, registered_model_name=dataset,
+                # Given, not inferred: inference loads the model in a subprocess, which costs seconds.
+                pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
+                tags={VERSION_TAG: version},
+            )
+        registered = info.registered_model_version
+        if registered is None:
+            raise MlflowRegistryError(f"{self.tracking_uri}: model of run {run_id} was not registered as {dataset!r}")
+        self.client.set_model_version_tag(dataset, str(registered), VERSION_TAG, version)
+        return str(registered)
+
+    def _mlflow_run(self, run_id: str):
+        """Make ``run_id`` the active run of the fluent API against this server (for ``log_model``)."""
+        self._mlflow.set_tracking_uri(self.tracking_uri)
+        self._mlflow.set_registry_uri(self.tracking_uri)
+        return self._mlflow.start_run(run_id=run_id)
+
+
+def _artifact_folder(name: str) -> str | None:
+    """Reports under ``reports/``, pictures and tables at the top, so the MLflow UI lists what matters first."""
+    return "reports" if name.endswith((".json", ".md", ".html")) and name != PROFILE_ARTIFACT else None
