@@ -15,6 +15,9 @@ import pytest
 from tasks.datasets import DatasetSpec, load_catalog
 from tasks.download import sha256_of
 from tasks.settings import BUNDLED_MIRROR
+from tests.support.prefect_server import Server
+from tests.support.prefect_server import prefect_server as start_prefect_server
+from tests.support.trained import trained_models  # noqa: F401 - a fixture for every test module
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -30,6 +33,13 @@ def cut_slice(src: Path, dest: Path, rows: int, keep_header: bool) -> Path:
         for _, line in zip(range(rows), fin, strict=False):
             fout.write(line)
     return dest
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[Server]:
+    """The one real Prefect server of the test run (started on first use)."""
+    with start_prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

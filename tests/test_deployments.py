@@ -10,128 +10,31 @@ Every process started here is stopped by its process group, also when a test fai
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
 import pytest
-from prefect.client.orchestration import SyncPrefectClient
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import RRuleSchedule
 from prefect.exceptions import PrefectHTTPStatusError
 
 from tasks.registry import VERSION_FILES, list_versions, read_production
 from tasks.settings import PROJECT_ROOT
+from tests.support.prefect_server import PREFECT, RUN_TIMEOUT_S, TERMINAL, Server
+from tests.support.processes import spawn, stop, tail, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-SERVER_START_TIMEOUT_S = 120
-RUN_TIMEOUT_S = 300
 QUICK = {"dataset": "mnist", "model": "mlp", "epochs": 1, "train_rows": 5000, "min_accuracy": 0.5,
          "min_class_recall": 0.0}
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
-
-
-# --- processes -------------------------------------------------------------------------------------
-
-def spawn(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    """Start ``cmd`` in a new process group (so it can be stopped with all its children), output to ``log``."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left of it after 30 s."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        except ProcessLookupError:
-            return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their parent
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
-def tail(log: Path, lines: int = 40) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else "(no log)"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str, log: Path | None = None,
-             proc: subprocess.Popen | None = None, every: float = 1.0):
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` (and the log) otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"{what}: process exited with {proc.returncode}\n{tail(log) if log else ''}")
-        result = condition()
-        if result:
-            return result
-        time.sleep(every)
-    pytest.fail(f"{what}: not within {timeout:.0f} s\n{tail(log) if log else ''}")
-
-
-# --- the server --------------------------------------------------------------------------------------
-
-@dataclass
-class Server:
-    url: str
-    env: dict[str, str]
-    root: Path
-
-    @contextmanager
-    def client(self) -> Iterator[SyncPrefectClient]:
-        with SyncPrefectClient(self.url) as client:
-            yield client
-
-    def cli(self, *args: str, cwd: Path | None = None, timeout: float = 120,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        """``prefect <args>`` against this server; output captured as text."""
-        return subprocess.run([PREFECT, *args], env={**self.env, **(env or {})}, cwd=cwd or self.root,
-                              capture_output=True, text=True, timeout=timeout)
-
-    def deployment(self, name: str):
-        with self.client() as client:
-            return client.read_deployment_by_name(name)
-
-    def flow_run(self, run_id: UUID) -> FlowRun:
-        with self.client() as client:
-            return client.read_flow_run(run_id)
-
-    def runs_of(self, deployment_id: UUID) -> list[FlowRun]:
-        with self.client() as client:
-            return client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
-
-    def wait_terminal(self, run_id: UUID, timeout: float = RUN_TIMEOUT_S, log: Path | None = None) -> FlowRun:
-        def done() -> FlowRun | None:
-            run = self.flow_run(run_id)
-            return run if run.state_type and run.state_type.value in TERMINAL else None
-        return wait_for(done, timeout, f"flow run {run_id} reaching a final state", log, every=2)
 
 
 @pytest.fixture(scope="module")
@@ -146,35 +49,8 @@ def started() -> Iterator[list[subprocess.Popen]]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, started) -> Server:
-    root = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRAIN_MNIST_"))}
-    env.update({
-        "PREFECT_HOME": str(root / "home"),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        # Test-speed knobs; the defaults are 60 s, 30 s, 10 s and 10 s.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "5",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "COLUMNS": "200",  # one CLI output line per fact, so the run id can be read back
-    })
-    log = root / "server.log"
-    proc = spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root, log)
-    started.append(proc)
-
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    wait_for(healthy, SERVER_START_TIMEOUT_S, f"prefect server on port {port} answering /api/health", log, proc)
-    return Server(url=url, env=env, root=root)
+def server(prefect_server) -> Server:
+    return prefect_server
 
 
 @pytest.fixture(scope="module")

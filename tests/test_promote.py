@@ -13,9 +13,7 @@ import pytest
 from publish_worker import Candidate, make_candidate, publish_candidate
 from pydantic import ValidationError
 
-from tasks.convert import convert_to_parquet
-from tasks.evaluate import evaluate_model, read_metrics
-from tasks.model_io import import_keras, save_model
+from tasks.evaluate import read_metrics
 from tasks.promote import (
     PromotionPolicy,
     decide_promotion,
@@ -26,7 +24,7 @@ from tasks.promote import (
 )
 from tasks.publish import GateFailed, PromotionRefused
 from tasks.registry import ChampionUnreadable, dataset_lock, list_versions, read_production, set_production
-from tasks.train import TrainConfig, build_model, load_xy
+from tasks.train import load_xy
 
 DATASET = "mnist"
 POLICY = PromotionPolicy()
@@ -136,34 +134,9 @@ def test_unpaired_predictions_are_an_error():
 # ---- real Keras models, published through tasks.publish ------------------------------------------------
 
 
-def _fit(train_parquet: Path, dest: Path, rows: int, seed: int) -> Path:
-    """A small real MLP: ``rows`` train rows for one epoch (0 rows: untrained, random weights)."""
-    keras = import_keras()
-    keras.utils.set_random_seed(seed)
-    batch = 32
-    model = build_model(TrainConfig(model="mlp", epochs=1, seed=seed), 10, steps_per_epoch=max(1, -(-rows // batch)))
-    if rows:
-        pixels, labels = load_xy(train_parquet, rows)
-        model.fit(pixels, labels, epochs=1, batch_size=batch, verbose=0)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return save_model(model, dest)
-
-
 @pytest.fixture(scope="module")
-def models(mnist_slice, slice_mirror, tmp_path_factory) -> dict[str, Candidate]:
-    """strong (2000 rows), weak (200 rows), untrained; each evaluated on the same 600-row test Parquet."""
-    root = tmp_path_factory.mktemp("promote")
-    parquet = {split: convert_to_parquet(slice_mirror / mnist_slice.split(split).path, root / f"{split}.parquet",
-                                         bool(mnist_slice.header)) for split in ("train", "test")}
-    out = {}
-    for name, rows, seed in (("strong", 2000, 1), ("weak", 200, 2), ("untrained", 0, 3)):
-        folder = root / name
-        model = _fit(parquet["train"], folder / "model.keras", rows, seed)
-        evaluate_model(model, parquet["test"], list(mnist_slice.class_names), folder)
-        out[name] = Candidate(folder, model, folder / "metrics.json", parquet["test"], folder / "predictions.npy")
-    accuracy = {name: read_metrics(c.metrics_path).test_accuracy for name, c in out.items()}
-    assert accuracy["strong"] > accuracy["weak"] + 0.05 > accuracy["untrained"] + 0.1, accuracy
-    return out
+def models(trained_models) -> dict[str, Candidate]:
+    return trained_models
 
 
 @pytest.fixture(scope="module")
