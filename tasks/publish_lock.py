@@ -48,14 +48,28 @@ def file_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def ensure_one_slot_limit(name: str) -> None:
+    """Create the limit ``name`` with one slot unless it exists (two runs may race to create it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except ObjectAlreadyExists:
+                pass
+
+
 @contextlib.contextmanager
 def server_lock(name: str, timeout_s: float = ACQUIRE_TIMEOUT_S) -> Iterator[None]:
     """Hold the one slot of the Prefect global concurrency limit ``name`` (created if missing)."""
-    from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
 
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+    ensure_one_slot_limit(name)
     with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True, lease_duration=LEASE_SECONDS):
         yield
 

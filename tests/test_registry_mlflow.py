@@ -1,0 +1,166 @@
+"""The MLflow registry against a real ``mlflow server`` (SQLite store, artifacts served by the server).
+
+Publishing, a failed gate, a refused challenger and an unreadable champion, with small real Keras models;
+then two publishers at once in separate processes, serialised by the Prefect server's global
+concurrency limit (they share no lock file).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from publish_worker import LINEAGE, PASSED, registry_candidate
+
+from tasks.gate import GateDecision
+from tasks.promote import PromotionPolicy
+from tasks.publish import GateFailed, PromotionRefused, publish_version
+from tasks.registry import ChampionUnreadable, MlflowModelRegistry, open_registry
+from tasks.registry_mlflow import DECISION_TAG, REASON_TAG
+from tests.support.mlflow_server import mlflow_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+FAILED = GateDecision(passed=False, reasons=["FAIL min_accuracy: test_accuracy 0.4000 < threshold 0.9000"])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as running:
+        yield running
+
+
+@pytest.fixture
+def dataset(request) -> str:
+    """A registered model of its own for each test."""
+    return "mnist-" + request.node.name.replace("_", "-")[5:40].strip("-")
+
+
+def candidate_for(dataset: str, model, version: str, decision: GateDecision = PASSED, tmp: Path | None = None):
+    files = {}
+    if tmp is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "validation.json").write_text(json.dumps({"passed": True}))
+        files["validation.json"] = tmp / "validation.json"
+    return registry_candidate(dataset, model, version, decision, files)
+
+
+def runs_of(registry: MlflowModelRegistry, dataset: str):
+    client = registry.mlflow.client
+    experiment = client.get_experiment_by_name(f"train-mnist/{dataset}")
+    return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+
+
+def test_open_registry_picks_mlflow_for_an_http_url(server):
+    assert isinstance(open_registry(server.url), MlflowModelRegistry)
+
+
+def test_publish_logs_a_run_registers_the_model_and_moves_the_alias(server, dataset, trained_models, tmp_path):
+    registry = open_registry(server.url)
+    published = publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-strong", tmp=tmp_path))
+    assert registry.production(dataset) == published.registry_version == "1"
+    run = runs_of(registry, dataset)["v-strong"]
+    assert run.data.tags[DECISION_TAG] == "published"
+    metrics = run.data.metrics
+    assert metrics["test_accuracy"] == pytest.approx(trained_models["strong"].metrics.test_accuracy)
+    assert {f"recall_{i}" for i in range(10)} | {f"precision_{i}" for i in range(10)} <= set(metrics)
+    assert run.data.params["model"] == "mlp"
+    assert run.data.tags["data.train.sha256"] == LINEAGE["data"]["train"]["sha256"]
+    artifacts = {a.path for a in registry.mlflow.client.list_artifacts(run.info.run_id)}
+    artifacts |= {a.path for a in registry.mlflow.client.list_artifacts(run.info.run_id, "reports")}
+    assert {"confusion_matrix.png", "confusion_matrix.csv", "reports/model_card.md", "reports/metrics.json",
+            "reports/validation.json"} <= artifacts
+    version = registry.mlflow.client.get_model_version(dataset, "1")
+    assert version.run_id == run.info.run_id
+    # The registered model is the self-contained Keras model: raw 0..255 rows in, probabilities out.
+    pixels = np.zeros((3, 784), np.float32)
+    probabilities = registry.mlflow.load_model(dataset, "1").predict(pixels, verbose=0)
+    assert probabilities.shape == (3, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    import mlflow
+
+    signature = mlflow.models.get_model_info(f"models:/{dataset}/1").signature
+    assert signature.inputs.inputs[0].shape == (-1, 784)
+
+
+def test_failed_gate_records_why_and_leaves_the_alias(server, dataset, trained_models):
+    registry = open_registry(server.url)
+    publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-first"))
+    with pytest.raises(GateFailed, match="gate failed"):
+        publish_version(registry, candidate_for(dataset, trained_models["weak"], "v-gated", FAILED))
+    assert registry.production(dataset) == "1"
+    run = runs_of(registry, dataset)["v-gated"]
+    assert run.data.tags[DECISION_TAG] == "gate_failed"
+    assert "FAIL min_accuracy" in run.data.tags[REASON_TAG]
+    assert len(registry.mlflow.client.search_model_versions(f"name='{dataset}'")) == 1
+
+
+def test_refused_challenger_is_registered_but_the_alias_stays(server, dataset, trained_models):
+    registry = open_registry(server.url)
+    publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-champion"))
+    with pytest.raises(PromotionRefused, match="not promoted over champion 1"):
+        publish_version(registry, candidate_for(dataset, trained_models["untrained"], "v-worse"),
+                        policy=PromotionPolicy(tolerance=0.0))
+    assert registry.production(dataset) == "1"
+    run = runs_of(registry, dataset)["v-worse"]
+    assert run.data.tags[DECISION_TAG] == "refused"
+    metrics = run.data.metrics
+    assert metrics["champion_accuracy"] == pytest.approx(trained_models["strong"].metrics.test_accuracy)
+    assert metrics["champion_accuracy"] > metrics["challenger_accuracy"]
+    assert metrics["discordant_champion_only_right"] > metrics["discordant_challenger_only_right"]
+    assert 0 <= metrics["mcnemar_p_value"] < 0.05
+
+
+def test_unreadable_champion_fails_naming_it_and_leaves_the_alias(server, dataset, trained_models):
+    registry = open_registry(server.url)
+    publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-champion"))
+    model_id = registry.mlflow.client.get_model_version(dataset, "1").source.rsplit("/", 1)[-1]
+    damaged = [p for p in (server.root / "artifacts").rglob("*.keras") if model_id in str(p)]
+    assert damaged, f"no .keras file of the champion ({model_id}) under {server.root / 'artifacts'}"
+    for path in damaged:
+        path.write_bytes(b"PK\x03\x04 not a keras archive any more")
+    with pytest.raises(ChampionUnreadable, match=rf"{dataset}: champion 1's model models:/{dataset}/1 cannot be "
+                                                 r"loaded or scored"):
+        publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-challenger"))
+    assert registry.production(dataset) == "1"
+    assert runs_of(registry, dataset)["v-challenger"].data.tags[DECISION_TAG] == "champion_unreadable"
+
+
+PUBLISHER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from tasks.publish_lock import publish_lock, server_configured
+    registry, dataset, log, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    assert server_configured(), "the publisher must see the Prefect server"
+    for i in range(rounds):
+        # Each process has a lock folder of its own: only the server can serialise them.
+        with publish_lock(registry, dataset, Path(sys.argv[5])) as how:
+            with open(log, "a") as fh:
+                fh.write(json.dumps({"event": "enter", "t": time.time(), "how": how}) + "\\n")
+            time.sleep(0.6)
+            with open(log, "a") as fh:
+                fh.write(json.dumps({"event": "exit", "t": time.time()}) + "\\n")
+""")
+
+
+def test_two_publishers_without_a_shared_lock_file_take_turns_on_the_server(prefect_server, tmp_path):
+    logs = [tmp_path / f"publisher-{i}.log" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, "http://mlflow.example:5000", "mnist", str(log), "3",
+                               str(tmp_path / f"machine-{i}")], env={**prefect_server.env, "PYTHONPATH": "."},
+                              cwd=Path(__file__).resolve().parents[1])
+             for i, log in enumerate(logs)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0
+    intervals = []
+    for log in logs:
+        events = [json.loads(line) for line in log.read_text().splitlines()]
+        assert all("Prefect global concurrency limit" in e["how"] for e in events if e["event"] == "enter")
+        intervals += [(a["t"], b["t"]) for a, b in zip(events[::2], events[1::2], strict=True)]
+    intervals.sort()
+    assert len(intervals) == 6
+    for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
+        assert start >= end, f"two publishers held the lock at once: {intervals}"
