@@ -4,6 +4,8 @@ The same deployments as ``deployments/prefect.yaml`` (the work-pool path), defin
 
 * ``train-mnist/nightly``: every dataset with its own recipe's model, every night at 02:00 UTC; at most one run at a
   time, a run that collides with a running one waits for it (ENQUEUE).
+* ``train-mnist/dataset``: one dataset's run; a nightly run with ``fan_out=true`` creates one per dataset.
+  ``serve.py`` keeps ``nightly`` sequential: on one machine the datasets would only share its cores.
 * ``train-mnist/smoke``: one epoch on 5,000 MNIST rows with low gates, on demand, published to a
   separate registry (``data/smoke-registry``) so it never moves a production pointer.
 
@@ -25,6 +27,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
 from flows.train import train_mnist
+from tasks.fanout import DATASET_DEPLOYMENT
 from tasks.settings import PROJECT_ROOT
 
 NIGHTLY_CRON = "0 2 * * *"
@@ -52,6 +55,16 @@ def nightly() -> RunnerDeployment:
     )
 
 
+def dataset() -> RunnerDeployment:
+    """One dataset's run, the child that a fanned-out nightly run creates for each dataset."""
+    return train_mnist.to_deployment(
+        name=DATASET_DEPLOYMENT.split("/", 1)[1],
+        description="One dataset's run, created by a fanned-out nightly run for each of its datasets.",
+        parameters={"fan_out": False},
+        tags=TAGS,
+    )
+
+
 def smoke() -> RunnerDeployment:
     """A quick end-to-end check of the pipeline (about a minute), publishing to a registry of its own."""
     return train_mnist.to_deployment(
@@ -68,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="most flow runs this process executes at once (default: no limit)")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors in the log
-    serve(nightly(), smoke(), limit=args.limit)
+    serve(nightly(), dataset(), smoke(), limit=args.limit)
     return 0
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, get_args
 
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.states import State
 from pydantic import Field
 
@@ -19,6 +20,7 @@ from tasks.convert import convert_task
 from tasks.datasets import DatasetSpec, Gates, ModelKind, load_catalog, select_datasets
 from tasks.download import download_task
 from tasks.evaluate import evaluate_task, read_metrics
+from tasks.fanout import DATASET_DEPLOYMENT, ChildRun, run_child_task
 from tasks.gate import gate_task
 from tasks.promote import PromotionPolicy
 from tasks.publish import new_version_name, publish_task
@@ -75,16 +77,23 @@ def train_mnist(
     train_rows: Annotated[int, Field(gt=0)] | None = None,
     seed: int = 42,
     promotion_tolerance: Fraction = 0.005,
+    fan_out: bool = False,
 ) -> dict[str, str]:
     """Retrain and publish each requested dataset (``all``, one name, or names separated by commas).
 
-    Returns {dataset: published version}; fails if any dataset failed, after trying all of them.
+    Returns {dataset: published version}; fails if any dataset failed, after trying all of them. With
+    ``fan_out`` each dataset runs as its own flow run of the ``train-mnist/dataset`` deployment, on whichever
+    worker of the pool is free, and this run waits for all of them.
     """
     overrides = {"source": source, "registry": registry, "data_dir": data_dir, "datasets_file": datasets_file}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     specs = select_datasets(load_catalog(settings.datasets_file), [n.strip() for n in dataset.split(",")])
     specs = [with_gate_overrides(s, min_accuracy, min_class_recall) for s in specs]
     version = new_version_name(datetime.now(UTC))
+    if fan_out:
+        children = [run_child_task.submit(DATASET_DEPLOYMENT, spec.name, dict(flow_run.parameters), version)
+                    for spec in specs]
+        return summarize_children([child.result() for child in children])
     states = {spec.name: train_dataset(spec, settings, train_config_for(spec.recipe, model, epochs, seed, train_rows),
                                        version, PromotionPolicy(tolerance=promotion_tolerance), return_state=True)
               for spec in specs}
@@ -108,6 +117,16 @@ def summarize(states: dict[str, State]) -> dict[str, str]:
                 details.append(str(exc) if name in str(exc) else f"{name}: {exc}")
         raise RuntimeError(f"{len(failed)} of {len(states)} dataset(s) not published:\n" + "\n".join(details))
     return {name: state.result().version for name, state in states.items()}
+
+
+def summarize_children(children: list[ChildRun]) -> dict[str, str]:
+    """The children's datasets, or an error naming each child run that did not complete and why."""
+    failed = [child for child in children if not child.completed]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(children)} dataset run(s) not published:\n" + "\n".join(
+            f"{child.dataset}: child run {child.name} ({child.flow_run_id}) {child.state}: {child.message}"
+            for child in failed))
+    return {child.dataset: child.name for child in children}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -97,6 +97,7 @@ class MlflowRegistry:
         from tasks.model_io import import_keras
 
         import_keras()
+        self._use_server()
         return self._mlflow.keras.load_model(self.model_uri(dataset, version), dst_path=tempfile.mkdtemp(),
                                              load_model_kwargs={"safe_mode": True, "compile": False})
 
@@ -191,10 +192,14 @@ class MlflowRegistry:
         self.client.set_model_version_tag(dataset, str(registered), VERSION_TAG, version)
         return str(registered)
 
-    def _mlflow_run(self, run_id: str):
-        """Make ``run_id`` the active run of the fluent API against this server (for ``log_model``)."""
+    def _use_server(self) -> None:
+        """Point MLflow's module-level (fluent) API at this server: ``log_model`` and ``load_model`` use it."""
         self._mlflow.set_tracking_uri(self.tracking_uri)
         self._mlflow.set_registry_uri(self.tracking_uri)
+
+    def _mlflow_run(self, run_id: str):
+        """Make ``run_id`` the active run of the fluent API against this server (for ``log_model``)."""
+        self._use_server()
         return self._mlflow.start_run(run_id=run_id)
 
 

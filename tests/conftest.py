@@ -1,25 +1,36 @@
-"""Shared fixtures: small slices cut from the real datasets, and a real HTTP mirror on 127.0.0.1."""
+"""Shared fixtures: small slices cut from the real datasets, a real HTTP mirror on 127.0.0.1, and the one
+Prefect server of the test run.
+
+Before anything imports Prefect, the whole run gets a Prefect home and a result store of its own, so no
+test run reads another's cache records or the developer's ``~/.prefect``.
+"""
 
 from __future__ import annotations
 
-import functools
-import gzip
-import http.server
 import os
-import threading
-from collections.abc import Iterator
-from pathlib import Path
+import tempfile
 
-import pytest
+_RUN_HOME = tempfile.mkdtemp(prefix="train-mnist-tests-")
+os.environ["PREFECT_HOME"] = os.path.join(_RUN_HOME, "prefect-home")
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_RUN_HOME, "prefect-storage")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
-from tasks.datasets import DatasetSpec, load_catalog
-from tasks.download import sha256_of
-from tasks.settings import BUNDLED_MIRROR
-from tests.support.prefect_server import Server
-from tests.support.prefect_server import prefect_server as start_prefect_server
-from tests.support.trained import trained_models  # noqa: F401 - a fixture for every test module
+import functools  # noqa: E402 - after the environment above
+import gzip  # noqa: E402
+import http.server  # noqa: E402
+import threading  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+import pytest  # noqa: E402
+
+from tasks.datasets import DatasetSpec, load_catalog  # noqa: E402
+from tasks.download import sha256_of  # noqa: E402
+from tasks.settings import BUNDLED_MIRROR  # noqa: E402
+from tests.support.prefect_server import Server  # noqa: E402
+from tests.support.prefect_server import prefect_server as start_prefect_server  # noqa: E402
+from tests.support.trained import trained_models  # noqa: E402, F401 - a fixture for every test module
 
 SLICE_ROWS = {"train": 3000, "test": 600}
 
@@ -40,6 +51,15 @@ def prefect_server(tmp_path_factory) -> Iterator[Server]:
     """The one real Prefect server of the test run (started on first use)."""
     with start_prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_server) -> Iterator[Server]:
+    """In-process flows of this test report to the session's Prefect server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server.url}):
+        yield prefect_server
 
 
 @pytest.fixture(scope="session")

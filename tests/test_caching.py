@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 from prefect import flow, task
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
 from tasks.caching import (
     CONVERT_CACHE,
@@ -55,12 +54,6 @@ def data_stages(spec, source: str, data_dir: Path) -> dict:
     assert all(state.is_completed() for state in states.values())
     return {"states": {name: state.name for name, state in states.items()}, "raws": raws, "report": report,
             "parquet": parquet, "run_dir": run_dir}
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture

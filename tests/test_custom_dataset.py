@@ -3,21 +3,14 @@
 import json
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import train_mnist
 from tasks.download import sha256_of
 from tasks.registry import read_production
 
 
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.mark.slow
-def test_user_dataset_from_a_datasets_file_is_trained_and_published_with_lineage(harness, slice_mirror, http_mirror,
+def test_user_dataset_from_a_datasets_file_is_trained_and_published_with_lineage(prefect_api, slice_mirror, http_mirror,
                                                                               tmp_path):
     datasets_file = tmp_path / "my-datasets.toml"
     datasets_file.write_text("""

@@ -87,13 +87,13 @@ def assert_rejected(server: Server, name: str, params: dict) -> None:
     assert f"Validation failed for field '{next(iter(params))}'" in refused.value.response.json()["detail"]
 
 
-def assert_nightly_shape(deployment) -> None:
+def assert_nightly_shape(deployment, parameters: dict | None = None) -> None:
     """The nightly deployment as both serve.py and prefect.yaml define it."""
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == \
         [("0 2 * * *", "UTC", True)]
     assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
     assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
-    assert deployment.parameters == {"dataset": "all"}
+    assert deployment.parameters == (parameters or {"dataset": "all"})
     assert deployment.enforce_parameter_schema is True
     assert deployment.paused is False
 
@@ -228,6 +228,8 @@ def worker(server, started, clone, tmp_path_factory) -> Iterator[subprocess.Pope
     """``prefect deploy --all`` from the clone's root; a process worker started in an unrelated folder."""
     created = server.cli("work-pool", "create", POOL, "--type", "process")
     assert created.returncode == 0, created.stdout + created.stderr
+    queue = server.cli("work-queue", "create", "train", "--pool", POOL)
+    assert queue.returncode == 0, queue.stdout + queue.stderr
     # PWD is what a shell sets after `cd`; prefect.yaml's pull step reads it.
     deployed = server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml",
                           cwd=clone, env={"PWD": str(clone)}, timeout=180)
@@ -246,10 +248,11 @@ def worker(server, started, clone, tmp_path_factory) -> Iterator[subprocess.Pope
 class TestWorkPool:
     def test_yaml_deploys_nightly_and_smoke_for_the_clone(self, server, clone):
         nightly = server.deployment("train-mnist/nightly")
-        assert_nightly_shape(nightly)
-        assert nightly.work_pool_name == POOL and nightly.entrypoint == "flows/train.py:train_mnist"
-        assert nightly.pull_steps == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": str(clone)}}]
+        assert_nightly_shape(nightly, {"dataset": "all", "fan_out": True})
+        assert nightly.work_pool_name == POOL and nightly.entrypoint == "flows.train:train_mnist"
+        assert not nightly.pull_steps  # the worker runs the train-mnist installed on its machine
+        child = server.deployment("train-mnist/dataset")
+        assert child.work_pool_name == POOL and child.work_queue_name == "train"
         smoke = server.deployment("train-mnist/smoke")
         assert smoke.work_pool_name == POOL and smoke.schedules == []
         assert smoke.parameters == {"dataset": "mnist", "model": "mlp", "epochs": 1, "train_rows": 5000,

@@ -30,7 +30,6 @@ from fault_server import (
     partial_files,
 )
 from prefect import flow
-from prefect.testing.utilities import prefect_test_harness
 
 from tasks.datasets import DatasetSpec, SplitFile
 from tasks.download import (
@@ -52,12 +51,6 @@ TIMEOUT_S = 0.5
 
 
 # ---- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import train_mnist
 from tasks.registry import VERSION_FILES, list_versions, read_production
@@ -18,13 +17,7 @@ E2E_EPOCHS = 5
 
 
 @pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def published(harness, tmp_path_factory):
+def published(prefect_api, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     registry, data_dir = root / "registry", root / "data"
     # The baseline MLP keeps CI short; the nightly recipes (CNNs) are measured by bench/ and the nightly run.

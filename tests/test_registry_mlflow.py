@@ -99,9 +99,15 @@ def test_failed_gate_records_why_and_leaves_the_alias(server, dataset, trained_m
     assert len(registry.mlflow.client.search_model_versions(f"name='{dataset}'")) == 1
 
 
-def test_refused_challenger_is_registered_but_the_alias_stays(server, dataset, trained_models):
+def test_refused_challenger_is_registered_but_the_alias_stays(server, dataset, trained_models, tmp_path):
     registry = open_registry(server.url)
     publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-champion"))
+    import mlflow
+
+    # As in a fresh process, MLflow's module-level URIs point elsewhere: the registry must not rely on them.
+    mlflow.set_tracking_uri(f"file://{tmp_path}/elsewhere")
+    mlflow.set_registry_uri(f"file://{tmp_path}/elsewhere")
+    registry = open_registry(server.url)
     with pytest.raises(PromotionRefused, match="not promoted over champion 1"):
         publish_version(registry, candidate_for(dataset, trained_models["untrained"], "v-worse"),
                         policy=PromotionPolicy(tolerance=0.0))

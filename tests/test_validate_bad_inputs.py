@@ -14,7 +14,6 @@ from pathlib import Path
 
 import badinputs as bad
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from tasks.datasets import DatasetSpec
 from tasks.registry import POINTER, list_versions, read_production
@@ -219,13 +218,7 @@ OLD_VERSION = "20200101T000000Z-000000"
 
 
 @pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def bad_flow_run(harness, slice_mirror, catalog, tmp_path_factory):
+def bad_flow_run(prefect_api, slice_mirror, catalog, tmp_path_factory):
     """One train-mnist run over three datasets with bad train files, with a production version in place."""
     root = tmp_path_factory.mktemp("bad-flow")
     mirror = root / "mirror"
