@@ -49,6 +49,16 @@ class FitClock:
 
     def __init__(self) -> None:
         self.calls: list[FitCall] = []
+        self.label: str | None = None  # set by ``labelled``; else each call is named by its context
+
+    @contextlib.contextmanager
+    def labelled(self, label: str) -> Iterator[None]:
+        """Name the fit calls made inside this block ``label``."""
+        self.label = label
+        try:
+            yield
+        finally:
+            self.label = None
 
     @property
     def seconds(self) -> float:
@@ -81,7 +91,7 @@ class FitClock:
                 self.call.epoch_seconds.append(time.perf_counter() - self.started)
 
         def fit(model, x=None, y=None, *args, **kwargs):
-            call = FitCall(label=_label(model), model_id=id(model), forward_flops=flops.model_forward_flops(model))
+            call = FitCall(label=self.label or _label(model), model_id=id(model), forward_flops=flops.model_forward_flops(model))
             timer = EpochTimer(call)
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), timer]
             start = time.perf_counter()

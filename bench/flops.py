@@ -55,9 +55,18 @@ def model_forward_flops(model: Any) -> int:
     return total
 
 
+def _tensorflow():
+    from tasks.train import import_keras
+
+    import_keras()  # TensorFlow imported the pipeline's way, without its start-up banner
+    import tensorflow as tf
+
+    return tf
+
+
 def profiler_forward_flops(model: Any) -> int | None:
     """Forward FLOPs per sample by TensorFlow's graph profiler, as a cross-check; None if it cannot count them."""
-    import tensorflow as tf
+    tf = _tensorflow()
 
     spec = tf.TensorSpec((1, *model.input_shape[1:]), model.inputs[0].dtype)
     graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
@@ -72,7 +81,7 @@ def profiler_forward_flops(model: Any) -> int | None:
 
 def matmul_flops_per_second(side: int = MATMUL_SIDE, repeats: int = 5) -> dict[str, float]:
     """Best float32 ``side x side`` matmul rate of TensorFlow (the kernels training uses), after one warm-up."""
-    import tensorflow as tf
+    tf = _tensorflow()
 
     rng = tf.random.Generator.from_seed(0)
     a = rng.normal((side, side), dtype=tf.float32)

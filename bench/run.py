@@ -132,6 +132,16 @@ def sized_parquet(work: Path, dataset: str, split: str) -> Path:
     return work / f"{dataset}-{split}.parquet"
 
 
+def train_parquets(work: Path) -> dict[str, Path]:
+    """Each built-in dataset's train split as Parquet (bench_sizes' files, converted here if it did not run)."""
+    from tasks.convert import convert_to_parquet
+    from tasks.datasets import load_catalog
+    from tasks.settings import BUNDLED_MIRROR
+
+    return {spec.name: convert_to_parquet(BUNDLED_MIRROR / spec.train.path, sized_parquet(work, spec.name, "train"),
+                                          bool(spec.header)) for spec in load_catalog().values()}
+
+
 def bench_sizes(work: Path) -> dict[str, Any]:
     """Parquet bytes over .csv.gz bytes for each built-in dataset (train + test), with the pipeline's writer."""
     from tasks.convert import convert_to_parquet
@@ -302,7 +312,8 @@ def bench_recipe_fits(work: Path, parquets: dict[str, Path], steps: int) -> FitC
     with FitClock().installed() as clock:
         for name, spec in load_catalog().items():
             config = train_config_for(spec.recipe, epochs=2, train_rows=rows_for_steps(steps, batch, fraction))
-            train_model(parquets[name], spec.num_classes, config, work / f"recipe-{name}")
+            with clock.labelled(f"{name}-{config.model}"):
+                train_model(parquets[name], spec.num_classes, config, work / f"recipe-{name}")
     return clock
 
 
@@ -460,12 +471,26 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# "flow" is the cold flow run; "warm" and "training" reuse its data dir, and --nightly's "flops" its fits.
+STEPS = ("conversion", "sizes", "validation", "flow", "warm", "training", "flops")
+
+
+def steps_of(text: str) -> set[str]:
+    steps = {s.strip() for s in text.split(",")}
+    unknown = steps - set(STEPS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown step(s) {sorted(unknown)}; expected some of {', '.join(STEPS)}")
+    return steps
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repetition, 1 epoch on 10,000 rows (a smoke run)")
     parser.add_argument("--layouts", action="store_true", help="also compare candidate Parquet layouts")
     parser.add_argument("--nightly", action="store_true",
                         help="overhead, accuracies and FLOPs utilization of the default nightly run (~25 min on 2 cores)")
+    parser.add_argument("--only", type=steps_of, default=set(STEPS),
+                        help=f"run only these steps, separated by commas: {','.join(STEPS)} (default all)")
     parser.add_argument("--output", type=Path, default=RESULTS_FILE, help=f"default {RESULTS_FILE.relative_to(PROJECT_ROOT)}")
     frontier.add_arguments(parser.add_argument_group("frontier (accuracy vs CPU-minutes; bench/README.md)"))
     parser.add_argument("--bare-fit", nargs=3, metavar=("PARQUET", "CONFIG_JSON", "plain|deterministic"),
@@ -483,8 +508,12 @@ def main(argv: list[str] | None = None) -> int:
         return frontier.main(args, machine())
 
     mode = QUICK if args.quick else FULL
+    if args.nightly and "flops" in args.only:
+        args.only.add("flow")  # the nightly utilization is measured on the flow's own fits
     command = "python bench/run.py" + "".join(f" --{flag}" for flag in ("quick", "nightly", "layouts")
                                               if getattr(args, flag))
+    if args.only != set(STEPS):
+        command += " --only " + ",".join(s for s in STEPS if s in args.only)
     work = Path(tempfile.mkdtemp(prefix="train-mnist-bench-"))
     # A throwaway result store: the cold run must not find cache records from earlier runs.
     os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(work / "prefect-storage")
@@ -501,36 +530,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name, step in (("conversion", lambda: bench_conversion(work, mode)), ("sizes", lambda: bench_sizes(work)),
                            ("validation", lambda: bench_validation(work, mode))):
-            log(f"{name} ...")
-            record(name, step())
-        from prefect.testing.utilities import prefect_test_harness
+            if name in args.only:
+                log(f"{name} ...")
+                record(name, step())
+        if "flops" in args.only:
+            log("float32 matmul rate ...")
+            matmul = flops.matmul_flops_per_second()
+        if args.only & {"flow", "warm", "training"}:
+            from prefect.testing.utilities import prefect_test_harness
 
-        log("float32 matmul rate ...")
-        matmul = flops.matmul_flops_per_second()
-        log("starting a throwaway Prefect server (not timed) ...")
-        with prefect_test_harness(server_startup_timeout=120):
-            log("cold flow run ...")
-            out, data_dir, flow_fits = bench_flow(work, mode, nightly=args.nightly)
-            record("flow", out)
-            log("warm data stages ...")
-            record("warm", bench_warm_data_stages(data_dir))
-            train_parquet = next((data_dir / "parquet" / "mnist").glob("train-*.parquet"))
-            log("training throughput ...")
-            record("training", bench_training(work, train_parquet, mode))
-        if args.nightly:
-            fits, source = flow_fits, "the nightly flow's fits"
-        else:
-            log(f"recipe fits for FLOPs utilization (2 epochs of {mode.recipe_steps} steps each) ...")
-            from tasks.datasets import load_catalog
-
-            parquets = {name: sized_parquet(work, name, "train") for name in load_catalog()}
-            fits = bench_recipe_fits(work, parquets, mode.recipe_steps)
-            source = f"train_model, each recipe, 2 epochs of {mode.recipe_steps} batches"
-        # The better of two matmul measurements, before and after training, is the machine's rate in this run.
-        after = flops.matmul_flops_per_second()
-        matmul = dict(max(matmul, after, key=lambda m: m["flops_per_second"]),
-                      before_after_flops_per_second=[matmul["flops_per_second"], after["flops_per_second"]])
-        record("flops", flops_utilization(fits, matmul, source))
+            log("starting a throwaway Prefect server (not timed) ...")
+            with prefect_test_harness(server_startup_timeout=120):
+                log("cold flow run ...")
+                out, data_dir, flow_fits = bench_flow(work, mode, nightly=args.nightly)
+                record("flow", out)
+                if "warm" in args.only:
+                    log("warm data stages ...")
+                    record("warm", bench_warm_data_stages(data_dir))
+                if "training" in args.only:
+                    train_parquet = next((data_dir / "parquet" / "mnist").glob("train-*.parquet"))
+                    log("training throughput ...")
+                    record("training", bench_training(work, train_parquet, mode))
+        if "flops" in args.only:
+            if args.nightly:
+                fits, source = flow_fits, "the nightly flow's fits"
+            else:
+                log(f"recipe fits for FLOPs utilization (2 epochs of {mode.recipe_steps} steps each) ...")
+                fits = bench_recipe_fits(work, train_parquets(work), mode.recipe_steps)
+                source = f"train_model, each recipe, 2 epochs of {mode.recipe_steps} batches"
+            # The better of two measurements, before and after training, is the machine's rate in this run.
+            after = flops.matmul_flops_per_second()
+            matmul = dict(max(matmul, after, key=lambda m: m["flops_per_second"]),
+                          before_after_flops_per_second=[matmul["flops_per_second"], after["flops_per_second"]])
+            record("flops", flops_utilization(fits, matmul, source))
         if args.layouts:
             log("Parquet layouts ...")
             results["parquet_layouts"] = bench_layouts(work)
