@@ -18,6 +18,7 @@ class FitCall:
     label: str  # the Prefect task run's name (e.g. ``train-mnist-cnn-bn``), else the model's name
     model_id: int
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the whole process's CPU time during the call (all threads)
     train_samples: int = 0
     validation_samples: int = 0
     forward_flops: int = 0
@@ -94,11 +95,12 @@ class FitClock:
             call = FitCall(label=self.label or _label(model), model_id=id(model), forward_flops=flops.model_forward_flops(model))
             timer = EpochTimer(call)
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), timer]
-            start = time.perf_counter()
+            cpu, start = time.process_time(), time.perf_counter()
             try:
                 history = original(model, x, y, *args, **kwargs)
             finally:
                 call.seconds = time.perf_counter() - start
+                call.cpu_seconds = time.process_time() - cpu
                 self.calls.append(call)
             epochs = len(history.epoch)
             rows = _rows(x)
@@ -114,13 +116,14 @@ class FitClock:
         finally:
             model_cls.fit = original
 
-    def utilization(self, matmul_flops_per_second: float, label: str | None = None) -> dict[str, Any]:
-        """FLOP/s achieved inside fit (all calls, or those of ``label``) over the matmul rate."""
+    def utilization(self, matmul: dict[str, float], label: str | None = None) -> dict[str, Any]:
+        """FLOP/s achieved inside fit (all calls, or those of ``label``) over the matmul rate; also per CPU second."""
         calls = [c for c in self.calls if label is None or c.label == label]
-        seconds = sum(c.seconds for c in calls)
+        seconds, cpu_seconds = sum(c.seconds for c in calls), sum(c.cpu_seconds for c in calls)
         work = sum(flops.fit_flops(c.forward_flops, c.train_samples, c.validation_samples) for c in calls)
-        return {"utilization": work / seconds / matmul_flops_per_second, "fit_flops_per_second": work / seconds,
-                "fit_seconds": seconds, "train_samples": sum(c.train_samples for c in calls),
+        return {"utilization": work / seconds / matmul["flops_per_second"], "fit_flops_per_second": work / seconds,
+                "cpu_utilization": work / cpu_seconds / matmul["flops_per_cpu_second"],
+                "fit_seconds": seconds, "fit_cpu_seconds": cpu_seconds, "train_samples": sum(c.train_samples for c in calls),
                 "validation_samples": sum(c.validation_samples for c in calls),
                 "forward_flops_per_sample": calls[0].forward_flops if calls else 0, "fit_calls": len(calls)}
 

@@ -32,12 +32,12 @@ from bench.fitclock import FitClock  # noqa: E402
 
 # metric: (target, "min" when bigger is better / "max" when smaller is better, what it compares)
 TARGETS: dict[str, tuple[float, str, str]] = {
-    "conversion_vs_gunzip_floor": (4.0, "max", "convert_to_parquet time / time to only gunzip the same file"),
+    "conversion_vs_gunzip_floor": (3.0, "max", "convert_to_parquet time / time to only gunzip the same file"),
     "validation_seconds_per_split": (2.0, "max", "validate_dataset seconds per 60k rows"),
     "overhead_fraction": (0.10, "max", "(cold flow wall - model.fit) / cold flow wall"),
     "training_throughput_ratio": (0.95, "min", "samples/s of train_model / samples/s of a bare Keras script"),
     "warm_data_stages_seconds": (3.0, "max", "download + validate + convert on a warm rerun"),
-    "training_flops_utilization": (0.40, "min", "FLOP/s inside fit (nightly recipes) / float32 matmul FLOP/s"),
+    "training_flops_utilization": (0.60, "min", "FLOP/s inside fit (nightly recipes) / float32 matmul FLOP/s"),
 }
 # Measured and reported, no longer targets: below what any parser or lossless codec reaches here
 # (the bounds are in bench/README.md).
@@ -320,9 +320,9 @@ def bench_recipe_fits(work: Path, parquets: dict[str, Path], steps: int) -> FitC
 def flops_utilization(clock: FitClock, matmul: dict[str, float], source: str) -> dict[str, Any]:
     """training_flops_utilization over all of ``clock``'s fits, and per training run."""
     rate = matmul["flops_per_second"]
-    per_run = {label: {**clock.utilization(rate, label), "steady_utilization": clock.steady_utilization(rate, label)}
+    per_run = {label: {**clock.utilization(matmul, label), "steady_utilization": clock.steady_utilization(rate, label)}
                for label in clock.labels()}
-    overall = clock.utilization(rate)
+    overall = clock.utilization(matmul)
     return {"training_flops_utilization": overall["utilization"],
             "details": {"source": source, "matmul": matmul, **overall,
                         "steady_utilization": clock.steady_utilization(rate), "per_run": per_run,
@@ -561,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             # The better of two measurements, before and after training, is the machine's rate in this run.
             after = flops.matmul_flops_per_second()
             matmul = dict(max(matmul, after, key=lambda m: m["flops_per_second"]),
+                          flops_per_cpu_second=max(matmul["flops_per_cpu_second"], after["flops_per_cpu_second"]),
                           before_after_flops_per_second=[matmul["flops_per_second"], after["flops_per_second"]])
             record("flops", flops_utilization(fits, matmul, source))
         if args.layouts:

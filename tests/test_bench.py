@@ -39,6 +39,7 @@ def test_matmul_rate_is_measured():
     rate = flops.matmul_flops_per_second(side=256, repeats=2)
     assert rate["flops_per_second"] > 0
     assert rate["flops_per_second"] == pytest.approx(2 * 256**3 / rate["best_seconds"])
+    assert rate["flops_per_cpu_second"] > 0
 
 
 def test_fit_clock_counts_samples_epochs_and_flops():
@@ -51,8 +52,9 @@ def test_fit_clock_counts_samples_epochs_and_flops():
     (call,) = clock.calls
     assert (call.train_samples, call.validation_samples, len(call.epoch_seconds)) == (1000, 200, 2)
     assert call.forward_flops == flops.model_forward_flops(model)
-    measured = clock.utilization(1e12)
+    measured = clock.utilization({"flops_per_second": 1e12, "flops_per_cpu_second": 1e12})
     assert measured["fit_flops_per_second"] == pytest.approx(call.forward_flops * (3 * 1000 + 200) / call.seconds)
+    assert measured["cpu_utilization"] > 0
     assert clock.steady_utilization(1e12) is not None
 
 
