@@ -283,6 +283,8 @@ def bench_flow(work: Path, mode: Mode, nightly: bool = False) -> tuple[dict[str,
     return {"overhead_fraction": (wall - clock.seconds) / wall, "accuracy": accuracy, "flow_wall_seconds": wall,
             "details": {"run": "nightly default" if nightly else f"mnist mlp, {mode.epochs} epochs",
                         "wall_seconds": wall, "fit_seconds": clock.seconds, "samples": clock.samples,
+                        "fit_seconds_by_run": {label: sum(c.seconds for c in clock.calls if c.label == label)
+                                               for label in clock.labels()},
                         "published": versions, "task_seconds": task_durations()}}, data_dir, clock
 
 
