@@ -1,7 +1,8 @@
-"""Benchmarks of the pipeline against a baseline measured in the same run: ``python bench/run.py [--quick]``.
+"""Benchmarks of the pipeline against a baseline measured in the same run: ``python bench/run.py [--quick|--nightly]``.
 
 Every number is a ratio (or a per-unit time) measured within one run, so a busy shared machine
-skews both sides alike. Prints a table and writes ``bench/results.json``; see bench/README.md.
+skews both sides alike. Prints a table and writes ``bench/results.json``; ``--frontier`` trains each recipe at
+several budgets instead (``bench/frontier.py``). See bench/README.md.
 """
 
 from __future__ import annotations
