@@ -1,0 +1,1 @@
+"""Benchmarks of the pipeline (``python bench/run.py``); see bench/README.md."""

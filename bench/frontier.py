@@ -1,0 +1,220 @@
+"""Accuracy against CPU-minutes: each dataset's nightly recipe at fractions of its nightly epochs.
+
+``python bench/run.py --frontier [--budgets 0.25,0.5,1.0] [--seeds 42,43,44]`` writes
+``frontier.json`` (every run), ``frontier.md`` (the table) and ``frontier.png`` (the plot) to
+``--frontier-dir`` (default ``bench/``). Each point is ``tasks.train.train_model`` +
+``tasks.evaluate.evaluate_model`` on the full test split, in this process; CPU time is the process's
+(all threads, ``time.process_time``), so it counts both cores' work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_BUDGETS = "0.25,0.5,1.0"
+DEFAULT_SEEDS = "42"
+OUTPUT_NAMES = {"json": "frontier.json", "markdown": "frontier.md", "plot": "frontier.png"}
+
+
+def parse_floats(text: str, what: str, low: float, high: float) -> list[float]:
+    """Comma-separated numbers in (low, high], e.g. ``0.25,0.5,1``."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what}: {item!r} is not a number (expected e.g. 0.25,0.5,1.0)") from None
+        if not low < value <= high:
+            raise argparse.ArgumentTypeError(f"{what}: {value} is outside ({low}, {high}]")
+        values.append(value)
+    return values
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds: {text!r} is not a list of integers (expected e.g. 42,43,44)") from None
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--frontier", action="store_true",
+                       help="train each dataset's recipe at several budgets; write accuracy vs CPU-minutes")
+    group.add_argument("--budgets", type=lambda t: parse_floats(t, "budgets", 0.0, 4.0),
+                       default=parse_floats(DEFAULT_BUDGETS, "budgets", 0.0, 4.0),
+                       help=f"fractions of the recipe's nightly epochs (default {DEFAULT_BUDGETS})")
+    group.add_argument("--seeds", type=parse_seeds, default=parse_seeds(DEFAULT_SEEDS),
+                       help=f"one run per seed and budget (default {DEFAULT_SEEDS}); the table gives the mean")
+    group.add_argument("--datasets", default="all", help="built-in dataset names separated by commas (default all)")
+    group.add_argument("--train-rows", type=int, default=None,
+                       help="use only the first N train rows (a tiny test run; the test split stays whole)")
+    group.add_argument("--frontier-dir", type=Path, default=BENCH_DIR, help="where the outputs go (default bench/)")
+
+
+def epochs_for(budget: float, nightly_epochs: int) -> int:
+    """The budget's share of the nightly epochs, rounded half up, at least one."""
+    return max(1, int(budget * nightly_epochs + 0.5))
+
+
+def prepare_parquet(spec, work: Path) -> dict[str, Path]:
+    """The bundled splits as Parquet, with the pipeline's converter (bytes checked against the catalog first)."""
+    from tasks.caching import file_sha256
+    from tasks.convert import convert_to_parquet
+    from tasks.settings import BUNDLED_MIRROR
+
+    out = {}
+    for split in ("train", "test"):
+        entry = spec.split(split)
+        src = BUNDLED_MIRROR / entry.path
+        found = file_sha256(src)
+        if found != entry.sha256:
+            raise ValueError(f"{src}: sha256 {found}, expected {entry.sha256} (datasets.toml)")
+        out[split] = convert_to_parquet(src, work / spec.name / f"{split}.parquet", bool(spec.header))
+    return out
+
+
+def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, train_rows: int | None,
+                  work: Path) -> dict[str, Any]:
+    """Train the recipe for ``budget`` of its epochs, evaluate on the test split; accuracy, CPU and wall time."""
+    from bench.fitclock import FitClock
+    from tasks.evaluate import evaluate_model, read_metrics
+    from tasks.train import train_config_for, train_model
+
+    config = train_config_for(spec.recipe, epochs=epochs_for(budget, spec.recipe.epochs), seed=seed,
+                              train_rows=train_rows)
+    out_dir = work / "runs" / f"{spec.name}-{budget}-{seed}"
+    cpu, wall = time.process_time(), time.perf_counter()
+    with FitClock().installed() as clock:
+        model_path = train_model(parquets["train"], spec.num_classes, config, out_dir)
+    train_cpu, train_wall = time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall = time.process_time(), time.perf_counter()
+    metrics = read_metrics(evaluate_model(model_path, parquets["test"], list(spec.class_names), out_dir))
+    eval_cpu, eval_wall = time.process_time() - cpu, time.perf_counter() - wall
+    curves = json.loads((out_dir / "history.json").read_text())
+    return {"dataset": spec.name, "model": config.model, "budget": budget, "epochs": config.epochs,
+            "epochs_run": len(next(iter(curves.values()))), "seed": seed, "train_rows": train_rows or "all",
+            "test_accuracy": metrics.test_accuracy, "test_rows": metrics.test_rows,
+            "cpu_minutes": (train_cpu + eval_cpu) / 60, "wall_minutes": (train_wall + eval_wall) / 60,
+            "train_cpu_seconds": train_cpu, "eval_cpu_seconds": eval_cpu, "train_wall_seconds": train_wall,
+            "eval_wall_seconds": eval_wall, "fit_seconds": clock.seconds}
+
+
+def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per dataset and budget: the mean over seeds, and each run's accuracy."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for point in points:
+        groups.setdefault((point["dataset"], point["budget"]), []).append(point)
+    return [{"dataset": dataset, "budget": budget, "epochs": runs[0]["epochs"], "model": runs[0]["model"],
+             "seeds": [r["seed"] for r in runs], "accuracies": [r["test_accuracy"] for r in runs],
+             "mean_accuracy": statistics.fmean(r["test_accuracy"] for r in runs),
+             "mean_cpu_minutes": statistics.fmean(r["cpu_minutes"] for r in runs),
+             "mean_wall_minutes": statistics.fmean(r["wall_minutes"] for r in runs)}
+            for (dataset, budget), runs in groups.items()]
+
+
+def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [f"Accuracy vs CPU-minutes (`{meta['command']}`, {meta['machine']['cpus']} CPUs "
+             f"{meta['machine']['cpu_model']}, {meta['finished']}; train rows: {meta['train_rows']}).",
+             "CPU-minutes: process CPU time of train_model + evaluate_model (all threads); wall in minutes.", "",
+             "| dataset | model | budget | epochs | test accuracy, mean | each seed | CPU-min | wall min |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(summary, key=lambda r: (r["dataset"], r["budget"])):
+        each = ", ".join(f"{seed}: {100 * acc:.2f}" for seed, acc in zip(row["seeds"], row["accuracies"], strict=True))
+        lines.append(f"| {row['dataset']} | {row['model']} | {row['budget']:g} | {row['epochs']} | "
+                     f"{100 * row['mean_accuracy']:.2f} % | {each} | {row['mean_cpu_minutes']:.2f} | "
+                     f"{row['mean_wall_minutes']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path) -> Path:
+    """One panel per dataset: each run as a dot, the mean over seeds as a line labelled with its budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(row["dataset"] for row in summary))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        rows = sorted((r for r in summary if r["dataset"] == dataset), key=lambda r: r["mean_cpu_minutes"])
+        runs = [p for p in points if p["dataset"] == dataset]
+        ax.scatter([p["cpu_minutes"] for p in runs], [100 * p["test_accuracy"] for p in runs], s=12, alpha=0.5,
+                   label="each seed")
+        ax.plot([r["mean_cpu_minutes"] for r in rows], [100 * r["mean_accuracy"] for r in rows], marker="o",
+                label="mean")
+        for r in rows:
+            ax.annotate(f"{r['budget']:g}x ({r['epochs']} ep)", (r["mean_cpu_minutes"], 100 * r["mean_accuracy"]),
+                        textcoords="offset points", xytext=(4, -12), fontsize=8)
+        ax.set(title=f"{dataset} ({rows[0]['model']})", xlabel="CPU-minutes (train + evaluate)",
+               ylabel="test accuracy, %")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    tmp = dest.with_name(f".{dest.stem}.tmp{dest.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, dest)
+    return dest
+
+
+def write_atomically(dest: Path, text: str) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, dest)
+
+
+def run_frontier(datasets: str, budgets: list[float], seeds: list[int], train_rows: int | None, out_dir: Path,
+                 meta: dict[str, Any]) -> dict[str, Any]:
+    """Every (dataset, budget, seed) point, cheapest budgets first; outputs rewritten after each point."""
+    from tasks.datasets import load_catalog, select_datasets
+
+    specs = select_datasets(load_catalog(), [name.strip() for name in datasets.split(",")])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {**meta, "budgets": budgets, "seeds": seeds, "train_rows": train_rows or "all",
+                              "points": [], "summary": []}
+    with tempfile.TemporaryDirectory(prefix="train-mnist-frontier-") as tmp:
+        work = Path(tmp)
+        parquets = {spec.name: prepare_parquet(spec, work) for spec in specs}
+        for budget in sorted(budgets):
+            for spec in specs:
+                for seed in seeds:
+                    point = measure_point(spec, parquets[spec.name], budget, seed, train_rows, work)
+                    print(f"[frontier] {spec.name} budget {budget:g} ({point['epochs']} epochs) seed {seed}: "
+                          f"{100 * point['test_accuracy']:.2f} %, {point['cpu_minutes']:.2f} CPU-min, "
+                          f"{point['wall_minutes']:.2f} min", flush=True)
+                    report["points"].append(point)
+                    report["summary"] = summarize(report["points"])
+                    report["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                    write_outputs(report, out_dir)
+    return report
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    paths = {kind: out_dir / name for kind, name in OUTPUT_NAMES.items()}
+    write_atomically(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
+    write_atomically(paths["markdown"], markdown(report["summary"], report))
+    plot(report["summary"], report["points"], paths["plot"])
+    return paths
+
+
+def main(args: argparse.Namespace, machine: dict[str, Any]) -> int:
+    command = (f"python bench/run.py --frontier --budgets {','.join(f'{b:g}' for b in args.budgets)} "
+               f"--seeds {','.join(map(str, args.seeds))}"
+               + (f" --datasets {args.datasets}" if args.datasets != "all" else "")
+               + (f" --train-rows {args.train_rows}" if args.train_rows else ""))
+    started = time.perf_counter()
+    report = run_frontier(args.datasets, args.budgets, args.seeds, args.train_rows, args.frontier_dir,
+                          {"command": command, "machine": machine})
+    report["total_seconds"] = time.perf_counter() - started
+    paths = write_outputs(report, args.frontier_dir)
+    print(markdown(report["summary"], report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,97 @@
+"""The benchmark's own arithmetic and its frontier mode on a tiny configuration (no timings asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import flops, frontier
+from bench.fitclock import FitClock
+from bench.run import PROJECT_ROOT, rows_for_steps
+from tasks.datasets import load_catalog
+from tasks.train import TrainConfig, build_model, train_config_for
+
+
+def test_forward_flops_follow_the_layer_formulas():
+    mlp = build_model(TrainConfig(model="mlp"), 10)
+    assert flops.model_forward_flops(mlp) == 2 * (784 * 512 + 512 * 512 + 512 * 10)
+
+    cnn_bn = build_model(train_config_for(load_catalog()["mnist"].recipe), 10)
+    convs = 2 * 9 * (28 * 28 * (1 * 32 + 32 * 32) + 14 * 14 * (32 * 64 + 64 * 64))
+    assert flops.model_forward_flops(cnn_bn) == convs + 2 * (7 * 7 * 64 * 128 + 128 * 10)
+
+
+def test_tensorflow_profiler_agrees_with_the_layer_count():
+    """The profiler also counts bias adds, normalisation and activations, so it is a little higher."""
+    model = build_model(train_config_for(load_catalog()["fashion-mnist"].recipe), 10)
+    counted, profiled = flops.model_forward_flops(model), flops.profiler_forward_flops(model)
+    assert profiled is not None
+    assert counted <= profiled <= 1.02 * counted
+
+
+def test_matmul_rate_is_measured():
+    rate = flops.matmul_flops_per_second(side=256, repeats=2)
+    assert rate["flops_per_second"] > 0
+    assert rate["flops_per_second"] == pytest.approx(2 * 256**3 / rate["best_seconds"])
+    assert rate["flops_per_cpu_second"] > 0
+
+
+def test_fit_clock_counts_samples_epochs_and_flops():
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (600, 784)).astype(np.uint8), rng.integers(0, 10, 600)
+    model = build_model(TrainConfig(model="mlp", epochs=2), 10)
+    with FitClock().installed() as clock:
+        model.fit(x[:500], y[:500], validation_data=(x[500:], y[500:]), epochs=2, batch_size=100, verbose=0)
+    model.fit(x, y, epochs=1, verbose=0)  # after the context: not counted
+    (call,) = clock.calls
+    assert (call.train_samples, call.validation_samples, len(call.epoch_seconds)) == (1000, 200, 2)
+    assert call.forward_flops == flops.model_forward_flops(model)
+    measured = clock.utilization({"flops_per_second": 1e12, "flops_per_cpu_second": 1e12})
+    assert measured["fit_flops_per_second"] == pytest.approx(call.forward_flops * (3 * 1000 + 200) / call.seconds)
+    assert measured["cpu_utilization"] > 0
+    assert clock.steady_utilization(1e12) is not None
+
+
+@pytest.mark.parametrize("steps", [1, 10, 100])
+def test_rows_for_steps_leaves_whole_batches_after_the_hold_out(steps):
+    rows = rows_for_steps(steps, 128, 0.1)
+    assert rows - max(1, int(rows * 0.1)) == steps * 128
+
+
+def test_budgets_round_half_up_to_at_least_one_epoch():
+    assert [frontier.epochs_for(b, 12) for b in (0.01, 0.25, 0.5, 1.0)] == [1, 3, 6, 12]
+    assert [frontier.epochs_for(b, 25) for b in (0.25, 0.5, 1.0)] == [6, 13, 25]
+
+
+def test_bad_budgets_are_named():
+    with pytest.raises(argparse.ArgumentTypeError, match="'half' is not a number"):
+        frontier.parse_floats("0.5,half", "budgets", 0.0, 4.0)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"0.0 is outside \(0.0, 4.0\]"):
+        frontier.parse_floats("0", "budgets", 0.0, 4.0)
+
+
+@pytest.mark.slow
+def test_frontier_tiny_run_writes_table_json_and_plot(tmp_path):
+    """The real CLI on 3,000 train rows and 10 % of mnist's nightly epochs (one epoch), full test split."""
+    done = subprocess.run([sys.executable, "bench/run.py", "--frontier", "--datasets", "mnist", "--train-rows", "3000",
+                           "--budgets", "0.1", "--seeds", "7", "--frontier-dir", str(tmp_path)],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "frontier.json").read_text())
+    (point,) = report["points"]
+    assert (point["dataset"], point["model"], point["budget"], point["epochs"], point["seed"]) == (
+        "mnist", "cnn-bn", 0.1, 1, 7)
+    assert point["test_rows"] == 10_000 and 0.0 <= point["test_accuracy"] <= 1.0
+    assert point["cpu_minutes"] > 0 and point["wall_minutes"] > 0
+    (row,) = report["summary"]
+    assert row["mean_accuracy"] == point["test_accuracy"]
+    table = (tmp_path / "frontier.md").read_text()
+    assert f"| mnist | cnn-bn | 0.1 | 1 | {100 * point['test_accuracy']:.2f} % | 7: " in table
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(Path(tmp_path).glob(".*tmp*"))  # atomic writes leave no temporary files
