@@ -71,7 +71,7 @@ class FitClock:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[FitClock]:
-        from tasks.train import import_keras
+        from tasks.model_io import import_keras
 
         keras = import_keras()
         model_cls = keras.Model

@@ -56,7 +56,7 @@ def model_forward_flops(model: Any) -> int:
 
 
 def _tensorflow():
-    from tasks.train import import_keras
+    from tasks.model_io import import_keras
 
     import_keras()  # TensorFlow imported the pipeline's way, without its start-up banner
     import tensorflow as tf
