@@ -197,7 +197,8 @@ def bare_fit(parquet: Path, config_json: str, deterministic: bool = False) -> di
     import numpy as np
     import pyarrow.parquet as pq
 
-    from tasks.train import TrainConfig, build_model, import_keras
+    from tasks.model_io import import_keras
+    from tasks.train import TrainConfig, build_model
 
     config = TrainConfig.model_validate_json(config_json)
     import_seconds, keras = timed(import_keras)
@@ -236,7 +237,8 @@ def run_bare_fit(parquet: Path, config, deterministic: bool = False) -> dict[str
 
 def bench_training(work: Path, parquet: Path, mode: Mode) -> dict[str, Any]:
     """train_model (the pipeline's training stage, whole call) against the bare script; fastest of each side."""
-    from tasks.train import import_keras, train_model
+    from tasks.model_io import import_keras
+    from tasks.train import train_model
 
     import_keras()
     config = training_config(mode)
