@@ -25,6 +25,7 @@ import io
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ from typing import Any
 import numpy as np
 from prefect import task
 
+from tasks import history
+from tasks.canary import CANARY_FILE, CanaryResult, run_canary, write_canary_batch
+from tasks.canary import markdown as canary_markdown
 from tasks.evaluate import Metrics, predict_probabilities, read_metrics
 from tasks.gate import GateDecision
 from tasks.promote import (
@@ -44,11 +48,13 @@ from tasks.promote import (
     first_version_decision,
     refusal_message,
 )
+from tasks.retention import RetentionPolicy, prune_versions
 from tasks.train import load_xy
 
 POINTER = "production"
 STAGING_PREFIX = ".staging-"
-VERSION_FILES = ("model.keras", "metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "model_card.md")
+VERSION_FILES = ("model.keras", "metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "model_card.md",
+                 "canary.npz")
 
 
 class GateFailed(Exception):
@@ -57,6 +63,10 @@ class GateFailed(Exception):
 
 class PromotionRefused(GateFailed):
     """The model passed its gates but is worse than the production model; nothing was published."""
+
+
+class CanaryRefused(PromotionRefused):
+    """The model did not load, predict as evaluated, or answer within budget in a fresh process."""
 
 
 class ChampionUnreadable(RuntimeError):
@@ -280,10 +290,10 @@ def score_champion(registry: Path, dataset: str, champion: str, pixels: np.ndarr
     return predictions
 
 
-def publish_version(registry: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
-                    decision: GateDecision, lineage: dict[str, Any], *, test_parquet: Path, predictions_path: Path,
-                    extra_files: dict[str, Path] | None = None, policy: PromotionPolicy | None = None,
-                    ) -> Published:
+def _publish_version(registry: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
+                     decision: GateDecision, lineage: dict[str, Any], *, test_parquet: Path, predictions_path: Path,
+                     extra_files: dict[str, Path] | None = None, policy: PromotionPolicy | None = None,
+                     ) -> Published:
     """Write a complete version and switch production to it, if it passed its gates and is not worse than
     the champion (re-scored on ``test_parquet``, the split ``predictions_path`` was made from)."""
     if not decision.passed:
@@ -311,18 +321,60 @@ def publish_version(registry: Path, dataset: str, version: str, model_path: Path
         _copy_file(model_path, staging / "model.keras")
         for name, src in (extra_files or {}).items():
             _copy_file(src, staging / name)
+        canary = check_canary(staging, pixels, challenger, dataset, version)
         metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": version, **lineage,
-                       "promotion": promotion.model_dump()}
+                       "promotion": promotion.model_dump(), "canary": canary.model_dump()}
         _write_file(staging / "metrics.json", json.dumps(metrics_doc, indent=2).encode())
         _write_file(staging / "confusion_matrix.csv", confusion_matrix_csv(metrics))
         _write_file(staging / "confusion_matrix.png", confusion_matrix_png(metrics, f"{dataset} {version}"))
-        _write_file(staging / "model_card.md",
-                    model_card(dataset, version, metrics, decision, promotion, lineage).encode())
+        card = model_card(dataset, version, metrics, decision, promotion, lineage) + "\n".join(canary_markdown(canary))
+        card += f"\nTrend across this dataset's versions: [history.png](../{history.TREND_FILE})\n"
+        _write_file(staging / "model_card.md", card.encode())
         _fsync_dir(staging)
         os.rename(staging, final)
         _fsync_dir(root)
         set_production(registry, dataset, version)
     return Published(dataset, version, final, promotion)
+
+
+def check_canary(staging: Path, pixels: np.ndarray, challenger: np.ndarray, dataset: str, version: str,
+                 ) -> CanaryResult:
+    """Score the staged model on its canary batch in a fresh process; refuse (staging removed) if it fails."""
+    batch = write_canary_batch(pixels, challenger, staging / CANARY_FILE)
+    result = run_canary(staging / "model.keras", batch)
+    if not result.passed:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CanaryRefused(f"{dataset}: {version} not promoted, its canary failed in a fresh Python process "
+                            "(nothing published):\n- " + "\n- ".join(result.reasons))
+    return result
+
+
+def publish_version(registry: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
+                    decision: GateDecision, lineage: dict[str, Any], *, test_parquet: Path, predictions_path: Path,
+                    extra_files: dict[str, Path] | None = None, policy: PromotionPolicy | None = None,
+                    retention: RetentionPolicy | None = None) -> Published:
+    """Write a complete version and switch production to it, if it passed its gates, is not worse than
+    the champion (re-scored on ``test_parquet``, the split ``predictions_path`` was made from) and passes
+    its canary. Every outcome is added to the dataset's history; a publish re-renders the trend plot
+    and then prunes old versions (``tasks.retention``)."""
+    started = time.monotonic()
+    try:
+        published = _publish_version(registry, dataset, version, model_path, metrics, decision, lineage,
+                                     test_parquet=test_parquet, predictions_path=predictions_path,
+                                     extra_files=extra_files, policy=policy)
+    except Exception as exc:
+        outcome = "refused" if isinstance(exc, PromotionRefused) else "gate_failed" if isinstance(
+            exc, GateFailed) else "failed"
+        with dataset_lock(registry, dataset):
+            history.record_run(registry, dataset, version, outcome, metrics, decision, lineage,
+                               time.monotonic() - started, reason=str(exc))
+        raise
+    with dataset_lock(registry, dataset):
+        history.record_run(registry, dataset, version, "published", metrics, decision, lineage,
+                           time.monotonic() - started, metrics_doc=published.path / "metrics.json")
+        prune_versions(registry, dataset, list_versions(registry, dataset),
+                       {read_production(registry, dataset), published.promotion.champion_version}, retention)
+    return published
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from publish_worker import (
     leftovers,
     make_candidate,
     publish_candidate,
+    stand_in_canary,
 )
 
 from tasks import publish
@@ -44,6 +45,7 @@ def candidate(tmp_path, monkeypatch):
     """A consistent dummy candidate; the champion is scored as predicting what it predicts (a tie)."""
     cand = dummy_candidate(tmp_path / "candidate")
     monkeypatch.setattr(publish, "champion_predictions", fake_champion_scoring(cand))
+    monkeypatch.setattr(publish, "run_canary", stand_in_canary)
     return cand
 
 
