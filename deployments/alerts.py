@@ -36,6 +36,10 @@ OVERDUE_AUTOMATION = "train-mnist nightly overdue"
 # The nightly run of both datasets takes about 25 minutes on the reference machine (README); two hours
 # leaves room for a slow night and still alerts before the next morning.
 DEADLINE_MINUTES = 120
+# A failed run is reported at once, then its key (the flow run) stays quiet this long. On SQLite a
+# "database is locked" while another automation handles the same event makes Prefect redeliver the
+# event; without a window the redelivered copy would send the same alert twice.
+FAILED_QUIET_WINDOW = timedelta(hours=1)
 FAILED_EVENTS = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
 FINAL_EVENTS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Crashed",
                 "prefect.flow-run.Cancelled"}
@@ -101,7 +105,7 @@ def failed_automation(block_id) -> Automation:
             for_each={"prefect.resource.id"},
             posture=Posture.Reactive,
             threshold=1,
-            within=timedelta(0),
+            within=FAILED_QUIET_WINDOW,
         ),
         actions=[SendNotification(block_document_id=block_id, subject=FAILED_SUBJECT, body=FAILED_BODY)],
     )

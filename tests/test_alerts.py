@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from support.prefect_server import start_server
 from support.webhook import webhook_receiver
 from test_deployments import (
@@ -23,6 +24,7 @@ from test_deployments import (
 )
 
 from deployments.alerts import FAILED_AUTOMATION, OVERDUE_AUTOMATION
+from tasks.history import TREND_FILE, read_history
 from tasks.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -113,6 +115,10 @@ def test_an_impossible_gate_sends_exactly_one_notification(server, receiver, ale
     assert "stage: gate\n" in body
     assert "reason: " in body and "gate failed" in body and "threshold 0.9990" in body
     assert f"/runs/flow-run/{run_id}" in body
+    # The failed night is in the dataset's history too, with the stage times Prefect measured.
+    [entry] = read_history(tmp_path / "registry", "mnist")
+    assert (entry.outcome, entry.stage, entry.gate_passed) == ("gate_failed", "gate", False)
+    assert {"train", "evaluate", "gate", "publish"} <= set(entry.stage_seconds) and entry.stage_seconds["train"] > 0
 
 
 def test_a_successful_run_sends_none(server, receiver, alerts, tmp_path):
@@ -122,6 +128,12 @@ def test_a_successful_run_sends_none(server, receiver, alerts, tmp_path):
     assert run.state_type.value == "COMPLETED", f"{run.state}\n{tail(server.root / 'serve.log')}"
     time.sleep(QUIET_S)
     assert receiver.received()[before:] == []
+    [entry] = read_history(tmp_path / "registry", "mnist")
+    assert entry.outcome == "published" and entry.canary_latency_s > 0 and entry.drift["test.rows"] == 10000
+    assert (tmp_path / "registry" / "mnist" / TREND_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with server.client() as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mnist-history"])))
+    assert artifacts and "| version | date | outcome |" in artifacts[0].data
 
 
 def test_a_run_past_the_deadline_sends_an_overdue_notification(server, receiver, alerts, tmp_path):
