@@ -27,8 +27,10 @@ from pydantic import BaseModel, Field
 
 HISTORY_FILE = "history.jsonl"
 TREND_FILE = "history.png"
-# The drift numbers plotted (from validation.json's "drift" section); all of them are recorded.
-TREND_DRIFT_KEYS = ("train.label_kl", "test.label_kl", "train.pixel_mean", "test.pixel_mean")
+# The drift numbers plotted (from validation.json's "drift" section; all of them are recorded): label
+# KL on the left axis, the mean pixel value on the right one.
+TREND_LABEL_DRIFT = ("train.label_kl", "test.label_kl")
+TREND_PIXEL_DRIFT = ("train.pixel_mean", "test.pixel_mean")
 
 Outcome = Literal["published", "gate_failed", "refused", "failed"]
 
@@ -127,12 +129,16 @@ def render_trend(entries: list[HistoryEntry], dest: Path, title: str) -> Path:
         quality.plot([], [], color="red", alpha=0.25, linewidth=6, label="not published (failed/refused)")
     quality.set_ylabel("share")
     quality.set_title(title)
-    for key in TREND_DRIFT_KEYS:
-        values = [e.drift.get(key, math.nan) for e in entries]
-        if any(not math.isnan(v) for v in values):
-            drift.plot(x, values, marker=".", label=key)
-    drift.set_ylabel("drift (validation.json)")
-    drift.set_yscale("symlog", linthresh=1e-3)
+    pixel_axis = drift.twinx()
+    for ax, keys, style in ((drift, TREND_LABEL_DRIFT, "o-"), (pixel_axis, TREND_PIXEL_DRIFT, "s--")):
+        for key in keys:
+            values = [e.drift.get(key, math.nan) for e in entries]
+            if any(not math.isnan(v) for v in values):
+                ax.plot(x, values, style, markersize=4, label=key)
+    drift.set_ylabel("label KL vs reference")
+    pixel_axis.set_ylabel("mean pixel value")
+    if pixel_axis.get_legend_handles_labels()[0]:
+        pixel_axis.legend(fontsize=7, loc="upper right")
     stages = sorted({s for e in entries for s in e.stage_seconds})
     bottom = [0.0] * len(entries)
     for stage in stages:
@@ -144,7 +150,7 @@ def render_trend(entries: list[HistoryEntry], dest: Path, title: str) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best")
+            ax.legend(fontsize=7, loc="upper left" if ax is drift else "best")
     fig.tight_layout()
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp.png")
     try:
