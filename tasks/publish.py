@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tempfile
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +23,9 @@ from typing import Any
 import numpy as np
 from prefect import task
 
+from tasks import history
+from tasks.canary import CANARY_FILE, CanaryResult, run_canary, write_canary_batch
+from tasks.canary import markdown as canary_markdown
 from tasks.evaluate import Metrics
 from tasks.gate import GateDecision
 from tasks.promote import (
@@ -31,6 +36,7 @@ from tasks.promote import (
     refusal_message,
 )
 from tasks.registry import Candidate, ChampionUnreadable, Published, Registry, open_registry
+from tasks.retention import RetentionPolicy
 from tasks.train import load_xy
 
 
@@ -40,6 +46,10 @@ class GateFailed(Exception):
 
 class PromotionRefused(GateFailed):
     """The model passed its gates but is worse than the production model; nothing was published."""
+
+
+class CanaryRefused(PromotionRefused):
+    """The model did not load, predict as evaluated, or answer within budget in a fresh process."""
 
 
 def new_version_name(now: datetime | None = None) -> str:
@@ -159,25 +169,39 @@ def challenger_predictions(predictions_path: Path, metrics: Metrics, labels: np.
     return predictions
 
 
-def version_documents(candidate: Candidate, promotion: PromotionDecision | None) -> dict[str, bytes]:
-    """What is rendered for a version: metrics.json (with gate, lineage and promotion), matrix, model card."""
+def version_documents(candidate: Candidate, promotion: PromotionDecision | None,
+                      canary: CanaryResult | None = None) -> dict[str, bytes]:
+    """What is rendered for a version: metrics.json (gate, lineage, promotion, canary), matrix, model card."""
     metrics, decision = candidate.metrics, candidate.decision
     metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": candidate.version,
-                   **candidate.lineage, "promotion": promotion.model_dump() if promotion else None}
+                   **candidate.lineage, "promotion": promotion.model_dump() if promotion else None,
+                   "canary": canary.model_dump() if canary else None}
     documents = {
         "metrics.json": json.dumps(metrics_doc, indent=2).encode(),
         "confusion_matrix.csv": confusion_matrix_csv(metrics),
         "confusion_matrix.png": confusion_matrix_png(metrics, f"{candidate.dataset} {candidate.version}"),
     }
     if promotion is not None:
-        documents["model_card.md"] = model_card(candidate.dataset, candidate.version, metrics, decision, promotion,
-                                                candidate.lineage).encode()
+        card = model_card(candidate.dataset, candidate.version, metrics, decision, promotion, candidate.lineage)
+        if canary is not None:
+            card += "\n".join(canary_markdown(canary))
+            card += f"\nTrend across this dataset's versions: [history.png](../{history.TREND_FILE})\n"
+        documents["model_card.md"] = card.encode()
     return documents
 
 
-def publish_version(registry: Registry, candidate: Candidate, policy: PromotionPolicy | None = None) -> Published:
-    """Publish ``candidate`` and switch production to it, if it passed its gates and is not worse than the
-    champion (re-scored on ``candidate.test_parquet``, the split its predictions were made from)."""
+def check_canary(candidate: Candidate, pixels: np.ndarray, challenger: np.ndarray, batch: Path) -> CanaryResult:
+    """Score the candidate's model on its canary batch in a fresh process; refuse the promotion if it fails."""
+    result = run_canary(candidate.model_path, write_canary_batch(pixels, challenger, batch))
+    if not result.passed:
+        raise CanaryRefused(f"{candidate.dataset}: {candidate.version} not promoted, its canary failed in a fresh "
+                            "Python process (nothing published):\n- " + "\n- ".join(result.reasons))
+    return result
+
+
+def decide_and_publish(registry: Registry, candidate: Candidate, policy: PromotionPolicy | None = None) -> Published:
+    """Publish ``candidate`` and switch production to it, if it passed its gates, is not worse than the champion
+    (re-scored on ``candidate.test_parquet``, the split its predictions were made from) and passes its canary."""
     dataset, version = candidate.dataset, candidate.version
     if not candidate.decision.passed:
         message = f"{dataset}: gate failed, nothing published:\n- " + "\n- ".join(candidate.decision.reasons)
@@ -186,7 +210,7 @@ def publish_version(registry: Registry, candidate: Candidate, policy: PromotionP
     policy = policy or PromotionPolicy()
     pixels, labels = load_xy(candidate.test_parquet)
     challenger = challenger_predictions(candidate.predictions_path, candidate.metrics, labels)
-    with registry.lock(dataset):
+    with registry.lock(dataset), tempfile.TemporaryDirectory(prefix="publish-") as tmp:
         # Read under the lock: the champion is whatever the last publisher left, never a stale one.
         champion = registry.production(dataset)
         if champion is None:
@@ -204,7 +228,32 @@ def publish_version(registry: Registry, candidate: Candidate, policy: PromotionP
             registry.record_unpublished(candidate, promotion, "refused", message,
                                         version_documents(candidate, promotion))
             raise PromotionRefused(message)
-        return registry.publish(candidate, promotion, version_documents(candidate, promotion))
+        batch = Path(tmp) / CANARY_FILE
+        try:
+            canary = check_canary(candidate, pixels, challenger, batch)
+        except CanaryRefused as exc:
+            registry.record_unpublished(candidate, promotion, "canary_refused", str(exc),
+                                        version_documents(candidate, promotion))
+            raise
+        documents = {**version_documents(candidate, promotion, canary), CANARY_FILE: batch.read_bytes()}
+        return registry.publish(candidate, promotion, documents)
+
+
+def publish_version(registry: Registry, candidate: Candidate, policy: PromotionPolicy | None = None,
+                    retention: RetentionPolicy | None = None) -> Published:
+    """``decide_and_publish``; every outcome is added to the dataset's history, and a publish then prunes
+    old versions (``tasks.retention``) where the registry keeps them."""
+    started = time.monotonic()
+    try:
+        published = decide_and_publish(registry, candidate, policy)
+    except Exception as exc:
+        outcome = "refused" if isinstance(exc, PromotionRefused) else "gate_failed" if isinstance(
+            exc, GateFailed) else "failed"
+        registry.record_history(candidate, outcome, time.monotonic() - started, reason=str(exc))
+        raise
+    registry.record_history(candidate, "published", time.monotonic() - started, published=published)
+    registry.prune(candidate.dataset, {published.promotion.champion_version}, retention)
+    return published
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------

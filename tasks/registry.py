@@ -24,17 +24,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tasks import storage
+from tasks import history, storage
 from tasks.evaluate import Metrics
 from tasks.gate import GateDecision
-from tasks.model_io import predict_classes
+from tasks.model_io import load_model, predict_classes
 from tasks.promote import PromotionDecision
 from tasks.publish_lock import publish_lock
 from tasks.registry_mlflow import MlflowRegistry, is_mlflow_uri
+from tasks.retention import RetentionPolicy, prune_versions
 
 POINTER = "production"
 STAGING_PREFIX = ".staging-"
-VERSION_FILES = ("model.keras", "metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "model_card.md")
+VERSION_FILES = ("model.keras", "metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "model_card.md",
+                 "canary.npz")
 
 
 class ChampionUnreadable(RuntimeError):
@@ -76,12 +78,19 @@ class Registry(Protocol):
 
     def production(self, dataset: str) -> str | None: ...
 
+    def load_version(self, dataset: str, version: str) -> tuple[str, Any]: ...
+
     def champion_predictions(self, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray: ...
 
     def publish(self, candidate: Candidate, promotion: PromotionDecision, documents: dict[str, bytes]) -> Published: ...
 
     def record_unpublished(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str,
                            reason: str, documents: dict[str, bytes]) -> str | None: ...
+
+    def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
+                       published: Published | None = None) -> None: ...
+
+    def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None: ...
 
 
 def open_registry(location: str | Path) -> Registry:
@@ -166,6 +175,13 @@ class FolderRegistry:
     def production(self, dataset: str) -> str | None:
         return read_production(self.root, dataset)
 
+    def load_version(self, dataset: str, version: str) -> tuple[str, Any]:
+        """(model file, loaded Keras model) of a version; FileNotFoundError naming the file if it is gone."""
+        path = self.root / dataset / version / "model.keras"
+        if not path.is_file():
+            raise FileNotFoundError(f"{dataset}: version {version}'s model file {path} does not exist")
+        return str(path), load_model(path)
+
     def champion_predictions(self, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray:
         model_path = self.root / dataset / champion / "model.keras"
         fix = champion_fix_hint(str(self.root / dataset / POINTER))
@@ -200,6 +216,20 @@ class FolderRegistry:
         """The folder registry keeps published versions only; the run's folder holds the rest."""
         return None
 
+    def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
+                       published: Published | None = None) -> None:
+        """One line in ``<dataset>/history.jsonl`` and a fresh trend plot (``tasks.history``), under the lock."""
+        with self.lock(candidate.dataset):
+            history.record_run(self.root, candidate.dataset, candidate.version, outcome, candidate.metrics,
+                               candidate.decision, candidate.lineage, seconds, reason=reason,
+                               metrics_doc=published.path / "metrics.json" if published and published.path else None)
+
+    def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None:
+        """Retention after a publish: never the production version, nor any of ``protected``."""
+        with self.lock(dataset):
+            prune_versions(self.root, dataset, list_versions(self.root, dataset),
+                           {read_production(self.root, dataset), *protected} - {None}, policy)
+
 
 # ---- the MLflow registry -------------------------------------------------------------------------
 
@@ -222,6 +252,9 @@ class MlflowModelRegistry:
     def production(self, dataset: str) -> str | None:
         return self.mlflow.production(dataset)
 
+    def load_version(self, dataset: str, version: str) -> tuple[str, Any]:
+        return self.mlflow.model_uri(dataset, version), self.mlflow.load_model(dataset, version)
+
     def champion_predictions(self, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray:
         uri = self.mlflow.model_uri(dataset, champion)
         fix = champion_fix_hint(f"the {dataset!r} model's alias in {self.location}")
@@ -238,6 +271,13 @@ class MlflowModelRegistry:
     def record_unpublished(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str,
                            reason: str, documents: dict[str, bytes]) -> str | None:
         return self._record(candidate, promotion, decision, reason, documents, promote=False).run_url
+
+    def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
+                       published: Published | None = None) -> None:
+        """The experiment's MLflow runs are the history (the MLflow UI charts them across runs)."""
+
+    def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None:
+        """Registered versions are MLflow's to keep; nothing is deleted from the server."""
 
     def _record(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str, reason: str,
                 documents: dict[str, bytes], promote: bool):

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.datasets import IMAGE_SHAPE, NUM_PIXELS, ModelKind, Recipe
 from tasks.model_io import import_keras, save_model
+from tasks.resume import TrainingBackup, backup_key, epoch_permutation
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -130,8 +131,13 @@ def seed_everything(seed: int) -> None:
 
 
 def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_dir: Path,
-                on_epoch: EpochCallback | None = None) -> Path:
-    """Fit a model on the train split (a seeded hold-out for early stopping); return ``model.keras``."""
+                on_epoch: EpochCallback | None = None, backup_root: Path | None = None) -> Path:
+    """Fit a model on the train split (a seeded hold-out for early stopping); return ``model.keras``.
+
+    One ``fit`` call per epoch, each on the rows in the order ``epoch_permutation(seed, epoch)``, with
+    a backup after each (``tasks.resume``, in ``backup_root``, default ``out_dir``'s parent): a killed
+    run started again resumes after its last completed epoch and ends with the same model.
+    """
     keras = import_keras()
 
     seed_everything(config.seed)
@@ -141,10 +147,10 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
     val_idx, fit_idx = order[:n_val], order[n_val:]
     model = build_model(config, num_classes, steps_per_epoch=math.ceil(len(fit_idx) / config.batch_size))
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Early stopping on validation loss (not accuracy: on a 6k hold-out accuracy moves in steps and ties
+    # keep the earliest epoch, which under cosine decay throws away the annealed final epochs) is kept in
+    # the backed-up state by the loop below, as Keras's EarlyStopping resets itself at every fit call.
     callbacks: list = [
-        # Loss, not accuracy: on a 6k hold-out accuracy moves in steps and ties keep the earliest epoch,
-        # which under cosine decay throws away the annealed final epochs.
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True),
         keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard"), write_graph=False, profile_batch=0),
     ]
     if on_epoch is not None:
@@ -152,15 +158,29 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
         callbacks.append(keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, total, {k: float(v) for k, v in (logs or {}).items()})
         ))
-    history = model.fit(
-        pixels[fit_idx], labels[fit_idx],
-        validation_data=(pixels[val_idx], labels[val_idx]),
-        epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=0, callbacks=callbacks,
-    )
-    curves = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    (out_dir / "history.json").write_text(json.dumps(curves))
-    plot_training_curves(curves, out_dir / "training_curves.png")
-    return save_model(model, out_dir / "model.keras")
+    backup = TrainingBackup(backup_root or out_dir.parent,
+                            backup_key(train_parquet, num_classes, config.model_dump_json()))
+    state = backup.restore(model, config.patience)
+    x_fit, y_fit, validation = pixels[fit_idx], labels[fit_idx], (pixels[val_idx], labels[val_idx])
+    while state.epochs_done < config.epochs and not state.early_stopping.stopped:
+        epoch = state.epochs_done
+        perm = epoch_permutation(config.seed, epoch, len(fit_idx))
+        history = model.fit(x_fit[perm], y_fit[perm], validation_data=validation, initial_epoch=epoch,
+                            epochs=epoch + 1, batch_size=config.batch_size, shuffle=False, verbose=0,
+                            callbacks=callbacks)
+        logs = {k: vs[-1] for k, vs in history.history.items()}
+        state.early_stopping.update(epoch, float(logs["val_loss"]), model.get_weights())
+        state.record(logs)
+        backup.save(model, state)
+    if state.early_stopping.best_weights is not None:
+        model.set_weights(state.early_stopping.best_weights)
+    (out_dir / "history.json").write_text(json.dumps(state.curves))
+    (out_dir / "resume.json").write_text(json.dumps({"resumed_after_epoch": state.resumed_after,
+                                                     "epochs_run": state.epochs_done - state.resumed_after}))
+    plot_training_curves(state.curves, out_dir / "training_curves.png")
+    path = save_model(model, out_dir / "model.keras")
+    backup.remove()
+    return path
 
 
 def plot_training_curves(curves: dict[str, list[float]], dest: Path) -> Path:

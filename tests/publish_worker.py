@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from tasks import publish, storage
 from tasks import registry as registry_module
+from tasks.canary import LATENCY_BUDGET_S, CanaryResult
 from tasks.convert import SCHEMA
 from tasks.evaluate import Metrics, compute_metrics
 from tasks.gate import GateDecision
@@ -96,6 +97,17 @@ def registry_candidate(dataset: str, candidate: Candidate, version: str | None =
                               files=files or {}, parameters=LINEAGE["parameters"])
 
 
+def publish_model(registry_dir: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
+                  decision: GateDecision, lineage: dict, *, test_parquet: Path, predictions_path: Path,
+                  files: dict[str, Path] | None = None, **kwargs) -> registry_module.Published:
+    """Publish a real model file to a folder registry, as the flow's publish task does."""
+    candidate = registry_module.Candidate(dataset=dataset, version=version, model_path=model_path, metrics=metrics,
+                                          decision=decision, lineage=lineage, test_parquet=test_parquet,
+                                          predictions_path=predictions_path, files=files or {},
+                                          parameters=lineage.get("parameters", {}))
+    return publish_version(FolderRegistry(registry_dir), candidate, **kwargs)
+
+
 def publish_candidate(registry_dir: Path, dataset: str, candidate: Candidate, version: str | None = None,
                       decision: GateDecision = PASSED, files: dict[str, Path] | None = None,
                       **kwargs) -> registry_module.Published:
@@ -130,6 +142,12 @@ def fake_champion_scoring(candidate: Candidate):
         return predictions
 
     return predict_classes
+
+
+def stand_in_canary(model_path: Path, batch_path: Path, *args, **kwargs) -> CanaryResult:
+    """Stands in for the fresh-process canary, which cannot load the dummy model bytes: a pass, timed at zero."""
+    return CanaryResult(passed=True, loaded=True, matched=True, rows=0, load_s=0.0, first_batch_s=0.0, latency_s=0.0,
+                        latency_budget_s=LATENCY_BUDGET_S, reasons=["PASS stand-in for the dummy model bytes"])
 
 
 def assert_registry_consistent(registry: Path, dataset: str, model_bytes: bytes = DUMMY_MODEL) -> list[str]:
@@ -221,6 +239,7 @@ def publish_loop(registry: str, dataset: str, candidate: Candidate, step_log: st
     _install_hooks(log_fd, delay, current)
     registry_module.predict_classes = fake_champion_scoring(candidate)
     publish.confusion_matrix_png = fast_png
+    publish.run_canary = stand_in_canary
     if start is not None:
         start.wait(30)
     published = 0

@@ -14,6 +14,7 @@ from publish_worker import Candidate, make_candidate, publish_candidate
 from pydantic import ValidationError
 
 from tasks.evaluate import read_metrics
+from tasks.history import HISTORY_FILE, TREND_FILE
 from tasks.promote import (
     PromotionPolicy,
     decide_promotion,
@@ -156,9 +157,11 @@ def registry(strong_registry, tmp_path) -> tuple[Path, str]:
 
 
 def _state(registry: Path) -> tuple:
+    """Pointer, versions and every file's bytes; the dataset's history, which records every run, aside."""
     root = registry / DATASET
+    history = {root / HISTORY_FILE, root / TREND_FILE}
     return read_production(registry, DATASET), list_versions(registry, DATASET), {
-        p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+        p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p not in history}
 
 
 def test_first_publish_has_no_champion_and_says_so(strong_registry, models):

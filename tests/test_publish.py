@@ -19,8 +19,10 @@ from publish_worker import (
     leftovers,
     make_candidate,
     publish_candidate,
+    stand_in_canary,
 )
 
+from tasks import publish
 from tasks import registry as registry_module
 from tasks.gate import GateDecision
 from tasks.promote import PromotionPolicy, first_version_decision
@@ -36,6 +38,7 @@ def candidate(tmp_path, monkeypatch):
     """A consistent dummy candidate; the champion is scored as predicting what it predicts (a tie)."""
     cand = dummy_candidate(tmp_path / "candidate")
     monkeypatch.setattr(registry_module, "predict_classes", fake_champion_scoring(cand))
+    monkeypatch.setattr(publish, "run_canary", stand_in_canary)
     return cand
 
 

@@ -17,6 +17,7 @@ from publish_worker import (
     leftovers,
     publish_candidate,
     publish_loop,
+    stand_in_canary,
 )
 
 from tasks import publish
@@ -47,6 +48,7 @@ def test_sigkill_at_random_points_never_tears_the_registry(tmp_path, monkeypatch
     candidate = dummy_candidate(tmp_path / "candidate")
     monkeypatch.setattr(registry_module, "predict_classes", fake_champion_scoring(candidate))
     monkeypatch.setattr(publish, "confusion_matrix_png", fast_png)
+    monkeypatch.setattr(publish, "run_canary", stand_in_canary)
     registry = tmp_path / "registry"
     ctx = forkserver_context()
     killed_in: Counter[str] = Counter()

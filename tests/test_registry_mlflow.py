@@ -170,3 +170,16 @@ def test_two_publishers_without_a_shared_lock_file_take_turns_on_the_server(pref
     assert len(intervals) == 6
     for (_, end), (start, _) in zip(intervals, intervals[1:], strict=False):
         assert start >= end, f"two publishers held the lock at once: {intervals}"
+
+
+def test_load_production_model_reads_the_alias(server, dataset, trained_models):
+    from tasks.predict import NoProductionModel, load_production_model
+
+    registry = open_registry(server.url)
+    with pytest.raises(NoProductionModel, match=rf"{dataset}: no production model in {server.url}"):
+        load_production_model(dataset, server.url)
+    publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-served"))
+    production = load_production_model(dataset, server.url)
+    assert (production.version, production.path) == ("1", f"models:/{dataset}/1")
+    probabilities = production.model.predict(np.zeros((2, 784), np.float32), verbose=0)
+    assert probabilities.shape == (2, 10)

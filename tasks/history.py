@@ -1,0 +1,266 @@
+"""Per-dataset run history and its trend plot, kept in the registry.
+
+``<registry>/<dataset>/history.jsonl`` gets one JSON line per run: version, date, outcome, test
+accuracy, lowest class recall, the gate and promotion decisions, the canary's timings, the drift
+numbers from the run's ``validation.json`` and the wall time of each stage. Each line is appended
+with a single ``write`` on an ``O_APPEND`` descriptor and fsynced, so a kill leaves whole lines (a
+torn last line, should the disk fill mid-write, is skipped with a warning when read). Publishing
+appends under the dataset's lock.
+
+``<registry>/<dataset>/history.png`` is rendered from the whole file after each publish (written under
+a temporary name and renamed): accuracy and lowest recall per version, drift per version, and stage
+times, with failed and refused runs marked, so a drop last night or drift creeping up shows at a glance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+HISTORY_FILE = "history.jsonl"
+TREND_FILE = "history.png"
+# The drift numbers plotted (from validation.json's "drift" section; all of them are recorded): label
+# KL on the left axis, the mean pixel value on the right one.
+TREND_LABEL_DRIFT = ("train.label_kl", "test.label_kl")
+TREND_PIXEL_DRIFT = ("train.pixel_mean", "test.pixel_mean")
+
+Outcome = Literal["published", "gate_failed", "refused", "failed"]
+
+logger = logging.getLogger(__name__)
+
+
+class HistoryEntry(BaseModel):
+    version: str
+    date: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    outcome: Outcome
+    stage: str | None = None  # where a failed run stopped
+    reason: str | None = None
+    test_accuracy: float | None = None
+    lowest_class_recall: float | None = None
+    lowest_recall_class: str | None = None
+    gate_passed: bool | None = None
+    promoted: bool | None = None
+    champion_version: str | None = None
+    champion_accuracy: float | None = None
+    canary_load_s: float | None = None
+    canary_latency_s: float | None = None
+    drift: dict[str, float] = Field(default_factory=dict)
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+
+
+def history_path(registry: Path, dataset: str) -> Path:
+    return registry / dataset / HISTORY_FILE
+
+
+def trend_path(registry: Path, dataset: str) -> Path:
+    return registry / dataset / TREND_FILE
+
+
+def drift_numbers(validation_report: Path | str | None) -> dict[str, float]:
+    """The scalar drift numbers of a run's ``validation.json``, flattened (``test.label_kl``, ...)."""
+    if not validation_report or not Path(validation_report).is_file():
+        return {}
+    drift = json.loads(Path(validation_report).read_text()).get("drift", {})
+    flat: dict[str, float] = {}
+    for section, values in drift.items():
+        if section == "reference_computed_from_train" or not isinstance(values, dict):
+            continue
+        for name, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                flat[f"{section}.{name}"] = float(value)
+    return flat
+
+
+def append_entry(registry: Path, dataset: str, entry: HistoryEntry) -> Path:
+    """Append one line to the dataset's history (one write, fsynced)."""
+    path = history_path(registry, dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(_finite(entry.model_dump()), separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_history(registry: Path, dataset: str) -> list[HistoryEntry]:
+    """Every whole line of the dataset's history, oldest first."""
+    path = history_path(registry, dataset)
+    if not path.is_file():
+        return []
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(HistoryEntry.model_validate_json(line))
+        except ValueError as exc:
+            logger.warning("%s line %d skipped, not a history entry: %s", path, number, exc)
+    return entries
+
+
+def render_trend(entries: list[HistoryEntry], dest: Path, title: str) -> Path:
+    """The trend PNG: quality, drift and stage times per run; failed and refused runs marked in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(entries)))
+    labels = [e.version.split("-")[0] for e in entries]
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.5 * len(entries) + 4), 10), dpi=100, sharex=True)
+    quality, drift, times = axes
+    for field_name, label in (("test_accuracy", "test accuracy"), ("lowest_class_recall", "lowest class recall")):
+        quality.plot(x, [_nan(getattr(e, field_name)) for e in entries], marker="o", label=label)
+    bad = [i for i, e in enumerate(entries) if e.outcome != "published"]
+    for i in bad:
+        quality.axvline(i, color="red", alpha=0.25, linewidth=6)
+    if bad:
+        quality.plot([], [], color="red", alpha=0.25, linewidth=6, label="not published (failed/refused)")
+    quality.set_ylabel("share")
+    quality.set_title(title)
+    pixel_axis = drift.twinx()
+    for ax, keys, style in ((drift, TREND_LABEL_DRIFT, "o-"), (pixel_axis, TREND_PIXEL_DRIFT, "s--")):
+        for key in keys:
+            values = [e.drift.get(key, math.nan) for e in entries]
+            if any(not math.isnan(v) for v in values):
+                ax.plot(x, values, style, markersize=4, label=key)
+    drift.set_ylabel("label KL vs reference")
+    pixel_axis.set_ylabel("mean pixel value")
+    if pixel_axis.get_legend_handles_labels()[0]:
+        pixel_axis.legend(fontsize=7, loc="upper right")
+    stages = sorted({s for e in entries for s in e.stage_seconds})
+    bottom = [0.0] * len(entries)
+    for stage in stages:
+        heights = [e.stage_seconds.get(stage, 0.0) for e in entries]
+        times.bar(x, heights, bottom=bottom, label=stage)
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    times.set_ylabel("wall time per stage (s)")
+    times.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left" if ax is drift else "best")
+    fig.tight_layout()
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, dest)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def markdown_table(entries: list[HistoryEntry], last: int = 14) -> str:
+    """The last ``last`` runs as a Markdown table (the Prefect artifact)."""
+    rows = ["| version | date | outcome | test accuracy | lowest recall | test label KL | wall time (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for e in entries[-last:]:
+        rows.append(f"| {e.version} | {e.date} | {e.outcome}{f' ({e.stage})' if e.stage else ''} | "
+                    f"{_fmt(e.test_accuracy)} | {_fmt(e.lowest_class_recall)} | {_fmt(e.drift.get('test.label_kl'))} | "
+                    f"{sum(e.stage_seconds.values()):.0f} |")
+    return "\n".join(rows) + "\n"
+
+
+def prefect_stage_seconds() -> dict[str, float]:
+    """Wall time of each finished task run of the current Prefect flow run (empty outside one)."""
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        from prefect.context import FlowRunContext
+
+        context = FlowRunContext.get()
+        if context is None or context.flow_run is None:
+            return {}
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[context.flow_run.id])))
+    except Exception as exc:  # noqa: BLE001 - the history must not fail a publish
+        logger.warning("stage times not available from Prefect: %s", exc)
+        return {}
+    seconds: dict[str, float] = {}
+    for run in runs:
+        stage = run.name.split("-")[0]
+        if run.total_run_time:
+            seconds[stage] = seconds.get(stage, 0.0) + run.total_run_time.total_seconds()
+    return seconds
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    return value
+
+
+def record_run(registry: Path, dataset: str, version: str, outcome: Outcome, metrics: Any | None = None,
+               decision: Any | None = None, lineage: dict[str, Any] | None = None, publish_s: float | None = None,
+               *, metrics_doc: Path | None = None, reason: str | None = None, stage: str | None = None) -> HistoryEntry:
+    """Append this run's entry (under the caller's dataset lock), re-render the trend plot and, inside a
+    Prefect run, publish the history as an artifact. ``metrics_doc``: the published ``metrics.json``
+    (promotion and canary numbers). A failure here is logged, never raised over the run's own result."""
+    fields: dict[str, Any] = {"version": version, "outcome": outcome, "reason": reason, "stage": stage}
+    if metrics is not None:
+        worst = min(metrics.recall, key=metrics.recall.__getitem__)
+        fields |= {"test_accuracy": metrics.test_accuracy, "lowest_class_recall": metrics.recall[worst],
+                   "lowest_recall_class": worst}
+    if decision is not None:
+        fields["gate_passed"] = decision.passed
+        if outcome == "gate_failed":
+            fields["stage"] = "gate"
+    if outcome in ("refused", "failed") and stage is None:
+        fields["stage"] = "publish" if metrics is not None else None
+    if outcome == "refused":
+        fields["promoted"] = False
+    if metrics_doc is not None:
+        doc = json.loads(Path(metrics_doc).read_text())
+        promotion, canary = doc.get("promotion") or {}, doc.get("canary") or {}
+        fields |= {"promoted": promotion.get("promoted"), "champion_version": promotion.get("champion_version"),
+                   "champion_accuracy": promotion.get("champion_accuracy"), "canary_load_s": canary.get("load_s"),
+                   "canary_latency_s": canary.get("latency_s")}
+    stage_seconds = prefect_stage_seconds()
+    if publish_s is not None:
+        stage_seconds["publish"] = publish_s
+    entry = HistoryEntry(**fields, drift=drift_numbers((lineage or {}).get("validation_report")),
+                         stage_seconds=stage_seconds)
+    try:
+        append_entry(registry, dataset, entry)
+        entries = read_history(registry, dataset)
+        png = render_trend(entries, trend_path(registry, dataset), f"{dataset}: history of {len(entries)} run(s)")
+        _create_artifact(dataset, entries, png)
+    except Exception as exc:  # noqa: BLE001 - the run's outcome stands; a broken history is reported, not fatal
+        logger.warning("%s: history of run %s not recorded: %s", dataset, version, exc)
+    return entry
+
+
+def _create_artifact(dataset: str, entries: list[HistoryEntry], png: Path) -> None:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return  # called outside a Prefect run (tests, scripts): there is no run to attach an artifact to
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        key=f"{dataset.replace('_', '-')}-history",
+        markdown=f"# {dataset}: history\n\nTrend plot: [{png}]({png.as_uri()})\n\n{markdown_table(entries)}",
+        description=f"{dataset}: the last runs, and the trend plot's path",
+    )

@@ -1,0 +1,151 @@
+"""Alerts end to end: a real Prefect server, ``deployments/serve.py``, ``deployments/alerts.py`` and a webhook
+receiver on 127.0.0.1. A nightly run with an impossible gate sends exactly one notification naming the dataset,
+the stage, the reason and the run; a successful run sends none; a run past the deadline sends an overdue one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from test_deployments import QUICK, trigger
+
+from deployments.alerts import FAILED_AUTOMATION, OVERDUE_AUTOMATION
+from tasks.history import TREND_FILE, read_history
+from tasks.settings import PROJECT_ROOT
+from tests.support.prefect_server import RUN_TIMEOUT_S, prefect_server
+from tests.support.processes import spawn, stop, tail, wait_for
+from tests.support.webhook import webhook_receiver
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+NOTIFY_TIMEOUT_S = 180  # event -> triggers service -> actions service -> webhook; generous on a busy machine
+QUIET_S = 30  # after the first notification (or the run's end), how long no other one may arrive
+IMPOSSIBLE = {"dataset": "mnist", "model": "mlp", "epochs": 1, "train_rows": 2000, "min_accuracy": 0.999}
+
+
+@pytest.fixture(scope="module")
+def started() -> Iterator[list[subprocess.Popen]]:
+    procs: list[subprocess.Popen] = []
+    try:
+        yield procs
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A server of its own: its automations and notifications must see this module's runs only."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator:
+    with webhook_receiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def served(server, started, tmp_path_factory) -> Iterator[subprocess.Popen]:
+    log = server.root / "serve.log"
+    proc = spawn([sys.executable, str(PROJECT_ROOT / "deployments" / "serve.py")], server.env,
+                 tmp_path_factory.mktemp("serve-cwd"), log)
+    started.append(proc)
+    try:
+        def registered() -> bool:
+            try:
+                return bool(server.deployment("train-mnist/nightly").last_polled)
+            except Exception:  # noqa: BLE001 - not registered yet
+                return False
+        wait_for(registered, 120, "serve.py registering train-mnist/nightly", log, proc)
+        yield proc
+    finally:
+        stop(proc)
+
+
+def set_up(server, receiver, *extra: str) -> str:
+    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "deployments" / "alerts.py"), "--webhook-url",
+                             receiver.url, *extra], env=server.env, cwd=server.root, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def alerts(server, receiver, served) -> None:
+    out = set_up(server, receiver)
+    assert FAILED_AUTOMATION in out and OVERDUE_AUTOMATION in out
+    # Running the command again replaces, never duplicates (two automations would send two messages).
+    set_up(server, receiver)
+    with server.client() as client:
+        assert len(client.read_automations_by_name(FAILED_AUTOMATION)) == 1
+        assert len(client.read_automations_by_name(OVERDUE_AUTOMATION)) == 1
+    time.sleep(15)  # the triggers service picks up new automations on its own schedule
+
+
+def params(tmp_path, base: dict) -> dict:
+    return {**base, "registry": str(tmp_path / "registry"), "data_dir": str(tmp_path.parent / "alerts-data")}
+
+
+def test_an_impossible_gate_sends_exactly_one_notification(server, receiver, alerts, tmp_path):
+    before = len(receiver.received())
+    run_id = trigger(server, "train-mnist/nightly", params(tmp_path, IMPOSSIBLE))
+    run = server.wait_terminal(run_id, timeout=RUN_TIMEOUT_S, log=server.root / "serve.log")
+    assert run.state_type.value == "FAILED", run.state
+    posts = wait_for(lambda: receiver.received()[before:], NOTIFY_TIMEOUT_S, "the failure notification",
+                     server.root / "server.log")
+    time.sleep(QUIET_S)
+    posts = receiver.received()[before:]
+    assert len(posts) == 1, f"expected one notification for the failed run, got {len(posts)}: {posts}"
+    subject, body = posts[0]["subject"], posts[0]["body"]
+    print(f"\nnotification:\n{subject}\n{body}")
+    assert subject == "train-mnist nightly Failed: mnist"
+    assert f"run {run.name} ended Failed." in body
+    assert "dataset: mnist\n" in body
+    assert "stage: gate\n" in body
+    assert "reason: " in body and "gate failed" in body and "threshold 0.9990" in body
+    assert f"/runs/flow-run/{run_id}" in body
+    # The failed night is in the dataset's history too, with the stage times Prefect measured.
+    [entry] = read_history(tmp_path / "registry", "mnist")
+    assert (entry.outcome, entry.stage, entry.gate_passed) == ("gate_failed", "gate", False)
+    assert {"train", "evaluate", "gate", "publish"} <= set(entry.stage_seconds) and entry.stage_seconds["train"] > 0
+
+
+def test_a_successful_run_sends_none(server, receiver, alerts, tmp_path):
+    before = len(receiver.received())
+    run_id = trigger(server, "train-mnist/nightly", params(tmp_path, QUICK))
+    run = server.wait_terminal(run_id, timeout=RUN_TIMEOUT_S, log=server.root / "serve.log")
+    assert run.state_type.value == "COMPLETED", f"{run.state}\n{tail(server.root / 'serve.log')}"
+    time.sleep(QUIET_S)
+    assert receiver.received()[before:] == []
+    [entry] = read_history(tmp_path / "registry", "mnist")
+    assert entry.outcome == "published" and entry.canary_latency_s > 0 and entry.drift["test.rows"] == 10000
+    assert (tmp_path / "registry" / "mnist" / TREND_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with server.client() as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mnist-history"])))
+    assert artifacts and "| version | date | outcome |" in artifacts[0].data
+
+
+def test_a_run_past_the_deadline_sends_an_overdue_notification(server, receiver, alerts, tmp_path):
+    set_up(server, receiver, "--deadline-minutes", "0.25")
+    time.sleep(15)
+    try:
+        before = len(receiver.received())
+        run_id = trigger(server, "train-mnist/nightly", params(tmp_path, {**QUICK, "epochs": 3}))
+        posts = wait_for(lambda: receiver.received()[before:], NOTIFY_TIMEOUT_S, "the overdue notification",
+                         server.root / "server.log")
+        run = server.wait_terminal(run_id, timeout=RUN_TIMEOUT_S, log=server.root / "serve.log")
+        assert run.state_type.value == "COMPLETED", run.state
+        time.sleep(QUIET_S)
+        posts = receiver.received()[before:]
+        assert len(posts) == 1, posts
+        assert posts[0]["subject"] == f"train-mnist nightly overdue: {run.name}"
+        assert "more than 0.25 minutes" in posts[0]["body"] and f"/runs/flow-run/{run_id}" in posts[0]["body"]
+    finally:
+        set_up(server, receiver)
+
