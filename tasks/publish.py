@@ -69,9 +69,38 @@ def new_version_name(now: datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
+PROFILE_FILE = "data_profile.json"  # the data profile validation wrote, stored with the version
+
+
 def read_production(registry: Path, dataset: str) -> str | None:
+    """The production version's name; None only when there is no pointer at all.
+
+    A pointer that is empty, is not a regular file, or names a version that is not a folder of the
+    registry raises ``ChampionUnreadable`` naming the file: damage must not read as "no champion".
+    """
     pointer = registry / dataset / POINTER
-    return pointer.read_text().strip() or None if pointer.is_file() else None
+    if not os.path.lexists(pointer):
+        return None
+    fix = "; nothing was published. Repair it, or remove it to publish the next model on its gates alone"
+    if not pointer.is_file():
+        raise ChampionUnreadable(f"{dataset}: production pointer {pointer} is not a regular file{fix}")
+    try:
+        version = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ChampionUnreadable(f"{dataset}: production pointer {pointer} cannot be read ({exc}){fix}") from exc
+    if not version:
+        raise ChampionUnreadable(f"{dataset}: production pointer {pointer} is empty{fix}")
+    if "/" in version or version.startswith(".") or not (registry / dataset / version).is_dir():
+        raise ChampionUnreadable(f"{dataset}: production pointer {pointer} names version {version!r}, "
+                                 f"which is not a folder of {registry / dataset}{fix}")
+    return version
+
+
+def champion_profile_path(registry: Path, dataset: str) -> Path | None:
+    """The production version's stored data profile, if there is a production version with one."""
+    version = read_production(registry, dataset)
+    path = registry / dataset / version / PROFILE_FILE if version else None
+    return path if path is not None and path.is_file() else None
 
 
 def list_versions(registry: Path, dataset: str) -> list[str]:
@@ -89,7 +118,9 @@ def is_complete_version(path: Path) -> bool:
 def dataset_lock(registry: Path, dataset: str) -> Iterator[None]:
     """Exclusive lock on a dataset's registry folder; released by the OS if the process dies."""
     root = registry / dataset
-    root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(root.parent)  # the new dataset folder's entry in the registry survives a power cut
     with open(root / ".lock", "a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
@@ -311,6 +342,9 @@ def publish_version(registry: Path, dataset: str, version: str, model_path: Path
         _copy_file(model_path, staging / "model.keras")
         for name, src in (extra_files or {}).items():
             _copy_file(src, staging / name)
+        profile = Path(str(lineage.get("validation_report", ""))).with_name(PROFILE_FILE)
+        if "validation_report" in lineage and profile.is_file():  # later runs validate against it
+            _copy_file(profile, staging / PROFILE_FILE)
         metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": version, **lineage,
                        "promotion": promotion.model_dump()}
         _write_file(staging / "metrics.json", json.dumps(metrics_doc, indent=2).encode())
