@@ -86,10 +86,17 @@ def project_imports(module_name: str, source: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
-            if name.split(".")[0] in PROJECT_PACKAGES and importlib.util.find_spec(name) is not None:
+            if name.split(".")[0] in PROJECT_PACKAGES and _is_module(name):
                 found.add(name)
     found.discard(module_name)
     return found
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ``from tasks.x import NAME``: NAME is not a module
+        return False
 
 
 def dependency_sources(module_name: str) -> dict[str, str]:

@@ -53,12 +53,14 @@ def read_head(path: Path) -> bytes:
         return head
 
 
-def decode_bytes(raw: bytes, name: str, max_text_bytes: int = MAX_TEXT_BYTES) -> tuple[bytes, str | None]:
+def decode_bytes(raw: bytes, name: str, max_text_bytes: int | None = None) -> tuple[bytes, str | None]:
     """The file's text (gunzipped if its magic bytes say gzip) and a problem if the gzip stream was truncated.
 
     A truncated stream keeps its complete lines, so the drift numbers can still be computed. Raises
-    ``CsvFileError`` on a corrupt stream, bytes after the end of the stream, or text over the limit.
+    ``CsvFileError`` on a corrupt stream, bytes after the end of the stream, or text over the limit
+    (``MAX_TEXT_BYTES`` unless given).
     """
+    max_text_bytes = MAX_TEXT_BYTES if max_text_bytes is None else max_text_bytes
     if not is_gzip(raw):
         if len(raw) > max_text_bytes:
             raise CsvFileError(f"{name}: {len(raw)} bytes of text, more than the limit of {max_text_bytes} bytes")
@@ -105,7 +107,7 @@ def read_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
     return raw
 
 
-def read_text(path: Path, max_text_bytes: int = MAX_TEXT_BYTES) -> tuple[bytes, str | None]:
+def read_text(path: Path, max_text_bytes: int | None = None) -> tuple[bytes, str | None]:
     """``decode_bytes`` of a file."""
     return decode_bytes(Path(path).read_bytes(), Path(path).name, max_text_bytes)
 
@@ -182,28 +184,35 @@ def parse_strict(data: bytes, name: str, columns: list[str], has_header: bool) -
 
 
 def describe_arrow_error(buffer: pa.Buffer, name: str, columns: list[str], first_line: int,
-                         exc: pa.ArrowInvalid) -> str:
-    """Name the column, line and value pyarrow refused (single-threaded parsing knows the line)."""
+                         exc: pa.ArrowInvalid, dtype: pa.DataType | None = None) -> str:
+    """Name the column, line and value pyarrow refused (single-threaded parsing knows the line).
+
+    ``dtype`` is the type the values were read as: uint8 (the strict reader) or float32 (the careful
+    re-read of validation, whose refusals are not numbers at all).
+    """
+    dtype = dtype or pa.uint8()
     message = str(exc)
     if "Row #" not in message and "conversion error" in message:
         try:
             pacsv.read_csv(pa.BufferReader(buffer),
                            read_options=pacsv.ReadOptions(column_names=columns, use_threads=False),
                            parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
-                           convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.uint8())))
+                           convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, dtype)))
         except pa.ArrowInvalid as again:
             message = str(again)
     found = re.search(r"column #(\d+): (?:Row #(\d+): )?CSV conversion error to \w+: invalid value '(.*)'", message)
     if found:
         column, row, value = found.groups()
         where = f" at line {int(row) + first_line - 1}" if row else ""
+        if dtype != pa.uint8():
+            return f"{name}: non-numeric value {value[:40]!r} in column {columns[int(column)]}{where}; expected integers"
         return (f"{name}: value {value[:40]!r} in column {columns[int(column)]}{where} is not a plain integer "
                 f"0..255 (write pixels and labels as digits only, e.g. 121, not 121.0, +121 or 1.21e2)")
     return f"{name}: cannot parse as CSV of numbers: {message.strip().splitlines()[0][:300]}"
 
 
 def read_split_table(path: Path, columns: list[str], has_header: bool, expected_sha256: str | None = None,
-                     max_text_bytes: int = MAX_TEXT_BYTES) -> pa.Table:
+                     max_text_bytes: int | None = None) -> pa.Table:
     """Read a whole split strictly (what conversion writes): verified bytes, decoded, parsed as uint8."""
     name = Path(path).name
     data, truncated = decode_bytes(read_bytes(path, expected_sha256), name, max_text_bytes)

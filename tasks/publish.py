@@ -107,7 +107,7 @@ def list_versions(registry: Path, dataset: str) -> list[str]:
     root = registry / dataset
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != POINTER)
 
 
 def is_complete_version(path: Path) -> bool:
@@ -342,8 +342,9 @@ def publish_version(registry: Path, dataset: str, version: str, model_path: Path
         _copy_file(model_path, staging / "model.keras")
         for name, src in (extra_files or {}).items():
             _copy_file(src, staging / name)
-        profile = Path(str(lineage.get("validation_report", ""))).with_name(PROFILE_FILE)
-        if "validation_report" in lineage and profile.is_file():  # later runs validate against it
+        report = lineage.get("validation_report")
+        profile = Path(str(report)).with_name(PROFILE_FILE) if report else None
+        if profile is not None and profile.is_file():  # later runs validate against it
             _copy_file(profile, staging / PROFILE_FILE)
         metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": version, **lineage,
                        "promotion": promotion.model_dump()}

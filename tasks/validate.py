@@ -147,7 +147,7 @@ def read_matrix(data: bytes, name: str, columns: list[str], has_header: bool) ->
         except pa.ArrowInvalid as exc:
             if dtype == pa.uint8() and "conversion error" in str(exc):
                 continue  # out-of-byte or fractional values: re-read as floats to report them
-            raise DataValidationError(describe_arrow_error(buffer, name, columns, first_line, exc)) from exc
+            raise DataValidationError(describe_arrow_error(buffer, name, columns, first_line, exc, dtype)) from exc
         if dtype == pa.uint8() and table.num_rows and any(col.null_count for col in table.columns):
             continue  # empty cells: float32 keeps them as NaN
         parsed = ParsedSplit(_table_to_matrix(table, np.uint8 if dtype == pa.uint8() else np.float32), first_line)
