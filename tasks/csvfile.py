@@ -53,7 +53,7 @@ def read_head(path: Path) -> bytes:
         return head
 
 
-def decode_bytes(raw: bytes, name: str, max_text_bytes: int | None = None) -> tuple[bytes, str | None]:
+def decode_bytes(raw: bytes, name: str, max_text_bytes: int | None = None) -> tuple[bytes | bytearray, str | None]:
     """The file's text (gunzipped if its magic bytes say gzip) and a problem if the gzip stream was truncated.
 
     A truncated stream keeps its complete lines, so the drift numbers can still be computed. Raises
@@ -65,7 +65,10 @@ def decode_bytes(raw: bytes, name: str, max_text_bytes: int | None = None) -> tu
         if len(raw) > max_text_bytes:
             raise CsvFileError(f"{name}: {len(raw)} bytes of text, more than the limit of {max_text_bytes} bytes")
         return raw, None
-    parts: list[bytes] = []
+    # The gzip trailer's ISIZE (size mod 2**32 of the last member) sizes the buffer of the usual
+    # single-member file, so the text is held once rather than as chunks plus their join.
+    hint = int.from_bytes(raw[-4:], "little") if len(raw) >= 18 else 0
+    out = bytearray(hint if 0 < hint <= max_text_bytes else 0)
     size, rest = 0, memoryview(raw)
     while True:
         decoder = zlib.decompressobj(wbits=31)
@@ -75,29 +78,140 @@ def decode_bytes(raw: bytes, name: str, max_text_bytes: int | None = None) -> tu
                 chunk = decoder.decompress(pending, INFLATE_CHUNK_BYTES)
             except zlib.error as exc:
                 raise CsvFileError(f"{name}: corrupt gzip stream: {exc}") from exc
-            size += len(chunk)
-            if size > max_text_bytes:
+            if size + len(chunk) > max_text_bytes:
                 raise CsvFileError(f"{name}: decompressed text exceeds the limit of {max_text_bytes} bytes "
                                    f"({len(raw)} compressed bytes; a gzip bomb or not one split)")
-            parts.append(chunk)
+            if size + len(chunk) <= len(out):
+                out[size:size + len(chunk)] = chunk
+            else:
+                del out[size:]
+                out += chunk
+            size += len(chunk)
             pending = decoder.unconsumed_tail
         if not decoder.eof:
-            data = b"".join(parts)
-            kept = data[: data.rfind(b"\n") + 1]
+            kept = bytes(out[: out.rfind(b"\n", 0, size) + 1])
             lines = kept.count(b"\n")
             return kept, (f"{name}: gzip stream truncated (no end-of-stream marker after {len(raw)} compressed "
                           f"bytes); checked the {lines} complete lines before the cut")
         rest = memoryview(decoder.unused_data)
         if not rest:
-            return b"".join(parts), None
+            del out[size:]
+            return out, None
         if not is_gzip(bytes(rest[:2])):  # concatenated members are allowed; anything else is not
             offset = len(raw) - len(rest)
             raise CsvFileError(f"{name}: {len(rest)} bytes of trailing data after the gzip stream "
                                f"(at byte {offset}), starting {bytes(rest[:16])!r}")
 
 
-def read_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
+class TextStream:
+    """The decoded text of a split's bytes, streamed to pyarrow's reader thread with the rules of
+    ``decode_bytes``: gzip by magic bytes, concatenated members, the size limit, an error on trailing data
+    or a truncated stream. Trailing blank lines are withheld (they are harmless), so the whole text is
+    never held in memory."""
+
+    FEED_BYTES = 1 << 20
+
+    def __init__(self, raw: bytes, name: str, max_text_bytes: int | None = None):
+        self.raw, self.name = memoryview(raw), name
+        self.max_text_bytes = MAX_TEXT_BYTES if max_text_bytes is None else max_text_bytes
+        self.decoder = zlib.decompressobj(wbits=31) if is_gzip(raw[:2]) else None
+        self.pos, self.tail, self.size, self.held, self.closed = 0, b"", 0, b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _feed(self) -> bytes:
+        chunk = bytes(self.raw[self.pos:self.pos + self.FEED_BYTES])
+        self.pos += len(chunk)
+        return chunk
+
+    def _next(self, n: int) -> bytes:
+        """Up to ``n`` decoded bytes; b"" at the end of the text."""
+        if self.decoder is None:
+            return self._plain(n)
+        while True:
+            if self.decoder.eof:
+                rest = self.decoder.unused_data + self._feed()
+                if not rest:
+                    return b""
+                if not is_gzip(rest[:2]):
+                    offset = self.pos - len(rest)
+                    raise CsvFileError(f"{self.name}: {len(self.raw) - offset} bytes of trailing data after the gzip "
+                                       f"stream (at byte {offset}), starting {bytes(rest[:16])!r}")
+                self.decoder, self.tail = zlib.decompressobj(wbits=31), rest
+            source = self.decoder.unconsumed_tail or self.tail or self._feed()
+            self.tail = b""
+            if not source:
+                raise CsvFileError(f"{self.name}: gzip stream truncated (no end-of-stream marker after "
+                                   f"{len(self.raw)} compressed bytes)")
+            try:
+                chunk = self.decoder.decompress(source, n)
+            except zlib.error as exc:
+                raise CsvFileError(f"{self.name}: corrupt gzip stream: {exc}") from exc
+            if chunk:
+                return chunk
+
+    def _plain(self, n: int) -> bytes:
+        chunk = bytes(self.raw[self.pos:self.pos + n])
+        self.pos += len(chunk)
+        return chunk
+
+    def read(self, n: int = -1) -> bytes:
+        n = n if n is not None and n > 0 else INFLATE_CHUNK_BYTES
+        while True:
+            chunk = self._next(n)
+            self.size += len(chunk)
+            if self.size > self.max_text_bytes:
+                raise CsvFileError(f"{self.name}: decompressed text exceeds the limit of {self.max_text_bytes} "
+                                   f"bytes ({len(self.raw)} compressed bytes; a gzip bomb or not one split)")
+            if not chunk:
+                return b""
+            data = self.held + chunk
+            stripped = data.rstrip(b"\r\n\t ")
+            self.held = data[len(stripped):]
+            if stripped:
+                return stripped
+
+
+def stream_strict(raw: bytes, name: str, columns: list[str], has_header: bool,
+                  max_text_bytes: int | None = None) -> pa.Table:
+    """``parse_strict`` of the decoded text of ``raw``, streamed (the fast path of both stages)."""
+    stream = TextStream(raw, name, max_text_bytes)
+    options = dict(
+        read_options=pacsv.ReadOptions(column_names=columns, skip_rows=int(has_header), block_size=PARSE_BLOCK_BYTES),
+        parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.uint8())),
+    )
+    try:
+        table = pacsv.read_csv(pa.PythonFile(stream, mode="r"), **options)
+    except CsvFileError:
+        raise
+    except pa.ArrowInvalid as exc:
+        # Name the value and line from the decoded text (only for files that are refused anyway).
+        data, _ = decode_bytes(raw, name, max_text_bytes)
+        try:
+            parse_strict(data, name, columns, has_header)
+        except CsvFileError as named:
+            raise named from exc
+        raise CsvFileError(f"{name}: cannot parse as CSV of numbers: {str(exc).strip().splitlines()[0][:300]}") from exc
+    for index, column in enumerate(table.columns):
+        if column.null_count:
+            raise CsvFileError(f"{name}: empty cells in column {columns[index]}; expected integers 0..255")
+    return table
+
+
+def read_bytes(path: Path, expected_sha256: str | None = None, max_text_bytes: int | None = None) -> bytes:
     """The file's bytes, checked against ``expected_sha256`` when given (the bytes that are then parsed)."""
+    limit = MAX_TEXT_BYTES if max_text_bytes is None else max_text_bytes
+    size = Path(path).stat().st_size
+    if size > limit:
+        raise CsvFileError(f"{Path(path).name}: {size} bytes, more than the limit of {limit} bytes")
     raw = Path(path).read_bytes()
     if expected_sha256 is not None:
         found = hashlib.sha256(raw).hexdigest()
@@ -107,9 +221,9 @@ def read_bytes(path: Path, expected_sha256: str | None = None) -> bytes:
     return raw
 
 
-def read_text(path: Path, max_text_bytes: int | None = None) -> tuple[bytes, str | None]:
+def read_text(path: Path, max_text_bytes: int | None = None) -> tuple[bytes | bytearray, str | None]:
     """``decode_bytes`` of a file."""
-    return decode_bytes(Path(path).read_bytes(), Path(path).name, max_text_bytes)
+    return decode_bytes(read_bytes(path, max_text_bytes=max_text_bytes), Path(path).name, max_text_bytes)
 
 
 def sniff_columns(data: bytes, name: str, header: bool | None) -> tuple[list[str], bool]:
@@ -214,8 +328,5 @@ def describe_arrow_error(buffer: pa.Buffer, name: str, columns: list[str], first
 def read_split_table(path: Path, columns: list[str], has_header: bool, expected_sha256: str | None = None,
                      max_text_bytes: int | None = None) -> pa.Table:
     """Read a whole split strictly (what conversion writes): verified bytes, decoded, parsed as uint8."""
-    name = Path(path).name
-    data, truncated = decode_bytes(read_bytes(path, expected_sha256), name, max_text_bytes)
-    if truncated:
-        raise CsvFileError(truncated)
-    return parse_strict(data, name, columns, has_header)
+    return stream_strict(read_bytes(path, expected_sha256, max_text_bytes), Path(path).name, columns, has_header,
+                         max_text_bytes)

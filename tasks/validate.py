@@ -30,10 +30,13 @@ from tasks.csvfile import (
     PARSE_BLOCK_BYTES,
     CsvFileError,
     data_span,
+    decode_bytes,
     describe_arrow_error,
     parse_strict,
+    read_bytes,
     read_head,
     sniff_columns,
+    stream_strict,
 )
 from tasks.csvfile import read_text as read_text
 from tasks.datasets import (
@@ -587,22 +590,29 @@ def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRun
     before = len(failures)
     strict_problem = None
     try:
-        data, truncated = read_text(path)
+        raw = read_bytes(path)
     except CsvFileError as exc:
-        failures.append(f"{where}: {exc}" if path.name not in str(exc) else str(exc))
+        failures.append(f"{where}: {exc}")
         return None
-    if truncated:
-        failures.append(f"{name}: {truncated}")
-    try:
-        parsed = read_strict_matrix(data, where, columns, has_header)
+    try:  # the one reader, as conversion will read the file
+        parsed = ParsedSplit(_table_to_matrix(stream_strict(raw, where, columns, has_header), np.uint8),
+                             1 + int(has_header))
     except CsvFileError as exc:
         strict_problem = str(exc)  # named below, unless the careful read names the problem itself
+        try:
+            data, truncated = decode_bytes(raw, path.name)
+        except CsvFileError as again:
+            failures.append(str(again))
+            return None
+        if truncated:
+            failures.append(f"{name}: {truncated}")
         try:
             parsed = read_matrix(data, where, columns, has_header)
         except DataValidationError as again:
             failures.append(str(again))
             return None
-    del data
+        del data
+    del raw
     if parsed.bad_rows:
         examples = ", ".join(f"line {line} has {fields} fields" for line, fields, _ in parsed.bad_rows[:MAX_EXAMPLES])
         failures.append(f"{where}: {len(parsed.bad_rows)} row(s) with the wrong number of fields, expected "

@@ -96,13 +96,17 @@ def test_trailing_garbage_after_the_gzip_stream_is_an_error_in_both_stages(tmp_p
 
 
 def test_a_gzip_bomb_fails_at_the_limit_naming_it(tmp_path, monkeypatch):
-    bomb = gzip.compress(csv_text(matrix(ROWS["train"], 9)) * 200)  # 7 MB of well-formed rows in ~0.1 MB
-    with pytest.raises(CsvFileError, match="exceeds the limit of 65536 bytes"):
-        decode_bytes(bomb, "bomb.csv.gz", max_text_bytes=65536)
-    monkeypatch.setattr(csvfile, "MAX_TEXT_BYTES", 65536)
+    bomb = gzip.compress(b"0," * NUM_PIXELS + b"0\n") * 1 + gzip.compress((b"0," * NUM_PIXELS + b"0\n") * 20000)
+    assert len(bomb) < 100_000  # 31 MB of well-formed rows
+    limit = 1 << 20
+    with pytest.raises(CsvFileError, match=f"exceeds the limit of {limit} bytes"):
+        decode_bytes(bomb, "bomb.csv.gz", max_text_bytes=limit)
+    monkeypatch.setattr(csvfile, "MAX_TEXT_BYTES", limit)
     passed, message = validate_then_convert(tmp_path, {"train": ("train.csv.gz", bomb),
                                                        "test": ("test.csv", csv_text(matrix(ROWS["test"], 6)))})
-    assert not passed and "exceeds the limit of 65536 bytes" in message
+    assert not passed and f"exceeds the limit of {limit} bytes" in message
+    with pytest.raises(CsvFileError, match=f"exceeds the limit of {limit} bytes"):
+        convert_to_parquet(tmp_path / "train.csv.gz", tmp_path / "bomb.parquet", False)
 
 
 def test_concatenated_gzip_members_are_one_stream(tmp_path):
