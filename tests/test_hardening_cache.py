@@ -26,7 +26,7 @@ from tasks.caching import (
 from tasks.convert import convert_task, convert_to_parquet, parquet_path
 from tasks.csvfile import CsvFileError
 from tasks.datasets import Gates, Recipe
-from tasks.download import download_split
+from tasks.download import download_split, download_task
 from tasks.validate import validate_task
 
 
@@ -118,3 +118,31 @@ def test_a_changed_gate_or_recipe_does_not_repeat_validation(mnist_slice, slice_
     other_tolerance = mnist_slice.model_copy(update={"tolerances": mnist_slice.tolerances.model_copy(
         update={"max_blank_share": 0.5})})
     assert validate_identity(inputs) != validate_identity({**inputs, "spec": other_tolerance})
+
+
+def test_temporary_parquet_files_of_a_killed_conversion_are_removed(mnist_slice, slice_mirror, tmp_path):
+    dest = parquet_path(tmp_path, "mnist", "train", mnist_slice.train.sha256)
+    dest.parent.mkdir(parents=True)
+    orphan = dest.with_name(f".{dest.name}.0123abcd.tmp")
+    orphan.write_bytes(b"half a Parquet file")
+    convert_to_parquet(slice_mirror / mnist_slice.train.path, dest, False, mnist_slice.train.sha256)
+    assert not orphan.exists() and dest.is_file()
+
+
+@flow(name="download-from")
+def download_from(spec, source: str, raw_dir: Path):
+    return download_task(spec, "train", source, raw_dir, 10.0)
+
+
+def test_a_prefect_cache_hit_logs_that_the_new_source_was_not_contacted(harness, mnist_slice, slice_mirror, tmp_path,
+                                                                        caplog):
+    """Issue 12: a warm cache answered for another mirror while the log and lineage named the old one."""
+    first = download_from(mnist_slice, str(slice_mirror), tmp_path / "raw")
+    other = "http://127.0.0.1:9/another-mirror?token=secret"
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = download_from(mnist_slice, other, tmp_path / "raw")
+    text = caplog.text
+    assert "used the verified cached copy" in text and "was not contacted" in text
+    assert "http://127.0.0.1:9/another-mirror?***" in text and "secret" not in text
+    assert again.location == first.location and again.lineage()["fetched_at"] == first.fetched_at
