@@ -118,9 +118,7 @@ def is_complete_version(path: Path) -> bool:
 def dataset_lock(registry: Path, dataset: str) -> Iterator[None]:
     """Exclusive lock on a dataset's registry folder; released by the OS if the process dies."""
     root = registry / dataset
-    if not root.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(root.parent)  # the new dataset folder's entry in the registry survives a power cut
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
@@ -356,6 +354,8 @@ def publish_version(registry: Path, dataset: str, version: str, model_path: Path
         _fsync_dir(staging)
         os.rename(staging, final)
         _fsync_dir(root)
+        if champion is None:  # the first publish: the dataset folder's own entry in the registry must survive too
+            _fsync_dir(registry)
         set_production(registry, dataset, version)
     return Published(dataset, version, final, promotion)
 
