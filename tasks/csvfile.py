@@ -4,8 +4,10 @@ A file is gzip when its first bytes are the gzip magic, whatever its name. Conca
 form one stream; anything else after the stream is an error, and so is a text larger than
 ``MAX_TEXT_BYTES`` (a gzip bomb fails at the limit, having held at most the limit in memory). A value is
 legal when pyarrow's uint8 conversion accepts it: plain integers 0..255 (``121.0``, ``+217`` or ``2.17e2``
-are not). Validation passes a split only if ``parse_strict`` reads it, and conversion writes exactly
-what ``parse_strict`` returns, so a file that passes validation always converts to the same matrix.
+are not). Validation passes a split only if ``stream_strict`` reads it, and conversion writes exactly
+what ``stream_strict`` returns, so a file that passes validation always converts to the same matrix.
+``decode_bytes`` + ``parse_strict`` apply the same rules to a text in memory, to name the problems of
+a refused file.
 """
 
 from __future__ import annotations

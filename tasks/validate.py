@@ -32,7 +32,6 @@ from tasks.csvfile import (
     data_span,
     decode_bytes,
     describe_arrow_error,
-    parse_strict,
     read_bytes,
     read_head,
     sniff_columns,
@@ -124,21 +123,9 @@ def _few(items: list[Any]) -> str:
     return f"[{shown}{', ...' if len(items) > MAX_EXAMPLES else ''}] ({len(items)})"
 
 
-def _quote(text: str | bytes, limit: int = 120) -> str:
-    from tasks.csvfile import quote
-
-    return quote(text, limit)
-
-
-def read_strict_matrix(data: bytes, name: str, columns: list[str], has_header: bool) -> ParsedSplit:
-    """The split as conversion will read it (``tasks.csvfile.parse_strict``): a uint8 matrix, or CsvFileError."""
-    table = parse_strict(data, name, columns, has_header)
-    return ParsedSplit(_table_to_matrix(table, np.uint8), 1 + int(has_header))
-
-
 def read_matrix(data: bytes, name: str, columns: list[str], has_header: bool) -> ParsedSplit:
     """Parse the CSV text leniently, to describe what is wrong; rows with a wrong field count are skipped
-    and listed in ``bad_rows``. Only used after ``read_strict_matrix`` refused the file."""
+    and listed in ``bad_rows``. Only used after ``tasks.csvfile.stream_strict`` refused the file."""
     start, end = data_span(data, has_header)
     first_line = 1 + int(has_header)
     if start == 0 and has_header or start >= end:
