@@ -245,3 +245,33 @@ def test_a_concurrent_writer_is_never_disturbed_by_cleanup(tmp_path):
     done.set()
     thread.join()
     assert remove_orphans(folder, ".x.", ".partial") == [path] and not path.exists()
+
+
+@pytest.mark.timeout(120)
+def test_the_partial_file_of_a_sigkilled_download_is_removed_by_the_next_run(server, tiny_spec, tmp_path):
+    import os
+    import signal
+    import sys
+    import time
+
+    server.plan(PATH, Trickle(0.2))  # slow enough to be killed mid-transfer
+    dest = raw_path(tmp_path / "raw", tiny_spec, "train")
+    code = ("import sys; from pathlib import Path; from tasks.download import fetch_file; "
+            "fetch_file(sys.argv[1], Path(sys.argv[2]), None, timeout_s=5, deadline_s=600)")
+    child = subprocess.Popen([sys.executable, "-c", code, server.url(PATH), str(dest)],
+                             cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while not partial_files(tmp_path / "raw") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = partial_files(tmp_path / "raw")
+        assert left, "the child never started writing"
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert partial_files(tmp_path / "raw") == left  # the killed run's litter
+    server.plan(PATH)  # serve normally again
+    fetch_file(server.url(PATH), dest, tiny_spec.train.sha256, timeout_s=5)
+    assert partial_files(tmp_path / "raw") == [] and dest.is_file()
