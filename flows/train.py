@@ -22,14 +22,18 @@ from tasks.download import download_task
 from tasks.evaluate import evaluate_task, read_metrics
 from tasks.fanout import DATASET_DEPLOYMENT, ChildRun, run_child_task
 from tasks.gate import gate_task
+from tasks.locations import SOURCE_PATTERN
 from tasks.promote import PromotionPolicy
 from tasks.publish import new_version_name, publish_task
-from tasks.registry import Candidate, Published
+from tasks.registry import PROFILE_FILE, Candidate, Published, open_registry
 from tasks.settings import Settings
 from tasks.train import TrainConfig, train_config_for, train_task
 from tasks.validate import report_in_run_dir, validate_task
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+SEED_MAX = 2**32 - 1  # numpy's (and so Keras') seed range
+DatasetNames = Annotated[str, Field(pattern=r"^\s*[a-z0-9][a-z0-9_-]*\s*(,\s*[a-z0-9][a-z0-9_-]*\s*)*$")]
+NonEmpty = Annotated[str, Field(min_length=1)]
 
 
 @flow(name="train-dataset", flow_run_name="{spec.name}")
@@ -41,7 +45,8 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
         settings.download_retry_backoff_s * 2**i for i in range(settings.download_retries)])
     train_raw = download(spec, "train", settings.source, settings.raw_dir, settings.download_timeout_s)
     test_raw = download(spec, "test", settings.source, settings.raw_dir, settings.download_timeout_s)
-    report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir), run_dir)
+    champion_profile = open_registry(settings.registry_location).champion_profile(spec.name)
+    report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile), run_dir)
     train_parquet = convert_task(train_raw, report.has_header["train"], settings.parquet_dir, spec.name, "train")
     test_parquet = convert_task(test_raw, report.has_header["test"], settings.parquet_dir, spec.name, "test")
     model_path = train_task(train_parquet, spec.num_classes, config, run_dir, spec.name)
@@ -58,24 +63,25 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
                           metrics=read_metrics(metrics_path), decision=decision, lineage=lineage,
                           test_parquet=test_parquet, predictions_path=run_dir / "predictions.npy",
                           files={"training_curves.png": run_dir / "training_curves.png",
-                                 "validation.json": report.report_path},
+                                 "validation.json": report.report_path,
+                                 **({PROFILE_FILE: report.profile_path} if report.profile_path else {})},
                           parameters=lineage["parameters"])
     return publish_task(settings.registry_location, candidate, policy=policy)
 
 
 @flow(name="train-mnist", flow_run_name="train-mnist-{dataset}")
 def train_mnist(
-    dataset: str = "all",
+    dataset: DatasetNames = "all",
     model: ModelKind | None = None,
-    epochs: Annotated[int, Field(gt=0)] | None = None,
-    source: str | None = None,
-    registry: str | None = None,
-    data_dir: str | None = None,
-    datasets_file: str | None = None,
+    epochs: Annotated[int, Field(gt=0, le=10_000)] | None = None,
+    source: Annotated[str, Field(pattern=SOURCE_PATTERN, min_length=1)] | None = None,
+    registry: NonEmpty | None = None,
+    data_dir: NonEmpty | None = None,
+    datasets_file: NonEmpty | None = None,
     min_accuracy: Fraction | None = None,
     min_class_recall: Fraction | None = None,
     train_rows: Annotated[int, Field(gt=0)] | None = None,
-    seed: int = 42,
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 42,
     promotion_tolerance: Fraction = 0.005,
     fan_out: bool = False,
 ) -> dict[str, str]:
@@ -163,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors in the log
     params: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    try:  # the flow signature's domains, checked before any work (as the server does for deployments)
+        train_mnist.validate_parameters(params)
+    except Exception as exc:  # noqa: BLE001 - Prefect's ParameterTypeError names the field and the reason
+        print(f"train-mnist: invalid parameters: {exc}", file=sys.stderr)
+        return 2
     state = train_mnist(**params, return_state=True)
     if state.is_completed():
         for name, version in state.result().items():

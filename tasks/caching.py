@@ -1,13 +1,15 @@
 """Content-keyed Prefect cache policies: a stage is redone only when its input bytes or its code change.
 
 A key is the SHA-256 of the stage's input files (never their URLs or mtimes) plus the code version:
-the task's source (Prefect's ``TASK_SOURCE``) and the source of the module that defines it, so an edit
-to ``validate_dataset`` invalidates validation just as an edit to the ``@task`` wrapper does. Where a
-stage places its outputs (the raw or Parquet folder) is part of the key too, so a run with another
-data dir never receives files from elsewhere.
+the task's source (Prefect's ``TASK_SOURCE``), the source of the module that defines it and of every
+project module that module imports (transitively: editing ``tasks/datasets.py`` invalidates every
+stage), and the versions of the libraries that shape the stage's output (pyarrow for conversion; pyarrow,
+Great Expectations, NumPy and pandas for validation). Where a stage places its outputs (the raw or
+Parquet folder) is part of the key too, so a run with another data dir never receives files from elsewhere.
 
-A cached result is only served while the files it names are still there (and, for raw files, still
-hold the recorded bytes): a stale record is skipped and the stage runs again. Prefect offers no way to
+A cached result is only served while the files it names are still there and hold the recorded bytes
+(raw files their verified SHA-256, Parquet files the SHA-256 recorded beside them when written): a
+stale record is skipped and the stage runs again. Prefect offers no way to
 delete a record, so the next key is derived from the stale one (``base``, then ``H(base, 1)``, ...).
 
 Results are persisted in Prefect's default result storage (``PREFECT_LOCAL_STORAGE_PATH``, by default
@@ -19,22 +21,27 @@ deleted, or which comes from another data dir, is never served.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import fcntl
 import hashlib
-import inspect
+import importlib
+import importlib.util
 import os
-import sys
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 CHUNK_BYTES = 1 << 20
+PROJECT_PACKAGES = ("tasks", "flows")
+OUTPUT_HASH_SUFFIX = ".sha256"
+HASHED_OUTPUT_SUFFIXES = (".parquet",)  # outputs whose bytes are recorded at write and checked before serving
 MAX_GENERATIONS = 64  # stale records skipped before a key gives up on caching altogether
 
 # (path, device, inode, size, mtime_ns, ctime_ns) -> sha256: only spares re-reading a file within a
@@ -56,20 +63,116 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-@cache
-def _module_source_hash(module_name: str) -> str:
-    module = sys.modules.get(module_name)
+def module_source(module_name: str) -> str:
+    """The source text of a module (its name when it has no source file)."""
+    spec = importlib.util.find_spec(module_name)
+    origin = spec.origin if spec is not None else None
+    if not origin or not origin.endswith(".py") or not os.path.isfile(origin):
+        return module_name
+    return Path(origin).read_text()
+
+
+def project_imports(module_name: str, source: str) -> set[str]:
+    """Project modules (``tasks.*``, ``flows.*``) that ``source`` imports, at any depth of the file."""
+    found: set[str] = set()
     try:
-        source = inspect.getsource(module) if module is not None else module_name
-    except (OSError, TypeError):  # no source on disk (frozen, interactive): fall back to the name
-        source = module_name
-    return hashlib.sha256(source.encode()).hexdigest()
+        tree = ast.parse(source)
+    except SyntaxError:
+        return found
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            if name.split(".")[0] in PROJECT_PACKAGES and _is_module(name):
+                found.add(name)
+    found.discard(module_name)
+    return found
 
 
-def code_version(task_ctx: TaskRunContext) -> str:
-    """The task's own source (Prefect ``TASK_SOURCE``) plus the source of the module defining it."""
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # ``from tasks.x import NAME``: NAME is not a module
+        return False
+
+
+def dependency_sources(module_name: str) -> dict[str, str]:
+    """SHA-256 of the source of ``module_name`` and of every project module it imports, transitively."""
+    hashes: dict[str, str] = {}
+    pending = [module_name]
+    while pending:
+        name = pending.pop()
+        if name in hashes:
+            continue
+        source = module_source(name)
+        hashes[name] = hashlib.sha256(source.encode()).hexdigest()
+        pending.extend(project_imports(name, source) - hashes.keys())
+    return dict(sorted(hashes.items()))
+
+
+def library_version(name: str) -> str:
+    """The imported version of a library (``__version__``), or "absent"."""
+    try:
+        return str(importlib.import_module(name).__version__)
+    except (ImportError, AttributeError):
+        return "absent"
+
+
+def code_version(task_ctx: TaskRunContext, libraries: tuple[str, ...] = ()) -> str:
+    """The task's own source, the sources of its module's project dependencies and its libraries' versions."""
     task_source = TASK_SOURCE.compute_key(task_ctx, {}, {})
-    return hash_objects(task_source, _module_source_hash(task_ctx.task.fn.__module__), raise_on_failure=True)
+    return hash_objects(task_source, dependency_sources(task_ctx.task.fn.__module__),
+                        {name: library_version(name) for name in libraries}, raise_on_failure=True)
+
+
+# ---- files a stage writes and the next run finds --------------------------------------------------
+
+
+def hold_lock(fh: IO[bytes]) -> None:
+    """Mark a temporary file as in use: ``remove_orphans`` leaves it alone while this process lives."""
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_orphans(folder: Path, prefix: str, suffix: str) -> list[Path]:
+    """Delete temporary files left by killed runs (``prefix*suffix`` whose writer holds no lock any more)."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if not (path.name.startswith(prefix) and path.name.endswith(suffix)) or not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as fh:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live writer holds it
+                path.unlink()
+                removed.append(path)
+        except OSError:  # in use by a running writer, or already gone
+            continue
+    return removed
+
+
+def _hash_record(path: Path) -> Path:
+    return path.with_name(f".{path.name}{OUTPUT_HASH_SUFFIX}")
+
+
+def record_output_sha256(path: Path) -> str:
+    """Record the SHA-256 of a file just written, beside it (atomically), for later cache hits to check."""
+    digest = file_sha256(path)
+    record = _hash_record(path)
+    tmp = record.with_name(f"{record.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, record)
+    return digest
+
+
+def recorded_output_sha256(path: Path) -> str | None:
+    try:
+        return _hash_record(path).read_text().strip() or None
+    except OSError:
+        return None
 
 
 # ---- what a returned value promises --------------------------------------------------------------
@@ -92,7 +195,14 @@ def output_paths(value: Any) -> Iterator[Path]:
 
 def missing_outputs(value: Any) -> list[str]:
     """Why a cached value can no longer be served: its files that are gone or hold other bytes."""
-    problems = [f"{p} is missing" for p in output_paths(value) if not p.exists()]
+    paths = list(output_paths(value))
+    problems = [f"{p} is missing" for p in paths if not p.exists()]
+    for p in paths:
+        if p.suffix in HASHED_OUTPUT_SUFFIXES and p.is_file():
+            recorded, found = recorded_output_sha256(p), file_sha256(p)
+            if recorded != found:
+                problems.append(f"{p} changed: sha256 {found[:12]}..., recorded at write "
+                                f"{recorded[:12] + '...' if recorded else 'nothing'}")
     # A raw file (path + sha256) must still hold the bytes it was verified to hold.
     path, sha256 = getattr(value, "path", None), getattr(value, "sha256", None)
     if not problems and isinstance(path, Path) and isinstance(sha256, str) and path.is_file():
@@ -116,6 +226,8 @@ class ContentCache(CachePolicy):
 
     identity: Identity | None = None
     label: str = "content"
+    libraries: tuple[str, ...] = ()  # libraries whose versions shape the output
+    on_hit: Callable[[TaskRunContext, Any, dict[str, Any]], None] | None = field(default=None, repr=False)
 
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
@@ -124,10 +236,10 @@ class ContentCache(CachePolicy):
         parts = self.identity(inputs)
         if parts is None:
             return None
-        base = hash_objects(self.label, parts, code_version(task_ctx), raise_on_failure=True)
-        return self._first_servable_key(task_ctx, base)
+        base = hash_objects(self.label, parts, code_version(task_ctx, self.libraries), raise_on_failure=True)
+        return self._first_servable_key(task_ctx, base, inputs)
 
-    def _first_servable_key(self, task_ctx: TaskRunContext, base: str) -> str | None:
+    def _first_servable_key(self, task_ctx: TaskRunContext, base: str, inputs: dict[str, Any]) -> str | None:
         """The first key in ``base``'s chain with no record, or with a record whose files are intact."""
         store = task_ctx.result_store
         for generation in range(MAX_GENERATIONS):
@@ -141,6 +253,11 @@ class ContentCache(CachePolicy):
             else:
                 problems = missing_outputs(value)
             if not problems:
+                if self.on_hit is not None:
+                    try:
+                        self.on_hit(task_ctx, value, inputs)
+                    except Exception:  # noqa: BLE001 - a log line must never break key computation
+                        pass
                 return key
             self._log_refusal(task_ctx, problems)
         return None
@@ -167,14 +284,23 @@ def download_identity(inputs: dict[str, Any]) -> dict[str, Any] | None:
             "split": split, "path": spec.split(split).path}
 
 
+# What validation does not read: a changed gate or training recipe must not repeat it.
+NOT_VALIDATED = {"gates", "recipe"}
+
+
 def validate_identity(inputs: dict[str, Any]) -> dict[str, Any] | None:
-    """The bytes of both raw files and the full dataset spec (reference stats, tolerances, row counts)."""
+    """The bytes of both raw files (and of the champion's profile) and what validation reads of the spec
+    (layout, row counts, reference statistics and profile, tolerances), not its gates or recipe."""
     if not (Path(inputs["train_path"]).is_file() and Path(inputs["test_path"]).is_file()):
         return None  # nothing to key on: let the stage run and report the missing file itself
+    champion = inputs.get("champion_profile")
+    if champion is not None and not Path(champion).is_file():
+        return None
     return {
         "train_sha256": file_sha256(Path(inputs["train_path"])),
         "test_sha256": file_sha256(Path(inputs["test_path"])),
-        "spec": inputs["spec"].model_dump_json(),
+        "champion_profile_sha256": file_sha256(Path(champion)) if champion is not None else None,
+        "spec": inputs["spec"].model_dump_json(exclude=NOT_VALIDATED),
     }
 
 
@@ -189,6 +315,19 @@ def convert_identity(inputs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-DOWNLOAD_CACHE = ContentCache(identity=download_identity, label="download")
-VALIDATE_CACHE = ContentCache(identity=validate_identity, label="validate")
-CONVERT_CACHE = ContentCache(identity=convert_identity, label="convert")
+def log_download_hit(task_ctx: TaskRunContext, value: Any, inputs: dict[str, Any]) -> None:
+    """Say that the verified cached copy was used and that the source given to this run was not contacted."""
+    from prefect import get_run_logger
+
+    from tasks.locations import redact
+
+    get_run_logger().info(
+        "used the verified cached copy %s (sha256 %s..., fetched from %s at %s); source %s was not contacted",
+        value.path, value.sha256[:12], value.location, getattr(value, "fetched_at", None) or "an unknown time",
+        redact(str(inputs.get("source"))))
+
+
+DOWNLOAD_CACHE = ContentCache(identity=download_identity, label="download", on_hit=log_download_hit)
+VALIDATE_CACHE = ContentCache(identity=validate_identity, label="validate",
+                              libraries=("pyarrow", "great_expectations", "numpy", "pandas"))
+CONVERT_CACHE = ContentCache(identity=convert_identity, label="convert", libraries=("pyarrow",))

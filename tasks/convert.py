@@ -7,16 +7,24 @@ import uuid
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.caching import CONVERT_CACHE
+from tasks.caching import (
+    CONVERT_CACHE,
+    file_sha256,
+    hold_lock,
+    record_output_sha256,
+    recorded_output_sha256,
+    remove_orphans,
+)
+from tasks.csvfile import read_split_table
 from tasks.datasets import COLUMNS
 from tasks.download import RawFile
 
 SCHEMA = pa.schema([pa.field(name, pa.uint8(), nullable=False) for name in COLUMNS])
 COMPRESSION = "zstd"
+TMP_SUFFIX = ".tmp"
 
 
 def parquet_path(parquet_dir: Path, dataset: str, split: str, source_sha256: str) -> Path:
@@ -24,40 +32,47 @@ def parquet_path(parquet_dir: Path, dataset: str, split: str, source_sha256: str
     return parquet_dir / dataset / f"{split}-{source_sha256[:16]}.parquet"
 
 
-def read_csv_table(csv_path: Path, has_header: bool) -> pa.Table:
-    """Parse a (validated) CSV split straight into the uint8 schema, multi-threaded."""
-    read = pacsv.ReadOptions(column_names=list(COLUMNS), skip_rows=1 if has_header else 0, block_size=1 << 24)
-    convert = pacsv.ConvertOptions(column_types=dict(zip(SCHEMA.names, SCHEMA.types, strict=True)))
-    return pacsv.read_csv(csv_path, read_options=read, convert_options=convert).cast(SCHEMA)
+def read_csv_table(csv_path: Path, has_header: bool, expected_sha256: str | None = None) -> pa.Table:
+    """Parse a (validated) CSV split into the uint8 schema with the reader validation uses (``tasks.csvfile``)."""
+    return read_split_table(csv_path, list(COLUMNS), has_header, expected_sha256).cast(SCHEMA)
 
 
-def convert_to_parquet(csv_path: Path, dest: Path, has_header: bool) -> Path:
-    """Write ``csv_path`` as Parquet at ``dest`` (atomically); a ``dest`` that exists is reused."""
-    if dest.is_file():
+def convert_to_parquet(csv_path: Path, dest: Path, has_header: bool, expected_sha256: str | None = None) -> Path:
+    """Write ``csv_path`` as Parquet at ``dest`` (atomically) and record its SHA-256 beside it.
+
+    ``expected_sha256`` is the raw file's checksum the output is named after: the bytes parsed are
+    checked against it. A ``dest`` that exists is reused only if it holds the bytes recorded when it
+    was written; otherwise it is written again.
+    """
+    if dest.is_file() and recorded_output_sha256(dest) == file_sha256(dest):
         return dest
-    table = read_csv_table(csv_path, has_header)
+    table = read_csv_table(csv_path, has_header, expected_sha256)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    remove_orphans(dest.parent, f".{dest.name}.", TMP_SUFFIX)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     try:
-        pq.write_table(table, tmp, compression=COMPRESSION)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            hold_lock(fh)
+            pq.write_table(table, fh, compression=COMPRESSION)
+            fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, dest)
+            os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+    record_output_sha256(dest)
     return dest
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------
 
 
-# Cached by the raw file's sha256 + code version; a deleted Parquet file is written again.
+# Cached by the raw file's sha256 + code version; a deleted or altered Parquet file is written again.
 @task(name="convert", task_run_name="convert-{dataset}-{split}", cache_policy=CONVERT_CACHE, persist_result=True)
 def convert_task(raw: RawFile, has_header: bool, parquet_dir: Path, dataset: str, split: str) -> Path:
     from prefect import get_run_logger
 
     dest = parquet_path(parquet_dir, dataset, split, raw.sha256)
     existed = dest.is_file()
-    path = convert_to_parquet(raw.path, dest, has_header)
+    path = convert_to_parquet(raw.path, dest, has_header, raw.sha256)
     get_run_logger().info("%s %s (%d bytes)", "reused" if existed else "wrote", path, path.stat().st_size)
     return path

@@ -6,11 +6,14 @@ datasets in a file of the same format, passed with ``--datasets-file``.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.locations import LocationError, check_dataset_path
 
 IMAGE_SIDE = 28
 IMAGE_SHAPE = (IMAGE_SIDE, IMAGE_SIDE)
@@ -35,7 +38,7 @@ class _Strict(BaseModel):
 
 
 class SplitFile(_Strict):
-    """One split's file: where it is (relative to the source, or an absolute URL) and what it must be."""
+    """One split's file: where it is (relative to the source and inside it, or an http(s) URL) and what it must be."""
 
     path: str = Field(min_length=1)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
@@ -49,12 +52,22 @@ class Gates(_Strict):
     min_class_recall: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
+class ImageProfile(_Strict):
+    """Statistics of a split that see the images' geometry: the per-pixel mean image."""
+
+    rows: int = Field(gt=0)
+    pixel_std: float = Field(ge=0, le=PIXEL_MAX)
+    mean_image: tuple[float, ...] = Field(min_length=NUM_PIXELS, max_length=NUM_PIXELS)
+
+
 class Reference(_Strict):
     """Reference statistics that a split's distribution is compared with."""
 
     class_counts: tuple[float, ...] = Field(min_length=2)
     pixel_mean: float = Field(ge=PIXEL_MIN, le=PIXEL_MAX)
     pixel_std: float = Field(gt=0, le=PIXEL_MAX)
+    # In a datasets file: ``profile = "file.json"`` beside it (written like a version's data_profile.json split).
+    profile: ImageProfile | None = None
 
     @property
     def class_proportions(self) -> list[float]:
@@ -72,6 +85,8 @@ class Tolerances(_Strict):
     max_blank_share: float = Field(default=0.01, ge=0, le=1)
     max_duplicate_share: float = Field(default=0.01, ge=0, le=1)
     max_test_in_train_share: float = Field(default=0.01, ge=0, le=1)
+    # Root-mean-square difference of two mean images, in grey levels, beyond sampling noise (see validate.py).
+    max_mean_image_rmse: float = Field(default=6.0, gt=0)
 
 
 class Recipe(_Strict):
@@ -98,6 +113,12 @@ class DatasetSpec(_Strict):
     reference: Reference | None = None
     tolerances: Tolerances = Tolerances()
     recipe: Recipe = Recipe()
+
+    @model_validator(mode="after")
+    def _paths_stay_inside_the_source(self) -> DatasetSpec:
+        for entry in (self.train, self.test):
+            check_dataset_path(self.name, entry.path)
+        return self
 
     @model_validator(mode="after")
     def _reference_matches_classes(self) -> DatasetSpec:
@@ -127,15 +148,32 @@ def load_datasets_file(path: Path) -> dict[str, DatasetSpec]:
         raise DatasetConfigError(f"{path}: expected one or more [[dataset]] tables")
     specs: dict[str, DatasetSpec] = {}
     for i, entry in enumerate(entries, start=1):
+        name = entry.get("name", f"#{i}") if isinstance(entry, dict) else f"#{i}"
         try:
-            spec = DatasetSpec.model_validate(entry)
-        except ValidationError as exc:
-            name = entry.get("name", f"#{i}") if isinstance(entry, dict) else f"#{i}"
+            spec = DatasetSpec.model_validate(_with_profile(entry, Path(path).parent, name))
+        except (ValidationError, LocationError) as exc:
             raise DatasetConfigError(f"{path}: dataset {name}: {exc}") from exc
         if spec.name in specs:
             raise DatasetConfigError(f"{path}: dataset {spec.name!r} is defined twice")
         specs[spec.name] = spec
     return specs
+
+
+def _with_profile(entry: Any, folder: Path, name: str) -> Any:
+    """Replace ``reference.profile = "file.json"`` by the profile it names (a file beside the datasets file)."""
+    reference = entry.get("reference") if isinstance(entry, dict) else None
+    if not isinstance(reference, dict) or not isinstance(reference.get("profile"), str):
+        return entry
+    relative = reference["profile"]
+    check_dataset_path(name, relative)
+    target = (folder / relative).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise LocationError(f"dataset {name}: profile {relative!r} leaves the folder of its datasets file")
+    try:
+        profile = json.loads(target.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetConfigError(f"dataset {name}: cannot read reference profile {target}: {exc}") from exc
+    return {**entry, "reference": {**reference, "profile": profile}}
 
 
 def load_catalog(datasets_file: Path | None = None) -> dict[str, DatasetSpec]:

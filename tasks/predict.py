@@ -24,19 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.csvfile import read_head, read_split_table, read_text, sniff_columns
 from tasks.datasets import COLUMNS, LABEL_COLUMN, NUM_PIXELS, DatasetSpec, load_catalog, select_datasets
 from tasks.registry import open_registry
 from tasks.settings import Settings
-from tasks.validate import (
-    DataValidationError,
-    GxRunner,
-    read_clean_matrix,
-    read_head,
-    read_matrix,
-    read_text,
-    sniff_columns,
-    validate_split,
-)
+from tasks.validate import DataValidationError, GxRunner, validate_split
 
 PREDICT_BATCH = 2048
 
@@ -75,10 +67,10 @@ def read_scoring_rows(spec: DatasetSpec, csv_path: Path) -> np.ndarray:
         if failures:
             raise DataValidationError(f"{csv_path}: not scored, {len(failures)} problem(s):\n- " + "\n- ".join(
                 f.replace(path.name, csv_path.name) for f in failures))
+        # Validated: the one reader that conversion uses gives the same matrix.
         columns, has_header = sniff_columns(read_head(path), csv_path.name, None)
-        parsed = read_clean_matrix(path, columns, has_header) or read_matrix(read_text(path)[0], csv_path.name,
-                                                                              columns, has_header)
-    return np.ascontiguousarray(parsed.matrix[:, 1:], dtype=np.uint8)
+        table = read_split_table(path, columns, has_header)
+    return np.column_stack([column.to_numpy() for column in table.columns[1:]]).astype(np.uint8, copy=False)
 
 
 def _with_label_column(csv_path: Path, tmp: Path) -> Path:

@@ -2,9 +2,12 @@
 
 Both models are scored on the same test rows, so their predictions are paired. The challenger is
 refused when its accuracy is lower than the champion's by more than a tolerance, or when it is
-significantly worse by McNemar's exact test: a two-sided exact binomial test on the discordant rows
-(b = challenger right and champion wrong, c = the reverse), with c > b. Pure functions only; loading
-the champion and predicting happen in ``tasks.publish``, under the dataset's lock.
+significantly worse by McNemar's exact test. Exactly: on the discordant rows (b = challenger right and
+champion wrong, c = the reverse), p is the **two-sided** exact binomial p-value of b successes in b + c
+trials at 1/2, and the rule refuses when **c > b and p < alpha** (alpha = 0.05). That is a one-sided test
+of "the challenger is worse" at level alpha / 2 = 0.025; a challenger that is significantly better is
+never refused. Pure functions only; loading the champion and predicting happen in ``tasks.publish``,
+under the dataset's lock.
 """
 
 from __future__ import annotations

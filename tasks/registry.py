@@ -14,6 +14,7 @@ pointer is then replaced atomically. ``tasks.publish`` holds the decision logic 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import uuid
@@ -34,6 +35,7 @@ from tasks.registry_mlflow import MlflowRegistry, is_mlflow_uri
 from tasks.retention import RetentionPolicy, prune_versions
 
 POINTER = "production"
+PROFILE_FILE = "data_profile.json"  # the data profile validation wrote, stored with the version
 STAGING_PREFIX = ".staging-"
 VERSION_FILES = ("model.keras", "metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "model_card.md",
                  "canary.npz")
@@ -77,6 +79,8 @@ class Registry(Protocol):
     def lock(self, dataset: str) -> contextlib.AbstractContextManager[str]: ...
 
     def production(self, dataset: str) -> str | None: ...
+
+    def champion_profile(self, dataset: str) -> Path | None: ...
 
     def load_version(self, dataset: str, version: str) -> tuple[str, Any]: ...
 
@@ -124,15 +128,35 @@ def scored_champion(dataset: str, champion: str, what: str, pixels: np.ndarray, 
 
 
 def read_production(registry: Path, dataset: str) -> str | None:
-    pointer = Path(registry) / dataset / POINTER
-    return pointer.read_text().strip() or None if pointer.is_file() else None
+    """The production version's name; None only when there is no pointer at all.
+
+    A pointer that is empty, is not a regular file, or names a version that is not a folder of the
+    registry raises ``ChampionUnreadable`` naming the file: damage must not read as "no champion".
+    """
+    registry = Path(registry)
+    pointer = registry / dataset / POINTER
+    if not os.path.lexists(pointer):
+        return None
+    fix = "; nothing was published. Repair it, or remove it to publish the next model on its gates alone"
+    if not pointer.is_file():
+        raise ChampionUnreadable(f"{dataset}: production pointer {pointer} is not a regular file{fix}")
+    try:
+        version = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ChampionUnreadable(f"{dataset}: production pointer {pointer} cannot be read ({exc}){fix}") from exc
+    if not version:
+        raise ChampionUnreadable(f"{dataset}: production pointer {pointer} is empty{fix}")
+    if "/" in version or version.startswith(".") or not (registry / dataset / version).is_dir():
+        raise ChampionUnreadable(f"{dataset}: production pointer {pointer} names version {version!r}, "
+                                 f"which is not a folder of {registry / dataset}{fix}")
+    return version
 
 
 def list_versions(registry: Path, dataset: str) -> list[str]:
     root = Path(registry) / dataset
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != POINTER)
 
 
 def is_complete_version(path: Path) -> bool:
@@ -175,6 +199,12 @@ class FolderRegistry:
     def production(self, dataset: str) -> str | None:
         return read_production(self.root, dataset)
 
+    def champion_profile(self, dataset: str) -> Path | None:
+        """The production version's stored data profile, if there is a production version with one."""
+        version = read_production(self.root, dataset)
+        path = self.root / dataset / version / PROFILE_FILE if version else None
+        return path if path is not None and path.is_file() else None
+
     def load_version(self, dataset: str, version: str) -> tuple[str, Any]:
         """(model file, loaded Keras model) of a version; FileNotFoundError naming the file if it is gone."""
         path = self.root / dataset / version / "model.keras"
@@ -206,8 +236,11 @@ class FolderRegistry:
         for name, data in documents.items():
             storage.write_bytes(staging / name, data)
         storage.fsync_dir(staging)
+        first = not list_versions(self.root, candidate.dataset)
         staging.rename(final)
         storage.fsync_dir(root)
+        if first:  # the dataset folder's own entry in the registry must survive a power cut too
+            storage.fsync_dir(self.root)
         set_production(self.root, candidate.dataset, candidate.version)
         return Published(candidate.dataset, candidate.version, final, promotion, location=str(final))
 
@@ -251,6 +284,11 @@ class MlflowModelRegistry:
 
     def production(self, dataset: str) -> str | None:
         return self.mlflow.production(dataset)
+
+    def champion_profile(self, dataset: str) -> Path | None:
+        """The data profile stored with the production version's run, downloaded to a temporary file."""
+        version = self.mlflow.production(dataset)
+        return self.mlflow.download_profile(dataset, version) if version else None
 
     def load_version(self, dataset: str, version: str) -> tuple[str, Any]:
         return self.mlflow.model_uri(dataset, version), self.mlflow.load_model(dataset, version)

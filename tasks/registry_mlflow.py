@@ -104,14 +104,13 @@ class MlflowRegistry:
     def version_tag(self, dataset: str, version: str, tag: str) -> str | None:
         return self.client.get_model_version(dataset, version).tags.get(tag)
 
-    def download_profile(self, dataset: str, version: str) -> dict[str, Any] | None:
-        """The data profile stored with a registered version's run, if it has one."""
+    def download_profile(self, dataset: str, version: str) -> Path | None:
+        """The data profile stored with a registered version's run (a local copy), if it has one."""
         run_id = self.client.get_model_version(dataset, version).run_id
         names = {a.path for a in self.client.list_artifacts(run_id)}
         if PROFILE_ARTIFACT not in names:
             return None
-        local = self.client.download_artifacts(run_id, PROFILE_ARTIFACT, tempfile.mkdtemp())
-        return json.loads(Path(local).read_text())
+        return Path(self.client.download_artifacts(run_id, PROFILE_ARTIFACT, tempfile.mkdtemp()))
 
     # ---- recording a run -------------------------------------------------------------------------
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.locations import check_source
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MIRROR = PROJECT_ROOT / "data" / "mirror"
+DOWNLOAD_TIMEOUT_S = 30.0
+# The biggest bundled file is 30 MB; a 10-minute deadline leaves a slow 1 Mbit/s link room for 60 MB.
+DOWNLOAD_DEADLINE_S = 600.0
+DOWNLOAD_MAX_BYTES = 256 << 20
 
 
 class Settings(BaseSettings):
@@ -24,9 +30,17 @@ class Settings(BaseSettings):
     registry: str | None = Field(default=None, description="Model registry: a folder (default <data_dir>/registry) "
                                  "or an MLflow tracking server, http(s)://host:port.")
     datasets_file: Path | None = Field(default=None, description="TOML file with extra dataset definitions.")
-    download_timeout_s: float = Field(default=30.0, gt=0, description="Socket timeout of one read.")
+    download_timeout_s: float = Field(default=DOWNLOAD_TIMEOUT_S, gt=0, description="Socket timeout of one read.")
+    download_deadline_s: float = Field(default=DOWNLOAD_DEADLINE_S, gt=0,
+                                       description="Total time one file's download may take (each attempt).")
+    download_max_bytes: int = Field(default=DOWNLOAD_MAX_BYTES, gt=0, description="Largest file downloaded.")
     download_retries: int = Field(default=3, ge=0)
     download_retry_backoff_s: float = Field(default=2.0, ge=0, description="Delays are b, 2b, 4b, ...")
+
+    @field_validator("source")
+    @classmethod
+    def _allowed_source(cls, value: str) -> str:
+        return check_source(value)
 
     @property
     def registry_location(self) -> str:

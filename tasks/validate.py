@@ -13,10 +13,8 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import uuid
-import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,19 +26,33 @@ import pyarrow.csv as pacsv
 from prefect import task
 
 from tasks.caching import VALIDATE_CACHE
+from tasks.csvfile import (
+    PARSE_BLOCK_BYTES,
+    CsvFileError,
+    data_span,
+    decode_bytes,
+    describe_arrow_error,
+    read_bytes,
+    read_head,
+    sniff_columns,
+    stream_strict,
+)
+from tasks.csvfile import read_text as read_text
 from tasks.datasets import (
     COLUMNS,
+    IMAGE_SIDE,
     LABEL_COLUMN,
+    NUM_PIXELS,
     PIXEL_MAX,
     PIXEL_MIN,
     DatasetSpec,
+    ImageProfile,
     Reference,
     Split,
 )
 
-GZIP_MAGIC = b"\x1f\x8b"
-SNIFF_BYTES = 64 * 1024
-PARSE_BLOCK_BYTES = 4 << 20  # smaller blocks parse faster than 16 MB ones and spread over threads
+PROFILE_FILE = "data_profile.json"
+NOISE_SIGMAS = 2.0  # sampling noise allowed on top of max_mean_image_rmse, in standard errors
 STATS_CHUNK_ROWS = 8192  # bounds the temporaries of the sum-of-squares pass
 MAX_EXAMPLES = 5  # offending rows/lines quoted per failure
 DOCS_DIRNAME = "data_docs"
@@ -78,91 +90,14 @@ class SplitProfile:
     stats: dict[str, float]
     label_counts: list[int]
     row_hashes: set[int] = field(repr=False)
+    mean_image: np.ndarray | None = field(default=None, repr=False)  # (784,) float64, per-pixel mean
+
+    def image_profile(self) -> ImageProfile:
+        return ImageProfile(rows=int(self.stats["rows"]), pixel_std=round(float(self.stats["pixel_std"]), 4),
+                            mean_image=tuple(round(float(v), 3) for v in self.mean_image))
 
 
 # ---- reading -------------------------------------------------------------------------------------
-
-
-def read_head(path: Path) -> bytes:
-    """The first ``SNIFF_BYTES`` of the file's text (gunzipped if gzip-compressed), to sniff its layout."""
-    with open(path, "rb") as fh:
-        raw = fh.read(SNIFF_BYTES)
-        if raw[:2] != GZIP_MAGIC:
-            return raw
-        decoder, head = zlib.decompressobj(wbits=31), b""
-        while len(head) < SNIFF_BYTES and raw and not decoder.eof:
-            try:
-                head += decoder.decompress(raw, SNIFF_BYTES - len(head))
-            except zlib.error as exc:
-                raise DataValidationError(f"{path.name}: corrupt gzip stream: {exc}") from exc
-            raw = decoder.unconsumed_tail or fh.read(SNIFF_BYTES)
-        return head
-
-
-def read_text(path: Path) -> tuple[bytes, str | None]:
-    """The file's bytes, gunzipped if gzip-compressed, and a problem if the gzip stream was truncated.
-
-    A truncated stream keeps its complete lines, so the drift numbers can still be computed.
-    """
-    raw = path.read_bytes()
-    if raw[:2] != GZIP_MAGIC:
-        return raw, None
-    parts: list[bytes] = []
-    rest = raw
-    while rest[:2] == GZIP_MAGIC:  # concatenated gzip members form one stream
-        decoder = zlib.decompressobj(wbits=31)
-        try:
-            parts.append(decoder.decompress(rest))
-        except zlib.error as exc:
-            raise DataValidationError(f"{path.name}: corrupt gzip stream: {exc}") from exc
-        if not decoder.eof:
-            data = b"".join(parts)
-            kept = data[: data.rfind(b"\n") + 1]
-            lines = kept.count(b"\n")
-            return kept, (f"{path.name}: gzip stream truncated (no end-of-stream marker after {len(raw)} compressed "
-                          f"bytes); checked the {lines} complete lines before the cut")
-        rest = decoder.unused_data
-    return b"".join(parts), None
-
-
-def sniff_columns(data: bytes, name: str, header: bool | None) -> tuple[list[str], bool]:
-    """Column names of the CSV (from its header, or generated) and whether it has a header row.
-
-    Fails early, with what was found, on empty files and on documents that are not CSV at all.
-    """
-    head = data[:SNIFF_BYTES].lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not head:
-        raise DataValidationError(f"{name}: file is empty (no header, no rows)")
-    if head[:1] in (b"<", b"{", b"["):
-        kind = "an HTML page" if head[:1] == b"<" else "a JSON document"
-        raise DataValidationError(f"{name}: looks like {kind}, not CSV; starts with {_quote(head)}")
-    try:
-        first_line = head.split(b"\n", 1)[0].decode("utf-8").strip("\r\n ")
-    except UnicodeDecodeError as exc:
-        raise DataValidationError(f"{name}: not a text CSV (first line is not UTF-8); starts with {head[:40]!r}") from exc
-    fields = [f.strip().strip('"') for f in first_line.split(",")]
-    detected_header = not _is_number(fields[0])
-    if header is not None and header != detected_header:
-        expected = "a header row" if header else "no header row"
-        raise DataValidationError(f"{name}: expected {expected}; first line: {_quote(first_line)}")
-    if detected_header:
-        return fields, True
-    return [LABEL_COLUMN] + [f"pixel{i}" for i in range(1, len(fields))], False
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _quote(text: str | bytes, limit: int = 120) -> str:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    text = text.strip()
-    return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 def schema_problems(found: list[str], expected: list[str], has_header: bool) -> str:
@@ -188,38 +123,10 @@ def _few(items: list[Any]) -> str:
     return f"[{shown}{', ...' if len(items) > MAX_EXAMPLES else ''}] ({len(items)})"
 
 
-def read_clean_matrix(path: Path, columns: list[str], has_header: bool) -> ParsedSplit | None:
-    """The common case in one pass, decompressing in pyarrow's read-ahead thread while its workers parse.
-
-    Returns None as soon as anything is unusual (bad rows, empty or non-byte cells, a truncated or
-    corrupt stream): ``read_text`` + ``read_matrix`` then read the file again to say exactly what.
-    """
-    stream = pa.OSFile(str(path))
-    with open(path, "rb") as fh:
-        if fh.read(2) == GZIP_MAGIC:
-            stream = pa.CompressedInputStream(stream, "gzip")
-    try:
-        with stream:
-            table = pacsv.read_csv(
-                stream,
-                read_options=pacsv.ReadOptions(column_names=columns, skip_rows=int(has_header),
-                                               block_size=PARSE_BLOCK_BYTES),
-                parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
-                convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, pa.uint8())),
-            )
-    except (pa.ArrowInvalid, OSError):
-        return None
-    if not table.num_rows or any(col.null_count for col in table.columns):
-        return None
-    return ParsedSplit(_table_to_matrix(table, np.uint8), 1 + int(has_header))
-
-
 def read_matrix(data: bytes, name: str, columns: list[str], has_header: bool) -> ParsedSplit:
-    """Parse the CSV text; rows with a wrong field count are skipped and listed in ``bad_rows``."""
-    start = data.find(b"\n") + 1 if has_header else 0
-    end = len(data)
-    while end > start and data[end - 1] in b"\r\n\t ":  # trailing blank lines are harmless; inner ones are not
-        end -= 1
+    """Parse the CSV text leniently, to describe what is wrong; rows with a wrong field count are skipped
+    and listed in ``bad_rows``. Only used after ``tasks.csvfile.stream_strict`` refused the file."""
+    start, end = data_span(data, has_header)
     first_line = 1 + int(has_header)
     if start == 0 and has_header or start >= end:
         return ParsedSplit(np.zeros((0, len(columns)), np.uint8), first_line)
@@ -230,7 +137,7 @@ def read_matrix(data: bytes, name: str, columns: list[str], has_header: bool) ->
         except pa.ArrowInvalid as exc:
             if dtype == pa.uint8() and "conversion error" in str(exc):
                 continue  # out-of-byte or fractional values: re-read as floats to report them
-            raise DataValidationError(_parse_error(buffer, name, columns, first_line, exc)) from exc
+            raise DataValidationError(describe_arrow_error(buffer, name, columns, first_line, exc, dtype)) from exc
         if dtype == pa.uint8() and table.num_rows and any(col.null_count for col in table.columns):
             continue  # empty cells: float32 keeps them as NaN
         parsed = ParsedSplit(_table_to_matrix(table, np.uint8 if dtype == pa.uint8() else np.float32), first_line)
@@ -260,22 +167,6 @@ def _parse(buffer: pa.Buffer, columns: list[str], dtype: pa.DataType, threads: b
         convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, dtype)),
     )
     return table, sorted(bad, key=lambda b: b[0] or 0)
-
-
-def _parse_error(buffer: pa.Buffer, name: str, columns: list[str], first_line: int, exc: pa.ArrowInvalid) -> str:
-    """Name the column, line and value of a value that is not a number."""
-    message = str(exc)
-    if "Row #" not in message and "conversion error" in message:
-        try:  # single-threaded parsing reports the line number
-            _parse(buffer, columns, pa.float32(), threads=False)
-        except pa.ArrowInvalid as again:
-            message = str(again)
-    found = re.search(r"column #(\d+): (?:Row #(\d+): )?CSV conversion error to \w+: invalid value '(.*)'", message)
-    if found:
-        column, row, value = found.groups()
-        where = f" at line {int(row) + first_line - 1}" if row else ""
-        return f"{name}: non-numeric value {value[:40]!r} in column {columns[int(column)]}{where}; expected integers"
-    return f"{name}: cannot parse as CSV of numbers: {_short(message)}"
 
 
 def _table_to_matrix(table: pa.Table, dtype: type) -> np.ndarray:
@@ -322,6 +213,7 @@ def profile_split(matrix: np.ndarray, num_classes: int, has_header: bool = False
     counts = np.bincount(valid_labels.astype(np.int64), minlength=num_classes)[:num_classes]
     unique = {hash(row.tobytes()) for row in filled}
     mean, std = pixel_mean_std(filled) if n else (math.nan, math.nan)
+    mean_image = filled.sum(axis=0, dtype=np.float64) / n if n else None
     stats = {
         "rows": float(n),
         "pixel_mean": mean,
@@ -329,7 +221,63 @@ def profile_split(matrix: np.ndarray, num_classes: int, has_header: bool = False
         "blank_share": float((row_max == 0).mean()) if n else math.nan,
         "duplicate_share": 1.0 - len(unique) / n if n else math.nan,
     }
-    return SplitProfile(has_header=has_header, rows=rows, stats=stats, label_counts=counts.tolist(), row_hashes=unique)
+    return SplitProfile(has_header=has_header, rows=rows, stats=stats, label_counts=counts.tolist(), row_hashes=unique,
+                        mean_image=mean_image)
+
+
+def mean_image_distance(a: ImageProfile, b: ImageProfile) -> dict[str, float]:
+    """Root-mean-square difference of two mean images (grey levels) and the sampling noise expected of it.
+
+    ``noise`` is the standard error of the difference of two means of values with the profiles' pixel
+    std, an upper bound for every pixel's; the check allows ``NOISE_SIGMAS`` of it on top of the tolerance.
+    A mirrored, flipped or shifted dataset moves the mean image by 10-20 grey levels; the real test
+    splits are 2.0 (MNIST) and 0.6 (Fashion-MNIST) from their train splits.
+    """
+    first, second = np.asarray(a.mean_image), np.asarray(b.mean_image)
+    rmse = float(np.sqrt(np.mean((first - second) ** 2)))
+    noise = math.sqrt(a.pixel_std ** 2 / a.rows + b.pixel_std ** 2 / b.rows)
+    return {"mean_image_rmse": rmse, "noise": noise}
+
+
+def geometry_drift(spec: DatasetSpec, profiles: dict[str, SplitProfile | None],
+                   champion: dict[str, ImageProfile] | None) -> dict[str, dict[str, float]]:
+    """Mean-image distances of each split to the reference profile, to the champion's same split, and of
+    test to train; each with the threshold it is checked against."""
+    measured: dict[str, dict[str, float]] = {}
+    current = {split: p.image_profile() for split, p in profiles.items() if p is not None and p.mean_image is not None}
+
+    def add(name: str, a: ImageProfile, b: ImageProfile) -> None:
+        distance = mean_image_distance(a, b)
+        distance["threshold"] = spec.tolerances.max_mean_image_rmse + NOISE_SIGMAS * distance["noise"]
+        measured[name] = distance
+
+    reference = spec.reference.profile if spec.reference is not None else None
+    for split, profile in current.items():
+        if reference is not None:
+            add(f"{split}_vs_reference", profile, reference)
+        if champion and split in champion:
+            add(f"{split}_vs_champion", profile, champion[split])
+    if "train" in current and "test" in current:
+        add("test_vs_train", current["test"], current["train"])
+    return measured
+
+
+def read_profile(path: Path | None) -> dict[str, ImageProfile] | None:
+    """A published version's ``data_profile.json`` (per split), or None when there is none."""
+    if path is None:
+        return None
+    data = json.loads(Path(path).read_text())
+    return {split: ImageProfile.model_validate(value) for split, value in data.get("splits", {}).items()}
+
+
+def write_profile(report_dir: Path, spec: DatasetSpec, profiles: dict[str, SplitProfile | None]) -> Path | None:
+    """This run's data profile (per split), which publishing stores with the version."""
+    splits = {split: p.image_profile().model_dump(mode="json") for split, p in profiles.items()
+              if p is not None and p.mean_image is not None}
+    if len(splits) != len(profiles):
+        return None
+    return _write_json(report_dir / PROFILE_FILE, {"dataset": spec.name, "image_side": IMAGE_SIDE,
+                                                   "pixels": NUM_PIXELS, "splits": splits})
 
 
 def pixel_mean_std(pixels: np.ndarray) -> tuple[float, float]:
@@ -434,6 +382,12 @@ def _pair_expectations(spec: DatasetSpec) -> list:
         _expect("ExpectColumnValuesToBeBetween", "test split has more rows than train (splits swapped?)",
                 column="test_to_train_rows", max_value=1.0),
     ]
+
+
+def _geometry_expectations(geometry: dict[str, dict[str, float]]) -> list:
+    return [_expect("ExpectColumnValuesToBeBetween",
+                    f"mean image moved ({name.replace('_', ' ')}: mirrored, flipped, shifted or other images?)",
+                    column=name, max_value=round(d["threshold"], 4)) for name, d in geometry.items()]
 
 
 def quiet_gx_logging() -> None:
@@ -600,6 +554,7 @@ class ValidationReport:
     report_path: Path
     has_header: dict[str, bool]  # per split, as detected
     docs_path: Path | None = None  # GX Data Docs index.html, if it could be built
+    profile_path: Path | None = None  # data_profile.json: stored with the version if this run publishes
 
 
 def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRunner,
@@ -609,7 +564,7 @@ def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRun
     where = f"{name} ({path.name})"
     try:
         columns, has_header = sniff_columns(read_head(path), where, spec.header)
-    except DataValidationError as exc:
+    except CsvFileError as exc:
         failures.append(str(exc))
         return None
     # An empty frame with the file's columns; one uint8 block, since GX fingerprints every column of a batch.
@@ -619,17 +574,32 @@ def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRun
         detail = schema_problems(columns, list(COLUMNS), has_header)
         failures.extend(describe_failures(f"{name}-schema", schema, found=detail))
         return None
-    parsed = read_clean_matrix(path, columns, has_header)
-    if parsed is None:
+    before = len(failures)
+    strict_problem = None
+    try:
+        raw = read_bytes(path)
+    except CsvFileError as exc:
+        failures.append(f"{where}: {exc}")
+        return None
+    try:  # the one reader, as conversion will read the file
+        parsed = ParsedSplit(_table_to_matrix(stream_strict(raw, where, columns, has_header), np.uint8),
+                             1 + int(has_header))
+    except CsvFileError as exc:
+        strict_problem = str(exc)  # named below, unless the careful read names the problem itself
         try:
-            data, truncated = read_text(path)
-            if truncated:
-                failures.append(f"{name}: {truncated}")
+            data, truncated = decode_bytes(raw, path.name)
+        except CsvFileError as again:
+            failures.append(str(again))
+            return None
+        if truncated:
+            failures.append(f"{name}: {truncated}")
+        try:
             parsed = read_matrix(data, where, columns, has_header)
-        except DataValidationError as exc:
-            failures.append(str(exc))
+        except DataValidationError as again:
+            failures.append(str(again))
             return None
         del data
+    del raw
     if parsed.bad_rows:
         examples = ", ".join(f"line {line} has {fields} fields" for line, fields, _ in parsed.bad_rows[:MAX_EXAMPLES])
         failures.append(f"{where}: {len(parsed.bad_rows)} row(s) with the wrong number of fields, expected "
@@ -637,14 +607,24 @@ def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRun
     profile = profile_split(parsed.matrix, spec.num_classes, has_header)
     rows = gx_runner.run(f"{name}-rows", profile.rows, _rows_expectations(spec, split))
     failures.extend(describe_failures(f"{name}-rows", rows, CellLocator(parsed, columns)))
+    if strict_problem is not None and len(failures) == before:
+        # The one reader refused the file: conversion would fail, so validation must too.
+        failures.append(strict_problem)
     if not len(parsed.matrix):
         failures.append(f"{where}: no data rows" + (" after the header (header-only file)" if has_header else ""))
         return None
     return profile
 
 
-def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, report_dir: Path) -> ValidationReport:
-    """Validate both splits and their relation; write ``validation.json`` and Data Docs; raise if anything failed."""
+def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, report_dir: Path,
+                     champion_profile: dict[str, ImageProfile] | None = None) -> ValidationReport:
+    """Validate both splits and their relation; write ``validation.json``, ``data_profile.json`` and Data Docs;
+    raise if anything failed.
+
+    ``champion_profile`` is the production version's data profile (``read_profile``), or None: each
+    split's mean image is then also compared with the champion's, which covers datasets without a
+    reference profile.
+    """
     report_dir.mkdir(parents=True, exist_ok=True)
     runner = GxRunner()
     failures: list[str] = []
@@ -678,6 +658,15 @@ def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, repor
         drift["pair"] = pair
         result = runner.run(f"{spec.name}-pair", pd.DataFrame([pair]), _pair_expectations(spec))
         failures.extend(describe_failures(f"{spec.name}-pair", result))
+    geometry = geometry_drift(spec, profiles, champion_profile)
+    drift["geometry"] = geometry
+    if champion_profile is None:
+        drift["geometry_champion"] = "no champion profile (first version, or one published before profiles)"
+    if geometry:
+        row = {name: d["mean_image_rmse"] for name, d in geometry.items()}
+        result = runner.run(f"{spec.name}-geometry", pd.DataFrame([row]), _geometry_expectations(geometry))
+        failures.extend(describe_failures(f"{spec.name}-geometry", result))
+    profile_path = write_profile(report_dir, spec, profiles)
     docs_path, docs_error = None, None
     try:
         docs_path = runner.build_docs(report_dir / DOCS_DIRNAME)
@@ -685,7 +674,7 @@ def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, repor
         docs_error = f"{type(exc).__name__}: {_short(str(exc))}"
     report_path = write_report(report_dir, spec, failures, drift, runner.results, docs_path, docs_error)
     layouts = {split: p.has_header for split, p in profiles.items() if p is not None}
-    report = ValidationReport(spec.name, not failures, failures, drift, report_path, layouts, docs_path)
+    report = ValidationReport(spec.name, not failures, failures, drift, report_path, layouts, docs_path, profile_path)
     if failures:
         raise DataValidationError(
             f"{spec.name}: data failed validation ({len(failures)} problem(s)):\n- " + "\n- ".join(failures),
@@ -729,7 +718,10 @@ def report_in_run_dir(report: ValidationReport, run_dir: Path) -> ValidationRepo
     data = json.loads(report.report_path.read_text())
     data["served_from_cache"] = str(report.report_path)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return replace(report, report_path=_write_json(target, data))
+    profile_path = report.profile_path
+    if profile_path is not None and profile_path.is_file():
+        profile_path = _write_json(run_dir / PROFILE_FILE, json.loads(profile_path.read_text()))
+    return replace(report, report_path=_write_json(target, data), profile_path=profile_path)
 
 
 def _finite(value: Any) -> Any:
@@ -753,12 +745,13 @@ def _json_default(value: Any) -> Any:
 
 
 @task(name="validate", task_run_name="validate-{spec.name}", cache_policy=VALIDATE_CACHE, persist_result=True)
-def validate_task(spec: DatasetSpec, train_path: Path, test_path: Path, report_dir: Path) -> ValidationReport:
+def validate_task(spec: DatasetSpec, train_path: Path, test_path: Path, report_dir: Path,
+                  champion_profile: Path | None = None) -> ValidationReport:
     from prefect import get_run_logger
 
     logger = get_run_logger()
     try:
-        report = validate_dataset(spec, train_path, test_path, report_dir)
+        report = validate_dataset(spec, train_path, test_path, report_dir, read_profile(champion_profile))
     except DataValidationError as exc:
         logger.error("%s", exc)
         raise

@@ -106,6 +106,14 @@ class UnannouncedShortBody(Fault):
 
 
 @dataclass(frozen=True)
+class Trickle(Fault):
+    """Announce the full length, then send one byte every ``interval`` seconds: never silent for a whole
+    socket timeout, so only a total deadline cuts it off."""
+
+    interval: float = 0.8
+
+
+@dataclass(frozen=True)
 class Hit:
     """One request as the server saw it."""
 
@@ -258,6 +266,13 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if isinstance(fault, (Serve, WrongBytes)):
             self.wfile.write(body)
+            return None
+        if isinstance(fault, Trickle):
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                if self.owner._stopping.wait(fault.interval):
+                    return None
             return None
         self.wfile.write(body[:cut])
         self.wfile.flush()

@@ -26,6 +26,7 @@ from tasks.download import (
     resolve_location,
     sha256_of,
 )
+from tasks.locations import LocationError
 
 SPLITS = ("train", "test")
 TINY_ROWS = {"train": 30, "test": 20}  # a few KB per file: these tests are about bytes, not data
@@ -84,11 +85,9 @@ def mirror_copy(tiny_mirror, tmp_path) -> Path:
         ("https://host/data", "mnist/a.csv.gz", "https://host/data/mnist/a.csv.gz"),
         ("file:///srv/mirror", "mnist/a.csv.gz", "file:///srv/mirror/mnist/a.csv.gz"),
         ("http://host/data", "https://elsewhere/x.csv.gz", "https://elsewhere/x.csv.gz"),
-        ("http://host/data", "file:///tmp/x.csv.gz", "file:///tmp/x.csv.gz"),
-        ("http://host/data", "/abs/x.csv.gz", "/abs/x.csv.gz"),
     ],
 )
-def test_resolve_location_joins_relative_paths_and_keeps_absolute_ones(source, relative, expected):
+def test_resolve_location_joins_relative_paths_and_keeps_full_http_urls(source, relative, expected):
     assert resolve_location(source, relative) == expected
 
 
@@ -140,11 +139,12 @@ def test_a_file_url_mirror(tiny_mirror, fashion_tiny, tmp_path):
     assert raw.fetched and raw.sha256 == fashion_tiny.test.sha256
 
 
-def test_an_absolute_split_path_ignores_the_mirror(tiny_mirror, mnist_tiny, tmp_path):
+def test_an_absolute_split_path_is_refused_before_anything_is_read(tiny_mirror, mnist_tiny, tmp_path):
     absolute = str(tiny_mirror / mnist_tiny.test.path)
     spec = mnist_tiny.model_copy(update={"test": mnist_tiny.test.model_copy(update={"path": absolute})})
-    raw = download_split(spec, "test", "http://127.0.0.1:9/nowhere", tmp_path / "raw")
-    assert raw.location == absolute and raw.sha256 == mnist_tiny.test.sha256
+    with pytest.raises(LocationError, match=f"dataset mnist: path '{absolute}' is absolute"):
+        download_split(spec, "test", "http://127.0.0.1:9/nowhere", tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
 
 
 # ---- the raw cache -----------------------------------------------------------------------------------

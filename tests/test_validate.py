@@ -42,7 +42,7 @@ def test_real_slices_pass_in_both_layouts(request, slice_mirror, tmp_path, fixtu
     assert saved["passed"] is True and saved["dataset"] == spec.name
     suites = [r["suite_name"] for r in saved["great_expectations"]]
     assert suites == [f"{spec.name}-{s}" for s in ("train-schema", "train-rows", "test-schema", "test-rows",
-                                                    "train-stats", "test-stats", "pair")]
+                                                    "train-stats", "test-stats", "pair", "geometry")]
     assert all(r["success"] for r in saved["great_expectations"])
 
 
@@ -95,12 +95,12 @@ def test_data_docs_are_built_into_the_report_folder_and_list_the_suites(fashion_
     for suite in ("train-schema", "train-rows", "test-rows", "train-stats", "test-stats", "pair"):
         assert f"fashion-mnist-{suite}" in index
     pages = list((tmp_path / "data_docs" / "validations").rglob("*.html"))
-    assert len(pages) == 7
+    assert len(pages) == 8
     assert json.loads(report.report_path.read_text())["data_docs"] == str(report.docs_path)
     # A second run in the same folder replaces the docs whole; no staging folders are left behind.
     validate_dataset(fashion_slice, *paths(fashion_slice, slice_mirror), tmp_path)
-    assert len(list((tmp_path / "data_docs" / "validations").rglob("*.html"))) == 7
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_docs", "validation.json"]
+    assert len(list((tmp_path / "data_docs" / "validations").rglob("*.html"))) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_docs", "data_profile.json", "validation.json"]
 
 
 def test_a_failed_run_also_writes_report_and_docs(mnist_slice, slice_mirror, tmp_path):
