@@ -11,9 +11,11 @@ import json
 import math
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tasks.datasets import IMAGE_SHAPE, NUM_PIXELS, ModelKind, Recipe
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]
+# (epoch, epochs, batch, batches, running logs), called inside an epoch at most every PROGRESS_EVERY_S
+BatchCallback = Callable[[int, int, int, int, dict[str, float]], None]
+PROGRESS_EVERY_S = 5.0
 
 # Epochs when a model other than the dataset's recipe is asked for without --epochs.
 DEFAULT_EPOCHS: dict[str, int] = {"mlp": 12, "cnn": 15, "cnn-bn": 16}
@@ -54,6 +59,16 @@ def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int
     default_epochs = recipe.epochs if chosen == recipe.model else DEFAULT_EPOCHS[chosen]
     augmentation = recipe.model_dump(exclude={"model", "epochs"})
     return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows, **augmentation)
+
+
+AUGMENTATION_FIELDS = tuple(name for name in Recipe.model_fields if name not in ("model", "epochs"))
+
+
+def applied_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Training parameters as they act: the mlp has no augmentation layers, so its shift/flip/rotation/zoom go."""
+    if parameters.get("model") != "mlp":
+        return dict(parameters)
+    return {k: v for k, v in parameters.items() if k not in AUGMENTATION_FIELDS}
 
 
 def load_xy(parquet_path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +168,7 @@ def seed_everything(seed: int) -> None:
 
 
 def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_dir: Path,
-                on_epoch: EpochCallback | None = None) -> Path:
+                on_epoch: EpochCallback | None = None, on_batch: BatchCallback | None = None) -> Path:
     """Fit a model on the train split (a seeded hold-out for early stopping); return ``model.keras``."""
     keras = import_keras()
 
@@ -175,6 +190,8 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
         callbacks.append(keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, total, {k: float(v) for k, v in (logs or {}).items()})
         ))
+    if on_batch is not None:
+        callbacks.append(progress_callback(on_batch, config.epochs, math.ceil(len(fit_idx) / config.batch_size)))
     history = model.fit(
         pixels[fit_idx], labels[fit_idx],
         validation_data=(pixels[val_idx], labels[val_idx]),
@@ -182,26 +199,61 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
     )
     curves = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     (out_dir / "history.json").write_text(json.dumps(curves))
-    plot_training_curves(curves, out_dir / "training_curves.png")
+    plot_training_curves(curves, out_dir / "training_curves.png",
+                         f"{config.model}: {len(fit_idx)} training rows, {len(val_idx)} held out for validation")
     return save_model_atomically(model, out_dir / "model.keras")
 
 
-def plot_training_curves(curves: dict[str, list[float]], dest: Path) -> Path:
-    """Loss and accuracy per epoch, train and validation, side by side."""
+def progress_callback(on_batch: BatchCallback, epochs: int, batches: int, every_s: float = PROGRESS_EVERY_S):
+    """A Keras callback that reports progress inside an epoch, at most once every ``every_s`` seconds."""
+    keras = import_keras()
+
+    class InEpochProgress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch, self.last = epoch + 1, time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.monotonic()
+            if now - self.last >= every_s:
+                self.last = now
+                on_batch(self.epoch, epochs, batch + 1, batches, {k: float(v) for k, v in (logs or {}).items()})
+
+    return InEpochProgress()
+
+
+def plot_training_curves(curves: dict[str, list[float]], dest: Path, title: str | None = None) -> Path:
+    """Loss and accuracy per epoch, train and validation, side by side, with the values of a short run written out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    epochs = max((len(v) for v in curves.values()), default=0)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        values_seen: list[float] = []
         for prefix, label in (("", "train"), ("val_", "validation")):
             values = curves.get(prefix + metric, [])
+            values_seen += values
             ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+            if 0 < len(values) <= 3:  # a dot or two says little without its value
+                for x, y in enumerate(values, start=1):
+                    ax.annotate(f"{y:.4f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # Sensible ranges even for one epoch, where autoscaling would zoom into a single value.
+        if metric == "accuracy":
+            low = min(values_seen, default=0.0)
+            ax.set_ylim(max(0.0, min(low - 0.05, 0.9)), 1.0)
+        else:
+            ax.set_ylim(0.0, max(values_seen, default=1.0) * 1.15 or 1.0)
+        ax.set_xlim(0.5, max(epochs, 1) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
+        ax.set_title(f"{metric} per epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(f"Training curves ({epochs} epoch{'s' if epochs != 1 else ''})" + (f": {title}" if title else ""))
     fig.tight_layout()
     fig.savefig(dest)
     plt.close(fig)
@@ -240,6 +292,10 @@ def train_task(train_parquet: Path, num_classes: int, config: TrainConfig, out_d
         logger.info("%s epoch %d/%d: %s", dataset, epoch, total, ", ".join(f"{k}={v:.4f}" for k, v in logs.items()))
         update_progress_artifact(progress, progress=100.0 * epoch / total)
 
-    model_path = train_model(train_parquet, num_classes, config, out_dir, on_epoch=report)
+    def report_batch(epoch: int, total: int, batch: int, batches: int, logs: dict[str, float]) -> None:
+        logger.info("%s epoch %d/%d: %d%% (%d/%d batches), %s", dataset, epoch, total, 100 * batch // batches, batch,
+                    batches, ", ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+
+    model_path = train_model(train_parquet, num_classes, config, out_dir, on_epoch=report, on_batch=report_batch)
     update_progress_artifact(progress, progress=100.0)
     return model_path
