@@ -1,0 +1,153 @@
+"""README's runnable shell blocks run as written, so an example that drifts from the code fails CI.
+
+A block is runnable when the line before its ```` ```bash ```` fence is ``<!-- runnable -->``, with
+options after a colon: ``server`` (run against a real Prefect server started here, with
+``deployments/serve.py`` serving the deployments), ``short="ARGS"`` (ARGS appended to every
+``python flows/train.py`` line, to keep a long example short). Blocks run with ``bash -e`` in a
+scratch copy of the repository (code, the bundled mirror and a link to this virtual environment),
+one Prefect home and result storage for all of them, so later blocks reuse the data stages.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tasks.publish import list_versions, read_production
+from tasks.settings import BUNDLED_MIRROR, PROJECT_ROOT
+from tests.support.prefect_server import clean_env, spawn, start_server, stop, tail, wait_for
+
+README = PROJECT_ROOT / "README.md"
+MARKER = re.compile(r"^<!-- runnable(?::\s*(?P<options>.*?))?\s*-->$")
+FLOW_LINE = re.compile(r"^(\s*python flows/train\.py\b[^\\]*?)(\s*\\)?$")
+BLOCK_TIMEOUT_S = 600
+MIN_RUNNABLE_BLOCKS = 3  # the quickstart runs and the deployment runs; fewer means a marker was lost
+
+
+@dataclass(frozen=True)
+class Block:
+    line: int  # README line of the fence
+    script: str
+    server: bool
+    short: str | None
+
+    @property
+    def name(self) -> str:
+        first = next(cmd for cmd in self.script.splitlines() if cmd.strip() and not cmd.startswith(". "))
+        return f"line{self.line}:{first[:50]}"
+
+
+def runnable_blocks(text: str) -> list[Block]:
+    lines = text.splitlines()
+    blocks = []
+    for i, line in enumerate(lines):
+        match = MARKER.match(line.strip())
+        if not match:
+            continue
+        assert i + 1 < len(lines) and lines[i + 1].strip() == "```bash", \
+            f"README line {i + 1}: a runnable marker must be followed directly by a ```bash fence"
+        end = next(j for j in range(i + 2, len(lines)) if lines[j].strip() == "```")
+        options = shlex.split(match.group("options") or "")
+        unknown = [o for o in options if o != "server" and not o.startswith("short=")]
+        assert not unknown, f"README line {i + 1}: unknown runnable option(s) {unknown}"
+        short = next((o.removeprefix("short=") for o in options if o.startswith("short=")), None)
+        blocks.append(Block(i + 2, "\n".join(lines[i + 2:end]), "server" in options, short))
+    return blocks
+
+
+def with_short_parameters(script: str, short: str | None) -> str:
+    """Append ``short`` to each ``python flows/train.py`` command (before a trailing line continuation)."""
+    if not short:
+        return script
+    out = []
+    for line in script.splitlines():
+        match = FLOW_LINE.match(line)
+        out.append(f"{match.group(1)} {short}{match.group(2) or ''}" if match else line)
+    return "\n".join(out)
+
+
+BLOCKS = runnable_blocks(README.read_text())
+
+
+def test_readme_marks_its_examples_runnable():
+    assert len(BLOCKS) >= MIN_RUNNABLE_BLOCKS, [b.name for b in BLOCKS]
+    assert any(b.server for b in BLOCKS) and any(b.short for b in BLOCKS)
+    for block in BLOCKS:
+        if "python flows/train.py" in block.script or "python " in block.script or "prefect " in block.script:
+            assert block.script.lstrip().startswith(". .venv/bin/activate"), \
+                f"README line {block.line}: activate the virtual environment before bare python/prefect"
+
+
+def test_short_parameters_are_appended_to_flow_commands():
+    script = "python flows/train.py --dataset mnist \\\n  --epochs 3\npython flows/train.py"
+    assert with_short_parameters(script, "--x 1").splitlines() == [
+        "python flows/train.py --dataset mnist --x 1 \\", "  --epochs 3", "python flows/train.py --x 1"]
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """A copy of the repository as a user has it after the quickstart's install."""
+    root = tmp_path_factory.mktemp("readme") / "train-mnist"
+    for part in ("flows", "tasks", "deployments"):
+        shutil.copytree(PROJECT_ROOT / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", root)
+    (root / "data").mkdir()
+    (root / "data" / "mirror").symlink_to(BUNDLED_MIRROR)
+    (root / ".venv").symlink_to(Path(sys.prefix))
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_env(scratch, tmp_path_factory) -> dict[str, str]:
+    home = tmp_path_factory.mktemp("readme-prefect")
+    # PYTHONPATH: the scratch copy, not the installed (editable) checkout, is the code under test.
+    return clean_env(PREFECT_HOME=str(home / "home"), PREFECT_LOCAL_STORAGE_PATH=str(home / "storage"),
+                     PYTHONPATH=str(scratch), COLUMNS="200")
+
+
+@pytest.fixture(scope="module")
+def served(scratch, local_env, tmp_path_factory) -> Iterator[tuple[dict[str, str], Path]]:
+    """A Prefect server and ``python deployments/serve.py`` (from the scratch copy); the env to reach them, its log."""
+    server = start_server(tmp_path_factory.mktemp("readme-server"))
+    env = {**local_env, **{k: v for k, v in server.env.items() if k.startswith("PREFECT_")},
+           "PREFECT_LOCAL_STORAGE_PATH": local_env["PREFECT_LOCAL_STORAGE_PATH"], "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = server.log.with_name("serve.log")
+    serve = spawn([sys.executable, "deployments/serve.py"], env, scratch, log)
+    try:
+        from prefect.client.orchestration import SyncPrefectClient
+
+        def polled() -> bool:
+            try:
+                with SyncPrefectClient(server.url) as client:
+                    return all(client.read_deployment_by_name(f"train-mnist/{name}").last_polled
+                               for name in ("nightly", "smoke"))
+            except Exception:  # noqa: BLE001 - not registered yet
+                return False
+        wait_for(polled, 120, "serve.py registering the deployments", serve, log)
+        yield env, log
+    finally:
+        stop(serve)
+        stop(server.proc)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", sorted(BLOCKS, key=lambda b: b.server), ids=lambda b: b.name)
+def test_runnable_block(block, scratch, local_env, request):
+    env, log = request.getfixturevalue("served") if block.server else (local_env, None)
+    script = with_short_parameters(block.script, block.short)
+    result = subprocess.run(["bash", "-e", "-c", script], cwd=scratch, env=env, capture_output=True, text=True,
+                            timeout=BLOCK_TIMEOUT_S)
+    assert result.returncode == 0, (f"README line {block.line} failed ({result.returncode}):\n{script}\n"
+                                    f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}\n"
+                                    f"{tail(log) if log else ''}")
+    # Short runs publish into the smoke registry, never into the production registry.
+    assert list_versions(scratch / "data" / "smoke-registry", "mnist")
+    assert read_production(scratch / "data" / "registry", "mnist") is None
