@@ -65,17 +65,28 @@ def markdown_message(headline: str, reasons: Iterable[str]) -> str:
 
 
 def run_failure_message(outcomes: list[DatasetOutcome]) -> str:
-    """The parent run's state message: how many datasets failed, then each one's headline and reasons."""
+    """The parent run's state message: how many datasets failed, then each one's headline and reasons.
+
+    Plain lines, no Markdown emphasis: the UI shows state messages as text.
+    """
     failed = [o for o in outcomes if not o.published]
     lines = [f"{len(failed)} of {len(outcomes)} dataset(s) not published: {', '.join(o.dataset for o in failed)}"]
     for outcome in failed:
-        lines += ["", f"**{outcome.headline}**"]
-        if outcome.reasons:
-            lines += [""] + [f"- {r}" for r in outcome.reasons]
+        lines += ["", outcome.headline]
+        lines += [f"- {r}" for r in outcome.reasons]
     published = [o for o in outcomes if o.published]
     if published:
         lines += ["", "Published: " + ", ".join(f"{o.dataset} {o.version}" for o in published)]
     return "\n".join(lines)
+
+
+def outcome_line(outcome: DatasetOutcome, url: str | None) -> str:
+    """One log line for the parent run: the dataset's outcome, its numbers and where its run is."""
+    what = f"published {outcome.version}" if outcome.published else \
+        f"{NOT_PUBLISHED} ({outcome.headline.removeprefix(outcome.dataset + ': ')})"
+    accuracy = f"; test accuracy {outcome.test_accuracy:.4f}" if outcome.test_accuracy is not None else ""
+    gate = f"; gate {gate_cell(outcome)}; champion comparison: {champion_cell(outcome)}" if outcome.gate else ""
+    return f"{outcome.dataset}: {what}{accuracy}{gate}; dataset run: {url or outcome.flow_run_id}"
 
 
 # ---- the parent run's summary ---------------------------------------------------------------------
@@ -98,33 +109,43 @@ def champion_cell(outcome: DatasetOutcome) -> str:
         return "not compared"
     verdict = "promoted" if p.promoted else "REFUSED"
     if p.champion_version is None:
-        return f"{verdict}: first version (no champion)"
-    return (f"{verdict} vs `{p.champion_version}`: {p.challenger_accuracy:.4f} vs {p.champion_accuracy:.4f}, "
-            f"McNemar p={p.p_value:.3g}")
+        return f"{verdict} (first version)"
+    return (f"{verdict}: {p.challenger_accuracy:.4f} vs {p.champion_accuracy:.4f} of `{p.champion_version}`, "
+            f"p={p.p_value:.3g}")
+
+
+def short_headline(outcome: DatasetOutcome) -> str:
+    text = outcome.headline.removeprefix(f"{outcome.dataset}: ")
+    return text.split(", nothing published")[0]
 
 
 def run_summary_markdown(outcomes: list[DatasetOutcome], run_urls: dict[str, str | None]) -> str:
-    """The parent run's artifact: one row per dataset (outcome, numbers, link to its run), then the reasons."""
+    """The parent run's artifact: one row per dataset (linked to its run), then each one's reasons and paths."""
     published = sum(o.published for o in outcomes)
     lines = [
         f"# train-mnist: {published} of {len(outcomes)} dataset(s) published",
         "",
-        "| dataset | outcome | version | test accuracy | gate | champion comparison | dataset run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "Each dataset links to its own run (logs of every stage, its confusion matrix and summary).",
+        "",
+        "| dataset (its run) | outcome | test accuracy | gate | champion comparison | version |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for o in outcomes:
-        outcome = "published" if o.published else f"**{NOT_PUBLISHED}**: {o.headline.removeprefix(o.dataset + ': ')}"
+        outcome = "published" if o.published else f"**{NOT_PUBLISHED}**: {short_headline(o)}"
         accuracy = f"{o.test_accuracy:.4f}" if o.test_accuracy is not None else "-"
         url = run_urls.get(o.dataset)
-        run = f"[{o.dataset} run]({url})" if url else (f"`{o.flow_run_id}`" if o.flow_run_id else "-")
-        lines.append("| " + " | ".join(_cell(c) for c in (o.dataset, outcome, f"`{o.version}`", accuracy,
-                                                           gate_cell(o), champion_cell(o), run)) + " |")
+        dataset = f"[{o.dataset}]({url})" if url else o.dataset
+        lines.append("| " + " | ".join(_cell(c) for c in (dataset, outcome, accuracy, gate_cell(o), champion_cell(o),
+                                                           f"`{o.version}`")) + " |")
     for o in outcomes:
         lines += ["", f"## {o.dataset}: {'published ' + o.version if o.published else NOT_PUBLISHED}", ""]
         if not o.published:
             lines += [f"**{o.headline}**", ""] + [f"- {r}" for r in o.reasons] + [""]
+        if o.flow_run_id:
+            lines.append(f"Dataset run: {f'[{o.flow_run_id}]({run_urls[o.dataset]})' if run_urls.get(o.dataset) else o.flow_run_id}")
+            lines.append("")
         if o.registry_path:
-            lines.append(f"Registry folder: `{o.registry_path}`")
+            lines += [f"Registry folder: `{o.registry_path}`", ""]
         if o.validation_report:
             lines.append(f"Validation report (self-contained HTML, opens offline): `{o.validation_report}`")
     return "\n".join(lines) + "\n"

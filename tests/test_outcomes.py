@@ -116,7 +116,7 @@ def test_failed_gate_ends_failed_with_one_clean_message(gate_failure):
     assert state.is_failed()
     lines = state.message.splitlines()
     assert lines[0] == "1 of 1 dataset(s) not published: tiny"
-    assert lines[1] == "" and "**tiny: gate failed, nothing published**" in lines
+    assert lines[1] == "" and lines[2] == "tiny: gate failed, nothing published"
     assert any(line.startswith("- FAIL min_accuracy: test_accuracy 0.") and line.endswith("< threshold 0.9990")
                for line in lines), state.message
     parent, [child] = family(state)
@@ -140,8 +140,11 @@ def test_failed_gate_still_shows_the_numbers_marked_not_published(gate_failure):
         child_artifacts["tiny-confusion-matrix"], str) else child_artifacts["tiny-confusion-matrix"]
     assert list(table[0])[0] == "true class" and list(table[0])[-1] == "recall"
     summary = artifacts_of(parent)["train-mnist-summary"]
-    assert "**NOT PUBLISHED**: gate failed" in summary and "FAILED (1 check(s))" in summary
-    assert f"/runs/flow-run/{child.id}" in summary
+    row = next(line for line in summary.splitlines() if line.startswith("| [tiny]("))
+    assert "**NOT PUBLISHED**: gate failed |" in row and "FAILED (1 check(s))" in row
+    assert f"/runs/flow-run/{child.id}" in row
+    logged = [log.message for log in logs_of(parent) if log.flow_run_id == parent]
+    assert any(m.startswith("tiny: NOT PUBLISHED (gate failed") and "test accuracy 0." in m for m in logged), logged
 
 
 def test_published_run_summary_names_version_accuracy_gate_champion_and_links(harness, mirror, datasets_file,
@@ -156,9 +159,9 @@ def test_published_run_summary_names_version_accuracy_gate_champion_and_links(ha
     assert parent_run.name == f"tiny {version}" and child.name == f"tiny {version}"
     assert version.endswith(str(parent).replace("-", "")[:6])
     summary = artifacts_of(parent)["train-mnist-summary"]
-    row = next(line for line in summary.splitlines() if line.startswith("| tiny |"))
+    row = next(line for line in summary.splitlines() if line.startswith("| [tiny]("))
     assert f"`{version}`" in row and "| published |" in row and "| passed |" in row
-    assert "promoted: first version (no champion)" in row and f"/runs/flow-run/{child.id}" in row
+    assert "promoted (first version)" in row and f"/runs/flow-run/{child.id}" in row
     child_summary = artifacts_of(child.id)["tiny-summary"]
     assert child_summary.startswith(f"# tiny: published {version}")
     assert f"`{tmp_path / 'registry' / 'tiny' / version}`" in child_summary

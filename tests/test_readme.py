@@ -151,3 +151,30 @@ def test_runnable_block(block, scratch, local_env, request):
     # Short runs publish into the smoke registry, never into the production registry.
     assert list_versions(scratch / "data" / "smoke-registry", "mnist")
     assert read_production(scratch / "data" / "registry", "mnist") is None
+
+
+@pytest.mark.slow
+def test_failed_deployment_run_is_told_once_in_its_state_message(scratch, served):
+    """What README says about a failed `--watch` run: exit 1, reasons in the state message, no traceback."""
+    env, log = served
+    result = subprocess.run(
+        [str(Path(sys.prefix) / "bin" / "prefect"), "deployment", "run", "train-mnist/smoke", "--watch",
+         "--param", "min_accuracy=0.999"], cwd=scratch, env=env, capture_output=True, text=True,
+        timeout=BLOCK_TIMEOUT_S)
+    assert result.returncode == 1 and "Flow run finished in state 'Failed'" in result.stdout, result.stdout
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", result.stdout).group(1)
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        run = client.read_flow_run(run_id)
+        lines = run.state.message.splitlines()
+        assert lines[0] == "1 of 1 dataset(s) not published: mnist", run.state.message
+        assert lines[2] == "mnist: gate failed, nothing published" and lines[3].startswith("- FAIL min_accuracy")
+
+        def all_logs():
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            return logs if any(entry.message.startswith("Finished in state Failed") for entry in logs) else None
+        logs = wait_for(all_logs, 60, "the failed run's last log line reaching the API")
+    noisy = [entry.message for entry in logs if "Traceback" in entry.message or "Engine execution" in entry.message]
+    assert not noisy, noisy
