@@ -167,7 +167,8 @@ def summarize(states: dict[str, State], version: str) -> dict[str, str] | State:
     urls = {o.dataset: url_for("flow-run", obj_id=o.flow_run_id) if o.flow_run_id else None for o in outcomes}
     published = sum(o.published for o in outcomes)
     for outcome in outcomes:  # the parent's own log says what happened, without repeating the reasons
-        get_run_logger().info("%s", outcome_line(outcome, urls[outcome.dataset]))
+        log = get_run_logger().info if outcome.published else get_run_logger().warning
+        log("%s", outcome_line(outcome, urls[outcome.dataset]))
     try:
         create_markdown_artifact(key="train-mnist-summary", markdown=run_summary_markdown(outcomes, urls),
                                  description=f"train-mnist {version}: {published} of {len(outcomes)} published")

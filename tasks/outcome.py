@@ -110,8 +110,7 @@ def champion_cell(outcome: DatasetOutcome) -> str:
     verdict = "promoted" if p.promoted else "REFUSED"
     if p.champion_version is None:
         return f"{verdict} (first version)"
-    return (f"{verdict}: {p.challenger_accuracy:.4f} vs {p.champion_accuracy:.4f} of `{p.champion_version}`, "
-            f"p={p.p_value:.3g}")
+    return f"{verdict} ({p.challenger_accuracy:.4f} vs {p.champion_accuracy:.4f}, p={p.p_value:.3g})"
 
 
 def short_headline(outcome: DatasetOutcome) -> str:
@@ -127,16 +126,16 @@ def run_summary_markdown(outcomes: list[DatasetOutcome], run_urls: dict[str, str
         "",
         "Each dataset links to its own run (logs of every stage, its confusion matrix and summary).",
         "",
-        "| dataset (its run) | outcome | test accuracy | gate | champion comparison | version |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| dataset (its run) | outcome | test accuracy | gate | champion comparison |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for o in outcomes:
-        outcome = "published" if o.published else f"**{NOT_PUBLISHED}**: {short_headline(o)}"
+        outcome = f"published {o.version}" if o.published else f"**{NOT_PUBLISHED}**: {short_headline(o)}"
         accuracy = f"{o.test_accuracy:.4f}" if o.test_accuracy is not None else "-"
         url = run_urls.get(o.dataset)
         dataset = f"[{o.dataset}]({url})" if url else o.dataset
-        lines.append("| " + " | ".join(_cell(c) for c in (dataset, outcome, accuracy, gate_cell(o), champion_cell(o),
-                                                           f"`{o.version}`")) + " |")
+        lines.append("| " + " | ".join(_cell(c) for c in (dataset, outcome, accuracy, gate_cell(o), champion_cell(o)))
+                     + " |")
     for o in outcomes:
         lines += ["", f"## {o.dataset}: {'published ' + o.version if o.published else NOT_PUBLISHED}", ""]
         if not o.published:
@@ -144,6 +143,9 @@ def run_summary_markdown(outcomes: list[DatasetOutcome], run_urls: dict[str, str
         if o.flow_run_id:
             lines.append(f"Dataset run: {f'[{o.flow_run_id}]({run_urls[o.dataset]})' if run_urls.get(o.dataset) else o.flow_run_id}")
             lines.append("")
+        if o.promotion is not None and o.promotion.champion_version:
+            lines += [f"Compared with champion `{o.promotion.champion_version}` on the same "
+                      f"{o.promotion.test_rows} test rows.", ""]
         if o.registry_path:
             lines += [f"Registry folder: `{o.registry_path}`", ""]
         if o.validation_report:

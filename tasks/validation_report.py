@@ -71,7 +71,10 @@ def observed_text(result: dict[str, Any]) -> str:
             text += f" at data rows {_short(rows)}"
         return text
     if "observed_value" in r:
-        return _short(r["observed_value"])
+        value = r["observed_value"]
+        if isinstance(value, list) and len(value) > 6:  # a column list: its length and ends say enough
+            return f"{len(value)} items: {', '.join(map(str, value[:2]))}, ..., {value[-1]}"
+        return _short(value)
     if "element_count" in r:
         return f"{r.get('unexpected_count', 0)} of {r['element_count']} rows unexpected"
     return ""
