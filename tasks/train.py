@@ -247,7 +247,10 @@ def plot_training_curves(curves: dict[str, list[float]], dest: Path, title: str 
         else:
             ax.set_ylim(0.0, max(values_seen, default=1.0) * 1.15 or 1.0)
         ax.set_xlim(0.5, max(epochs, 1) + 0.5)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if epochs <= 20:
+            ax.set_xticks(range(1, max(epochs, 1) + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} per epoch")
