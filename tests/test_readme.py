@@ -178,3 +178,36 @@ def test_failed_deployment_run_is_told_once_in_its_state_message(scratch, served
         logs = wait_for(all_logs, 60, "the failed run's last log line reaching the API")
     noisy = [entry.message for entry in logs if "Traceback" in entry.message or "Engine execution" in entry.message]
     assert not noisy, noisy
+
+
+def block_after(text: str, heading: str) -> list[str]:
+    """The command lines of the first ```bash block after ``heading``."""
+    rest = text.split(heading, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in rest.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.slow
+def test_another_port_in_readme_order_makes_the_ui_call_that_port(tmp_path):
+    """README's "Another port" commands, on a free port: the server listens there and its UI calls it too."""
+    from tests.support.prefect_server import answers, free_port
+
+    port = free_port()
+    lines = [line.replace("4300", str(port)) for line in block_after(README.read_text(), "**Another port.**")]
+    *setup, start = lines
+    assert start.split()[-3:] == ["prefect", "server", "start"] and all("prefect config set" in s for s in setup)
+    env = clean_env(PREFECT_HOME=str(tmp_path / "home"))
+    prefect = str(Path(sys.prefix) / "bin" / "prefect")
+    for line in setup:
+        subprocess.run(["bash", "-e", "-c", line], env={**env, "PATH": f"{Path(prefect).parent}:{env['PATH']}"},
+                       check=True, capture_output=True, timeout=120)
+    log = tmp_path / "server.log"
+    server = spawn(["bash", "-c", start], {**env, "PATH": f"{Path(prefect).parent}:{env['PATH']}"}, tmp_path, log)
+    try:
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/api/health"), 120, f"the server on port {port}", server, log)
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as response:
+            assert json.load(response)["api_url"] == f"http://127.0.0.1:{port}/api"
+    finally:
+        stop(server)
