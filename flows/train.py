@@ -8,102 +8,185 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import UTC, datetime
 from typing import Annotated, Any, get_args
 
-from prefect import flow
-from prefect.runtime import flow_run
-from prefect.states import State
+from prefect import flow, get_run_logger
+from prefect.states import Failed, State
 from pydantic import Field
 
 from tasks.convert import convert_task
-from tasks.datasets import DatasetSpec, Gates, ModelKind, load_catalog, select_datasets
-from tasks.download import download_task
+from tasks.datasets import DatasetConfigError, DatasetSpec, Gates, ModelKind, load_catalog, select_datasets
+from tasks.download import ChecksumMismatch, DownloadError, DownloadRefused, SourceNotFound, download_task
 from tasks.evaluate import evaluate_task, read_metrics
 from tasks.fanout import DATASET_DEPLOYMENT, ChildRun, run_child_task
 from tasks.gate import gate_task
-from tasks.locations import SOURCE_PATTERN
-from tasks.promote import PromotionPolicy
-from tasks.publish import new_version_name, publish_task
-from tasks.registry import PROFILE_FILE, Candidate, Published, open_registry
+from tasks.locations import SOURCE_PATTERN, LocationError
+from tasks.outcome import (
+    DatasetOutcome,
+    NotPublished,
+    outcome_line,
+    quiet_expected_failures,
+    run_failure_message,
+    run_summary_markdown,
+)
+from tasks.promote import DEFAULT_TOLERANCE, PromotionPolicy
+from tasks.publish import GateFailed, publish_task, run_version_name
+from tasks.registry import PROFILE_FILE, Candidate, ChampionUnreadable, open_registry
 from tasks.settings import Settings
-from tasks.train import TrainConfig, train_config_for, train_task
-from tasks.validate import report_in_run_dir, validate_task
+from tasks.train import DEFAULT_SEED, TrainConfig, applied_parameters, train_config_for, train_task
+from tasks.validate import DataValidationError, report_in_run_dir, validate_task
+from tasks.validation_report import REPORT_NAME, write_validation_html
 
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 SEED_MAX = 2**32 - 1  # numpy's (and so Keras') seed range
-DatasetNames = Annotated[str, Field(pattern=r"^\s*[a-z0-9][a-z0-9_-]*\s*(,\s*[a-z0-9][a-z0-9_-]*\s*)*$")]
-NonEmpty = Annotated[str, Field(min_length=1)]
+DATASET_NAMES = r"^\s*[a-z0-9][a-z0-9_-]*\s*(,\s*[a-z0-9][a-z0-9_-]*\s*)*$"
+# Expected failures end a dataset's run Failed with one clean message; anything else is a bug and keeps its traceback.
+EXPECTED_FAILURES: tuple[type[BaseException], ...] = (
+    DownloadError, ChecksumMismatch, SourceNotFound, DownloadRefused, LocationError, DataValidationError, GateFailed,
+    ChampionUnreadable)
+
+# What each parameter means: the Prefect UI's run form shows these, and the CLI's --help is built from them.
+HELP = {
+    "dataset": "mnist, fashion-mnist, a name from the datasets file, several separated by commas, or all",
+    "model": "model architecture (default: each dataset's recipe, see tasks/datasets.toml)",
+    "epochs": "training epochs (default: the recipe's, or the model's default)",
+    "source": "mirror to download from: a directory, file:// or http(s):// URL (default: the bundled data/mirror; "
+              "env TRAIN_MNIST_SOURCE)",
+    "registry": "model registry: a folder (default <data-dir>/registry) or an MLflow tracking server URL "
+                "http(s)://host:port (env TRAIN_MNIST_REGISTRY)",
+    "data_dir": "folder for raw files, Parquet and run reports (default ./data; env TRAIN_MNIST_DATA_DIR)",
+    "datasets_file": "TOML file with more dataset definitions (README: Your own datasets)",
+    "min_accuracy": "override every dataset's accuracy gate (0..1)",
+    "min_class_recall": "override every dataset's per-class recall floor (0..1)",
+    "train_rows": "train on the first N rows only (quick runs)",
+    "seed": "seed of weight initialisation, shuffling, the validation hold-out and augmentation: the same seed "
+            f"and data give the same model (0..{SEED_MAX}, default {DEFAULT_SEED})",
+    "promotion_tolerance": "largest accuracy drop accepted against the production model "
+                           f"(default {DEFAULT_TOLERANCE})",
+    "fan_out": f"run each dataset as its own flow run of the {DATASET_DEPLOYMENT} deployment, on whichever worker "
+               "is free, and wait for all of them (default: one after the other, in this process)",
+}
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Text = Annotated[str, Field(min_length=1)]
 
 
-@flow(name="train-dataset", flow_run_name="{spec.name}")
+def described(name: str):
+    return Field(description=HELP[name])
+
+
+def run_version() -> str:
+    """This run's version name: its scheduled start (UTC) and the first hex digits of its flow run id."""
+    from prefect.runtime import flow_run
+
+    return run_version_name(flow_run.scheduled_start_time, flow_run.id)
+
+
+def parent_run_name() -> str:
+    """``<deployment>: <dataset> <version>`` (no deployment prefix for a local run)."""
+    from prefect.runtime import deployment, flow_run
+
+    name = f"{flow_run.parameters.get('dataset', 'all')} {run_version()}"
+    return f"{deployment.name}: {name}" if deployment.name else name
+
+
+def dataset_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    name = f"{params['spec'].name} {params['version']}"
+    return f"{params['deployment']}: {name}" if params.get("deployment") else name
+
+
+@flow(name="train-dataset", flow_run_name=dataset_run_name)
 def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, version: str,
-                  policy: PromotionPolicy | None = None) -> Published:
-    """One dataset through every stage; fails (and publishes nothing) at the first stage that does."""
+                  policy: PromotionPolicy | None = None, deployment: str | None = None) -> DatasetOutcome | State:
+    """One dataset through every stage; stops (and publishes nothing) at the first stage that fails."""
     run_dir = settings.runs_dir / spec.name / version
     download = download_task.with_options(retries=settings.download_retries, retry_delay_seconds=[
         settings.download_retry_backoff_s * 2**i for i in range(settings.download_retries)])
-    train_raw = download(spec, "train", settings.source, settings.raw_dir, settings.download_timeout_s)
-    test_raw = download(spec, "test", settings.source, settings.raw_dir, settings.download_timeout_s)
-    champion_profile = open_registry(settings.registry_location).champion_profile(spec.name)
-    report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile), run_dir)
+    try:
+        train_raw = download(spec, "train", settings.source, settings.raw_dir, settings.download_timeout_s,
+                             settings.download_deadline_s, settings.download_max_bytes)
+        test_raw = download(spec, "test", settings.source, settings.raw_dir, settings.download_timeout_s,
+                            settings.download_deadline_s, settings.download_max_bytes)
+        champion_profile = open_registry(settings.registry_location).champion_profile(spec.name)
+        report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile),
+                                   run_dir)
+    except EXPECTED_FAILURES as exc:
+        return stopped(spec.name, version, exc)
     train_parquet = convert_task(train_raw, report.has_header["train"], settings.parquet_dir, spec.name, "train")
     test_parquet = convert_task(test_raw, report.has_header["test"], settings.parquet_dir, spec.name, "test")
     model_path = train_task(train_parquet, spec.num_classes, config, run_dir, spec.name)
     metrics_path = evaluate_task(model_path, test_parquet, list(spec.class_names), run_dir, spec.name)
     decision = gate_task(metrics_path, spec.gates, spec.name)
+    parameters = applied_parameters({"dataset": spec.name, **config.model_dump()})
     lineage = {
-        "data": {raw.path.parent.name: {"location": raw.location, "sha256": raw.sha256, "bytes": raw.size,
-                                         "rows": report.drift.get(raw.path.parent.name, {}).get("rows")}
+        "data": {raw.path.parent.name: {**raw.lineage(), "rows": report.drift.get(raw.path.parent.name, {}).get("rows")}
                  for raw in (train_raw, test_raw)},
-        "parameters": {"dataset": spec.name, **config.model_dump()},
+        "parameters": parameters,
         "validation_report": str(report.report_path),
     }
-    candidate = Candidate(dataset=spec.name, version=version, model_path=model_path,
-                          metrics=read_metrics(metrics_path), decision=decision, lineage=lineage,
-                          test_parquet=test_parquet, predictions_path=run_dir / "predictions.npy",
-                          files={"training_curves.png": run_dir / "training_curves.png",
-                                 "validation.json": report.report_path,
-                                 **({PROFILE_FILE: report.profile_path} if report.profile_path else {})},
-                          parameters=lineage["parameters"])
-    return publish_task(settings.registry_location, candidate, policy=policy)
+    candidate = Candidate(
+        dataset=spec.name, version=version, model_path=model_path, metrics=read_metrics(metrics_path),
+        decision=decision, lineage=lineage, test_parquet=test_parquet, predictions_path=run_dir / "predictions.npy",
+        files={"training_curves.png": run_dir / "training_curves.png", "validation.json": report.report_path,
+               **({PROFILE_FILE: report.profile_path} if report.profile_path else {})},
+        parameters=parameters)
+    outcome = publish_task(settings.registry_location, candidate, policy=policy,
+                           validation_report=write_validation_html(report.report_path))
+    return outcome if outcome.published else Failed(message=outcome.state_message(), data=outcome)
 
 
-@flow(name="train-mnist", flow_run_name="train-mnist-{dataset}")
+def stopped(dataset: str, version: str, exc: BaseException) -> State:
+    """A dataset stopped by an expected failure: logged once, and a Failed state with the outcome as its data."""
+    get_run_logger().error("%s", exc)
+    report = getattr(exc, "report_path", None)
+    html = report.with_name(REPORT_NAME) if report is not None and report.with_name(REPORT_NAME).is_file() else None
+    outcome = DatasetOutcome.from_exception(dataset, version, exc, validation_report=str(html) if html else None)
+    return Failed(message=outcome.state_message(), data=outcome)
+
+
+@flow(name="train-mnist", flow_run_name=parent_run_name)
 def train_mnist(
-    dataset: DatasetNames = "all",
-    model: ModelKind | None = None,
-    epochs: Annotated[int, Field(gt=0, le=10_000)] | None = None,
-    source: Annotated[str, Field(pattern=SOURCE_PATTERN, min_length=1)] | None = None,
-    registry: NonEmpty | None = None,
-    data_dir: NonEmpty | None = None,
-    datasets_file: NonEmpty | None = None,
-    min_accuracy: Fraction | None = None,
-    min_class_recall: Fraction | None = None,
-    train_rows: Annotated[int, Field(gt=0)] | None = None,
-    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 42,
-    promotion_tolerance: Fraction = 0.005,
-    fan_out: bool = False,
-) -> dict[str, str]:
+    dataset: Annotated[str, Field(pattern=DATASET_NAMES, description=HELP["dataset"])] = "all",
+    model: Annotated[ModelKind | None, described("model")] = None,
+    epochs: Annotated[int | None, Field(gt=0, le=10_000, description=HELP["epochs"])] = None,
+    source: Annotated[str | None, Field(pattern=SOURCE_PATTERN, min_length=1, description=HELP["source"])] = None,
+    registry: Annotated[Text | None, described("registry")] = None,
+    data_dir: Annotated[Text | None, described("data_dir")] = None,
+    datasets_file: Annotated[Text | None, described("datasets_file")] = None,
+    min_accuracy: Annotated[Fraction | None, described("min_accuracy")] = None,
+    min_class_recall: Annotated[Fraction | None, described("min_class_recall")] = None,
+    train_rows: Annotated[int | None, Field(gt=0, description=HELP["train_rows"])] = None,
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX, description=HELP["seed"])] = DEFAULT_SEED,
+    promotion_tolerance: Annotated[Fraction, described("promotion_tolerance")] = DEFAULT_TOLERANCE,
+    fan_out: Annotated[bool, described("fan_out")] = False,
+) -> dict[str, str] | State:
     """Retrain and publish each requested dataset (``all``, one name, or names separated by commas).
 
-    Returns {dataset: published version}; fails if any dataset failed, after trying all of them. With
-    ``fan_out`` each dataset runs as its own flow run of the ``train-mnist/dataset`` deployment, on whichever
-    worker of the pool is free, and this run waits for all of them.
+    Returns {dataset: published version}; ends Failed if any dataset was not published, after trying all
+    of them. The run's ``train-mnist-summary`` artifact shows each dataset's outcome and links its run.
     """
+    from prefect.runtime import deployment, flow_run
+
+    quiet_expected_failures(EXPECTED_FAILURES)
     overrides = {"source": source, "registry": registry, "data_dir": data_dir, "datasets_file": datasets_file}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    specs = select_datasets(load_catalog(settings.datasets_file), [n.strip() for n in dataset.split(",")])
+    try:
+        specs = select_datasets(load_catalog(settings.datasets_file), [n.strip() for n in dataset.split(",")])
+    except DatasetConfigError as exc:
+        get_run_logger().error("%s", exc)
+        return Failed(message=f"{exc}", data=NotPublished(str(exc)))
     specs = [with_gate_overrides(s, min_accuracy, min_class_recall) for s in specs]
-    version = new_version_name(datetime.now(UTC))
+    version = run_version()
     if fan_out:
-        children = [run_child_task.submit(DATASET_DEPLOYMENT, spec.name, dict(flow_run.parameters), version)
+        children = [run_child_task.submit(DATASET_DEPLOYMENT, spec.name, dict(flow_run.parameters))
                     for spec in specs]
-        return summarize_children([child.result() for child in children])
+        return summarize_outcomes([child_outcome(child.result()) for child in children], version)
     states = {spec.name: train_dataset(spec, settings, train_config_for(spec.recipe, model, epochs, seed, train_rows),
-                                       version, PromotionPolicy(tolerance=promotion_tolerance), return_state=True)
+                                       version, PromotionPolicy(tolerance=promotion_tolerance), deployment.name,
+                                       return_state=True)
               for spec in specs}
-    return summarize(states)
+    return summarize_outcomes([outcome_of(name, version, state) for name, state in states.items()], version)
 
 
 def with_gate_overrides(spec: DatasetSpec, min_accuracy: float | None, min_class_recall: float | None) -> DatasetSpec:
@@ -111,52 +194,70 @@ def with_gate_overrides(spec: DatasetSpec, min_accuracy: float | None, min_class
     return spec.model_copy(update={"gates": Gates(**{**spec.gates.model_dump(), **changes})}) if changes else spec
 
 
-def summarize(states: dict[str, State]) -> dict[str, str]:
-    """Versions of the published datasets, or an error naming each dataset that failed and why."""
-    failed = {name: state for name, state in states.items() if not state.is_completed()}
-    if failed:
-        details = []
-        for name, state in failed.items():
-            try:
-                state.result()
-            except Exception as exc:  # noqa: BLE001 - we report it
-                details.append(str(exc) if name in str(exc) else f"{name}: {exc}")
-        raise RuntimeError(f"{len(failed)} of {len(states)} dataset(s) not published:\n" + "\n".join(details))
-    return {name: state.result().version for name, state in states.items()}
+def outcome_of(name: str, version: str, state: State) -> DatasetOutcome:
+    """A dataset run's outcome: its returned value, the outcome its Failed state carries, or the bug that stopped it."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, DatasetOutcome):
+        outcome = result
+    else:
+        exc = result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
+        outcome = DatasetOutcome(dataset=name, version=version, published=False,
+                                 headline=f"{name}: stopped by an unexpected error (traceback in the {name} run's log)",
+                                 reasons=[f"{type(exc).__name__}: {exc}"])
+    run_id = state.state_details.flow_run_id
+    return outcome.model_copy(update={"flow_run_id": str(run_id) if run_id else None})
 
 
-def summarize_children(children: list[ChildRun]) -> dict[str, str]:
-    """The children's datasets, or an error naming each child run that did not complete and why."""
-    failed = [child for child in children if not child.completed]
-    if failed:
-        raise RuntimeError(f"{len(failed)} of {len(children)} dataset run(s) not published:\n" + "\n".join(
-            f"{child.dataset}: child run {child.name} ({child.flow_run_id}) {child.state}: {child.message}"
-            for child in failed))
-    return {child.dataset: child.name for child in children}
+def child_outcome(child: ChildRun) -> DatasetOutcome:
+    """A fanned-out dataset's outcome, as its child run's final state tells it."""
+    lines = [line for line in child.message.splitlines() if line.strip()]
+    headline = f"{child.dataset}: child run {child.name} {child.state}" + (f": {lines[0]}" if lines else "")
+    return DatasetOutcome(dataset=child.dataset, version=child.version, published=child.completed,
+                          headline=headline, reasons=[line.lstrip("- ") for line in lines[1:]],
+                          flow_run_id=str(child.flow_run_id))
+
+
+def summarize_outcomes(outcomes: list[DatasetOutcome], version: str) -> dict[str, str] | State:
+    """The parent run's summary artifact; the published versions, or a Failed state naming each dataset and why."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.utilities.urls import url_for
+
+    urls = {o.dataset: url_for("flow-run", obj_id=o.flow_run_id) if o.flow_run_id else None for o in outcomes}
+    published = sum(o.published for o in outcomes)
+    for outcome in outcomes:  # the parent's own log says what happened, without repeating the reasons
+        log = get_run_logger().info if outcome.published else get_run_logger().warning
+        log("%s", outcome_line(outcome, urls[outcome.dataset]))
+    try:
+        create_markdown_artifact(key="train-mnist-summary", markdown=run_summary_markdown(outcomes, urls),
+                                 description=f"train-mnist {version}: {published} of {len(outcomes)} published")
+    except Exception as exc:  # noqa: BLE001 - a view; the outcome must not depend on it
+        get_run_logger().warning("could not create the run's summary artifact: %s: %s", type(exc).__name__, exc)
+    if published < len(outcomes):
+        message = run_failure_message(outcomes)
+        return Failed(message=message, data=NotPublished(message))
+    return {o.dataset: o.version for o in outcomes}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flow's parameters as options, with the flow's own descriptions (``HELP``)."""
     parser = argparse.ArgumentParser(
         prog="python flows/train.py",
         description="Download, validate, convert, train, evaluate, gate and publish MNIST-like datasets.",
+        epilog="`train-mnist predict --help`: score a CSV with a dataset's production model.",
     )
-    parser.add_argument("--dataset", default="all", help="mnist, fashion-mnist, a name from --datasets-file, "
-                        "several separated by commas, or all (default)")
-    parser.add_argument("--model", choices=list(get_args(ModelKind)),
-                        help="model architecture (default: each dataset's recipe, see tasks/datasets.toml)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: the recipe's, or the model's default)")
-    parser.add_argument("--source", help="mirror: directory, file:// or http(s):// URL (default: bundled data/mirror; "
-                        "env TRAIN_MNIST_SOURCE)")
-    parser.add_argument("--registry", help="model registry: a folder (default <data-dir>/registry) or an MLflow "
-                        "tracking server URL http(s)://host:port; env TRAIN_MNIST_REGISTRY")
-    parser.add_argument("--data-dir", help="raw/parquet/runs folder (default ./data; env TRAIN_MNIST_DATA_DIR)")
-    parser.add_argument("--datasets-file", help="TOML file with more dataset definitions (see README)")
-    parser.add_argument("--min-accuracy", type=float, help="override every dataset's accuracy gate")
-    parser.add_argument("--min-class-recall", type=float, help="override every dataset's per-class recall floor")
-    parser.add_argument("--train-rows", type=int, help="train on the first N rows only (quick runs)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--promotion-tolerance", type=float,
-                        help="largest accuracy drop accepted against the production model (default 0.005)")
+    parser.add_argument("--dataset", default="all", help=HELP["dataset"] + " (default all)")
+    parser.add_argument("--model", choices=list(get_args(ModelKind)), help=HELP["model"])
+    parser.add_argument("--epochs", type=int, help=HELP["epochs"])
+    parser.add_argument("--source", help=HELP["source"])
+    parser.add_argument("--registry", help=HELP["registry"])
+    parser.add_argument("--data-dir", help=HELP["data_dir"])
+    parser.add_argument("--datasets-file", help=HELP["datasets_file"])
+    parser.add_argument("--min-accuracy", type=float, help=HELP["min_accuracy"])
+    parser.add_argument("--min-class-recall", type=float, help=HELP["min_class_recall"])
+    parser.add_argument("--train-rows", type=int, help=HELP["train_rows"])
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=HELP["seed"])
+    parser.add_argument("--promotion-tolerance", type=float, help=HELP["promotion_tolerance"])
+    parser.add_argument("--fan-out", action="store_true", default=None, help=HELP["fan_out"])
     return parser.parse_args(argv)
 
 

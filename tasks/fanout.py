@@ -13,6 +13,8 @@ from uuid import UUID
 
 from prefect import task
 
+from tasks.publish import run_version_name
+
 DATASET_DEPLOYMENT = "train-mnist/dataset"
 CHILD_POLL_SECONDS = 5.0
 TRAINING_WORK_QUEUE = "train"
@@ -25,6 +27,7 @@ class ChildRun:
     dataset: str
     flow_run_id: UUID
     name: str
+    version: str  # the child's own version (its scheduled start and run id), as it names what it publishes
     state: str  # Prefect state name: Completed, Failed, Crashed, Cancelled, ...
     message: str
     completed: bool
@@ -35,19 +38,19 @@ def child_parameters(parameters: dict[str, Any], dataset: str) -> dict[str, Any]
     return {**{k: v for k, v in parameters.items() if v is not None}, "dataset": dataset, "fan_out": False}
 
 
-def run_child(deployment: str, dataset: str, parameters: dict[str, Any], version: str,
+def run_child(deployment: str, dataset: str, parameters: dict[str, Any],
               poll_seconds: float = CHILD_POLL_SECONDS) -> ChildRun:
     """Create the child run of ``dataset`` on ``deployment`` and wait for its final state."""
     from prefect.deployments import run_deployment
 
-    run = run_deployment(deployment, parameters=child_parameters(parameters, dataset),
-                         flow_run_name=f"{version} {dataset} (child)", poll_interval=poll_seconds,
+    run = run_deployment(deployment, parameters=child_parameters(parameters, dataset), poll_interval=poll_seconds,
                          as_subflow=True, timeout=None)
     state = run.state
-    return ChildRun(dataset=dataset, flow_run_id=run.id, name=run.name, state=state.name if state else "Unknown",
+    return ChildRun(dataset=dataset, flow_run_id=run.id, name=run.name,
+                    version=run_version_name(run.expected_start_time, run.id), state=state.name if state else "Unknown",
                     message=(state.message or "") if state else "", completed=bool(state and state.is_completed()))
 
 
 @task(name="run-dataset", task_run_name="run-dataset-{dataset}")
-def run_child_task(deployment: str, dataset: str, parameters: dict[str, Any], version: str) -> ChildRun:
-    return run_child(deployment, dataset, parameters, version)
+def run_child_task(deployment: str, dataset: str, parameters: dict[str, Any]) -> ChildRun:
+    return run_child(deployment, dataset, parameters)

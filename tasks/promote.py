@@ -16,6 +16,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import binomtest
 
+DEFAULT_TOLERANCE = 0.005  # half a point of accuracy
+DEFAULT_ALPHA = 0.05
 RULE_TOLERANCE = "tolerance"
 RULE_MCNEMAR = "mcnemar"
 
@@ -25,9 +27,9 @@ class PromotionPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tolerance: float = Field(default=0.005, ge=0.0, le=1.0,
+    tolerance: float = Field(default=DEFAULT_TOLERANCE, ge=0.0, le=1.0,
                              description="Largest accepted accuracy drop (0.005 = half a point)")
-    alpha: float = Field(default=0.05, gt=0.0, lt=1.0, description="Significance level of McNemar's exact test")
+    alpha: float = Field(default=DEFAULT_ALPHA, gt=0.0, lt=1.0, description="Significance level of McNemar's exact test")
 
 
 class PromotionDecision(BaseModel):

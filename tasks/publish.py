@@ -28,6 +28,7 @@ from tasks.canary import CANARY_FILE, CanaryResult, run_canary, write_canary_bat
 from tasks.canary import markdown as canary_markdown
 from tasks.evaluate import Metrics
 from tasks.gate import GateDecision
+from tasks.outcome import NOT_PUBLISHED, DatasetOutcome
 from tasks.promote import (
     PromotionDecision,
     PromotionPolicy,
@@ -37,7 +38,7 @@ from tasks.promote import (
 )
 from tasks.registry import Candidate, ChampionUnreadable, Published, Registry, open_registry
 from tasks.retention import RetentionPolicy
-from tasks.train import load_xy
+from tasks.train import applied_parameters, load_xy
 
 
 class GateFailed(Exception):
@@ -47,15 +48,24 @@ class GateFailed(Exception):
 class PromotionRefused(GateFailed):
     """The model passed its gates but is worse than the production model; nothing was published."""
 
+    def __init__(self, message: str, promotion: PromotionDecision | None = None):
+        super().__init__(message)
+        self.promotion = promotion  # the comparison that refused it, for the run's summary
+
 
 class CanaryRefused(PromotionRefused):
     """The model did not load, predict as evaluated, or answer within budget in a fresh process."""
 
 
-def new_version_name(now: datetime | None = None) -> str:
-    """Sortable and unique: UTC time plus a random suffix."""
-    now = now or datetime.now(UTC)
-    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+def new_version_name(now: datetime | None = None, suffix: str | None = None) -> str:
+    """Sortable and unique: UTC time plus a suffix (random unless given, e.g. from the flow run's id)."""
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{suffix or uuid.uuid4().hex[:6]}"
+
+
+def run_version_name(scheduled_start: datetime | None, flow_run_id: object | None) -> str:
+    """A flow run's version: its scheduled start and the first hex digits of its id (random without a run)."""
+    return new_version_name(scheduled_start, str(flow_run_id).replace("-", "")[:6] if flow_run_id else None)
 
 
 def confusion_matrix_csv(metrics: Metrics) -> bytes:
@@ -115,7 +125,8 @@ def model_card(dataset: str, version: str, metrics: Metrics, decision: GateDecis
     ]
     for split, info in lineage.get("data", {}).items():
         lines.append(f"| {split} | {info.get('location')} | `{info.get('sha256')}` | {info.get('rows', '')} |")
-    lines += ["", "## Parameters", "", "```json", json.dumps(lineage.get("parameters", {}), indent=2), "```", ""]
+    parameters = applied_parameters(lineage.get("parameters", {}))
+    lines += ["", "## Parameters", "", "```json", json.dumps(parameters, indent=2), "```", ""]
     lines += [
         "## Metrics",
         "",
@@ -227,7 +238,7 @@ def decide_and_publish(registry: Registry, candidate: Candidate, policy: Promoti
             message = refusal_message(dataset, version, promotion)
             registry.record_unpublished(candidate, promotion, "refused", message,
                                         version_documents(candidate, promotion))
-            raise PromotionRefused(message)
+            raise PromotionRefused(message, promotion)
         batch = Path(tmp) / CANARY_FILE
         try:
             canary = check_canary(candidate, pixels, challenger, batch)
@@ -259,40 +270,91 @@ def publish_version(registry: Registry, candidate: Candidate, policy: PromotionP
 # ---- Prefect wrapper -----------------------------------------------------------------------------
 
 
-def _create_artifacts(published: Published, metrics: Metrics, decision: GateDecision) -> None:
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+def confusion_matrix_rows(metrics: Metrics) -> list[dict[str, Any]]:
+    """The matrix as table rows: the true class first, one column per predicted class, then the class's recall.
 
-
-    key = published.dataset.replace("_", "-")
-    header = ["true \\ predicted", *metrics.class_names, "recall"]
-    rows = [[name, *row, round(metrics.recall[name], 4)]
+    Predicted-class columns are named ``pred <class>``: the Prefect UI renders a table from JSON
+    objects, and a browser lists integer-like keys ("0".."9") before every other key, which would put
+    the row label after the counts.
+    """
+    return [{"true class": name, **{f"pred {p}": n for p, n in zip(metrics.class_names, row, strict=True)},
+             "recall": round(metrics.recall[name], 4)}
             for name, row in zip(metrics.class_names, metrics.confusion_matrix, strict=True)]
-    create_table_artifact(key=f"{key}-confusion-matrix", table=[dict(zip(header, r, strict=True)) for r in rows],
-                          description=f"{published.dataset} {published.version}: confusion matrix (rows = true class)")
-    create_markdown_artifact(
-        key=f"{key}-summary",
-        markdown=(f"# {published.dataset}: published {published.version}\n\n"
-                  f"Test accuracy **{metrics.test_accuracy:.4f}**, loss {metrics.test_loss:.4f}.\n\n"
-                  + "\n".join(f"- {r}" for r in decision.reasons) + "\n\n## Champion comparison\n\n"
-                  + "\n".join(champion_comparison_lines(published.promotion))
-                  + f"\n\nRegistry: `{published.location}`\n"),
-        description=f"{published.dataset} model summary",
-    )
-    if published.path is not None:
-        create_link_artifact(key=f"{key}-confusion-png", link=(published.path / "confusion_matrix.png").as_uri(),
-                             link_text=f"{published.dataset} confusion matrix (PNG)")
+
+
+def confusion_matrix_markdown(metrics: Metrics) -> list[str]:
+    """The matrix as a Markdown table (rows = true class, columns = predicted class, recall last)."""
+    lines = ["| true \\ predicted | " + " | ".join(metrics.class_names) + " | recall |",
+             "| --- |" + " ---: |" * (len(metrics.class_names) + 1)]
+    for name, row in zip(metrics.class_names, metrics.confusion_matrix, strict=True):
+        cells = [f"**{n}**" if t == p else str(n) for (t, p), n in
+                 zip(((name, q) for q in metrics.class_names), row, strict=True)]
+        lines.append(f"| **{name}** | " + " | ".join(cells) + f" | {metrics.recall[name]:.4f} |")
+    return lines
+
+
+def summary_markdown(outcome: DatasetOutcome, metrics: Metrics, run_dir: Path | None = None) -> str:
+    """The dataset run's summary artifact, published or not: outcome, metrics, gate, champion, matrix, paths."""
+    title = f"published {outcome.version}" if outcome.published else f"{NOT_PUBLISHED} ({outcome.version})"
+    lines = [f"# {outcome.dataset}: {title}", ""]
+    if not outcome.published:
+        lines += [f"**{outcome.headline}**", ""] + [f"- {r}" for r in outcome.reasons] + [""]
+    lines += [f"Test accuracy **{metrics.test_accuracy:.4f}** on {metrics.test_rows} rows, loss {metrics.test_loss:.4f}.",
+              "", "## Gate", ""]
+    if outcome.gate is not None:
+        lines += [f"**{'PASSED' if outcome.gate.passed else 'FAILED'}**", ""] + [f"- {r}" for r in outcome.gate.reasons]
+    lines += ["", "## Champion comparison", ""]
+    lines += champion_comparison_lines(outcome.promotion) if outcome.promotion else ["Not compared (the gate failed)."]
+    lines += ["", "## Confusion matrix", "", *confusion_matrix_markdown(metrics), ""]
+    if outcome.registry_path:
+        lines.append(f"Registry folder (model, metrics, confusion matrix CSV/PNG, model card): `{outcome.registry_path}`")
+    else:
+        lines.append("Nothing was written to the registry; the production pointer is unchanged.")
+    if run_dir is not None:
+        lines.append(f"\nRun folder (metrics.json, predictions, training curves): `{run_dir}`")
+    if outcome.validation_report:
+        lines.append(f"\nValidation report (self-contained HTML, opens offline): `{outcome.validation_report}`")
+    return "\n".join(lines) + "\n"
+
+
+def _create_artifacts(outcome: DatasetOutcome, metrics: Metrics, run_dir: Path | None = None) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = outcome.dataset.replace("_", "-")
+    state = "published" if outcome.published else NOT_PUBLISHED
+    create_table_artifact(key=f"{key}-confusion-matrix", table=confusion_matrix_rows(metrics),
+                          description=f"{outcome.dataset} {outcome.version} ({state}): confusion matrix, rows = true "
+                                      "class, columns = predicted class")
+    create_markdown_artifact(key=f"{key}-summary", markdown=summary_markdown(outcome, metrics, run_dir),
+                             description=f"{outcome.dataset} {outcome.version}: {state}")
 
 
 @task(name="publish", task_run_name="publish-{candidate.dataset}")
-def publish_task(registry: str, candidate: Candidate, policy: PromotionPolicy | None = None) -> Published:
+def publish_task(registry: str, candidate: Candidate, policy: PromotionPolicy | None = None,
+                 validation_report: Path | None = None) -> DatasetOutcome:
+    """Publish if allowed; the outcome either way (an expected refusal is a value, logged once, not raised)."""
     from prefect import get_run_logger
 
     logger = get_run_logger()
+    dataset, version, metrics, decision = candidate.dataset, candidate.version, candidate.metrics, candidate.decision
+    known = {"test_accuracy": metrics.test_accuracy, "gate": decision,
+             "validation_report": str(validation_report) if validation_report else None}
     try:
         published = publish_version(open_registry(registry), candidate, policy=policy)
     except (GateFailed, ChampionUnreadable) as exc:
-        logger.error("%s", exc)
-        raise
-    _create_artifacts(published, candidate.metrics, candidate.decision)
-    logger.info("published %s %s; production -> %s", candidate.dataset, candidate.version, published.location)
-    return published
+        if decision.passed:  # a failed gate was logged by the gate task
+            logger.error("%s", exc)
+        outcome = DatasetOutcome.from_exception(dataset, version, exc, promotion=getattr(exc, "promotion", None),
+                                                **known)
+    else:
+        outcome = DatasetOutcome(dataset=dataset, version=version, published=True,
+                                 headline=f"{dataset}: published {version}", registry_path=published.location,
+                                 promotion=published.promotion, **known)
+        logger.info("published %s %s; production -> %s", dataset, version, published.location)
+    try:
+        _create_artifacts(outcome, metrics, candidate.model_path.parent)
+    except Exception as exc:  # noqa: BLE001 - artifacts are a view; the registry is the truth
+        logger.warning("%s %s is %s, but its Prefect artifacts could not be created: %s: %s", dataset, version,
+                       "published (production points at it)" if outcome.published else "not published",
+                       type(exc).__name__, exc)
+    return outcome

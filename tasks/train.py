@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,7 +24,11 @@ from tasks.model_io import import_keras, save_model
 from tasks.resume import TrainingBackup, backup_key, epoch_permutation
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]
+# (epoch, epochs, batch, batches, running logs), called inside an epoch at most every PROGRESS_EVERY_S
+BatchCallback = Callable[[int, int, int, int, dict[str, float]], None]
+PROGRESS_EVERY_S = 5.0
 
+DEFAULT_SEED = 42
 # Epochs when a model other than the dataset's recipe is asked for without --epochs.
 DEFAULT_EPOCHS: dict[str, int] = {"mlp": 12, "cnn": 15, "cnn-bn": 16}
 
@@ -36,7 +42,7 @@ class TrainConfig(BaseModel):
     epochs: int = Field(default=DEFAULT_EPOCHS["mlp"], gt=0)
     batch_size: int = Field(default=128, gt=0)
     learning_rate: float = Field(default=1e-3, gt=0, description="Peak rate; cosine decay to 0 over the epochs")
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     patience: int = Field(default=4, ge=1, description="Early stopping on validation loss")
     train_rows: int | None = Field(default=None, gt=0, description="Use only the first N train rows")
@@ -46,13 +52,23 @@ class TrainConfig(BaseModel):
     zoom: float = Field(default=0.0, ge=0, lt=0.5, description="Random zoom (CNNs only), share of the side")
 
 
-def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int | None = None, seed: int = 42,
+def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int | None = None, seed: int = DEFAULT_SEED,
                      train_rows: int | None = None) -> TrainConfig:
     """The dataset's recipe, with the run's overrides applied."""
     chosen = model or recipe.model
     default_epochs = recipe.epochs if chosen == recipe.model else DEFAULT_EPOCHS[chosen]
     augmentation = recipe.model_dump(exclude={"model", "epochs"})
     return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows, **augmentation)
+
+
+AUGMENTATION_FIELDS = tuple(name for name in Recipe.model_fields if name not in ("model", "epochs"))
+
+
+def applied_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Training parameters as they act: the mlp has no augmentation layers, so its shift/flip/rotation/zoom go."""
+    if parameters.get("model") != "mlp":
+        return dict(parameters)
+    return {k: v for k, v in parameters.items() if k not in AUGMENTATION_FIELDS}
 
 
 def load_xy(parquet_path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +147,8 @@ def seed_everything(seed: int) -> None:
 
 
 def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_dir: Path,
-                on_epoch: EpochCallback | None = None, backup_root: Path | None = None) -> Path:
+                on_epoch: EpochCallback | None = None, on_batch: BatchCallback | None = None,
+                backup_root: Path | None = None) -> Path:
     """Fit a model on the train split (a seeded hold-out for early stopping); return ``model.keras``.
 
     One ``fit`` call per epoch, each on the rows in the order ``epoch_permutation(seed, epoch)``, with
@@ -158,6 +175,8 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
         callbacks.append(keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: on_epoch(epoch + 1, total, {k: float(v) for k, v in (logs or {}).items()})
         ))
+    if on_batch is not None:
+        callbacks.append(progress_callback(on_batch, config.epochs, math.ceil(len(fit_idx) / config.batch_size)))
     backup = TrainingBackup(backup_root or out_dir.parent,
                             backup_key(train_parquet, num_classes, config.model_dump_json()))
     state = backup.restore(model, config.patience)
@@ -177,28 +196,66 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
     (out_dir / "history.json").write_text(json.dumps(state.curves))
     (out_dir / "resume.json").write_text(json.dumps({"resumed_after_epoch": state.resumed_after,
                                                      "epochs_run": state.epochs_done - state.resumed_after}))
-    plot_training_curves(state.curves, out_dir / "training_curves.png")
+    plot_training_curves(state.curves, out_dir / "training_curves.png",
+                         f"{config.model}: {len(fit_idx)} training rows, {len(val_idx)} held out for validation")
     path = save_model(model, out_dir / "model.keras")
     backup.remove()
     return path
 
 
-def plot_training_curves(curves: dict[str, list[float]], dest: Path) -> Path:
-    """Loss and accuracy per epoch, train and validation, side by side."""
+def progress_callback(on_batch: BatchCallback, epochs: int, batches: int, every_s: float = PROGRESS_EVERY_S):
+    """A Keras callback that reports progress inside an epoch, at most once every ``every_s`` seconds."""
+    keras = import_keras()
+
+    class InEpochProgress(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch, self.last = epoch + 1, time.monotonic()
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.monotonic()
+            if now - self.last >= every_s:
+                self.last = now
+                on_batch(self.epoch, epochs, batch + 1, batches, {k: float(v) for k, v in (logs or {}).items()})
+
+    return InEpochProgress()
+
+
+def plot_training_curves(curves: dict[str, list[float]], dest: Path, title: str | None = None) -> Path:
+    """Loss and accuracy per epoch, train and validation, side by side, with the values of a short run written out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    epochs = max((len(v) for v in curves.values()), default=0)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        values_seen: list[float] = []
         for prefix, label in (("", "train"), ("val_", "validation")):
             values = curves.get(prefix + metric, [])
+            values_seen += values
             ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+            if 0 < len(values) <= 3:  # a dot or two says little without its value
+                for x, y in enumerate(values, start=1):
+                    ax.annotate(f"{y:.4f}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # Sensible ranges even for one epoch, where autoscaling would zoom into a single value.
+        if metric == "accuracy":
+            low = min(values_seen, default=0.0)
+            ax.set_ylim(max(0.0, min(low - 0.05, 0.9)), 1.0)
+        else:
+            ax.set_ylim(0.0, max(values_seen, default=1.0) * 1.15 or 1.0)
+        ax.set_xlim(0.5, max(epochs, 1) + 0.5)
+        if epochs <= 20:
+            ax.set_xticks(range(1, max(epochs, 1) + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
+        ax.set_title(f"{metric} per epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(f"Training curves ({epochs} epoch{'s' if epochs != 1 else ''})" + (f": {title}" if title else ""))
     fig.tight_layout()
     fig.savefig(dest)
     plt.close(fig)
@@ -220,6 +277,10 @@ def train_task(train_parquet: Path, num_classes: int, config: TrainConfig, out_d
         logger.info("%s epoch %d/%d: %s", dataset, epoch, total, ", ".join(f"{k}={v:.4f}" for k, v in logs.items()))
         update_progress_artifact(progress, progress=100.0 * epoch / total)
 
-    model_path = train_model(train_parquet, num_classes, config, out_dir, on_epoch=report)
+    def report_batch(epoch: int, total: int, batch: int, batches: int, logs: dict[str, float]) -> None:
+        logger.info("%s epoch %d/%d: %d%% (%d/%d batches), %s", dataset, epoch, total, 100 * batch // batches, batch,
+                    batches, ", ".join(f"{k}={v:.4f}" for k, v in logs.items()))
+
+    model_path = train_model(train_parquet, num_classes, config, out_dir, on_epoch=report, on_batch=report_batch)
     update_progress_artifact(progress, progress=100.0)
     return model_path

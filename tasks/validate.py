@@ -749,11 +749,14 @@ def validate_task(spec: DatasetSpec, train_path: Path, test_path: Path, report_d
                   champion_profile: Path | None = None) -> ValidationReport:
     from prefect import get_run_logger
 
+    from tasks.validation_report import write_validation_html
+
     logger = get_run_logger()
     try:
         report = validate_dataset(spec, train_path, test_path, report_dir, read_profile(champion_profile))
     except DataValidationError as exc:
-        logger.error("%s", exc)
+        if exc.report_path is not None:
+            write_validation_html(exc.report_path)  # the offline view of what failed; the flow logs the failure
         raise
     logger.info("%s passed validation; drift %s; report %s; data docs %s", spec.name,
                 {s: {k: round(v, 4) for k, v in d.items() if isinstance(v, float)} for s, d in report.drift.items()

@@ -57,9 +57,9 @@ def test_full_run_creates_prefect_artifacts(published):
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="mnist")))
     kinds = {(a.key, a.type) for a in artifacts}
     for dataset in ("mnist", "fashion-mnist"):
-        # Prefect stores link artifacts with type "markdown".
-        assert {(f"{dataset}-confusion-matrix", "table"), (f"{dataset}-summary", "markdown"),
-                (f"{dataset}-confusion-png", "markdown")} <= kinds
+        # The matrix is rendered in the summary; no file:// link (browsers refuse to open those from the UI).
+        assert {(f"{dataset}-confusion-matrix", "table"), (f"{dataset}-summary", "markdown")} <= kinds
+        assert (f"{dataset}-confusion-png", "markdown") not in kinds
 
 
 @pytest.mark.slow

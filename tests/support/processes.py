@@ -68,3 +68,10 @@ def http_ok(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any Prefect, train-mnist or MLflow setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "TRAIN_MNIST_", "MLFLOW_"))}
+    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra})
+    return env
