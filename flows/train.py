@@ -44,33 +44,8 @@ EXPECTED_FAILURES: tuple[type[BaseException], ...] = (
     DownloadError, ChecksumMismatch, SourceNotFound, DownloadRefused, LocationError, DataValidationError, GateFailed,
     ChampionUnreadable)
 
-# What each parameter means: the Prefect UI's run form shows these, and the CLI's --help is built from them.
-HELP = {
-    "dataset": "mnist, fashion-mnist, a name from the datasets file, several separated by commas, or all",
-    "model": "model architecture (default: each dataset's recipe, see tasks/datasets.toml)",
-    "epochs": "training epochs (default: the recipe's, or the model's default)",
-    "source": "mirror to download from: a directory, file:// or http(s):// URL (default: the bundled data/mirror; "
-              "env TRAIN_MNIST_SOURCE)",
-    "registry": "model registry: a folder (default <data-dir>/registry) or an MLflow tracking server URL "
-                "http(s)://host:port (env TRAIN_MNIST_REGISTRY)",
-    "data_dir": "folder for raw files, Parquet and run reports (default ./data; env TRAIN_MNIST_DATA_DIR)",
-    "datasets_file": "TOML file with more dataset definitions (README: Your own datasets)",
-    "min_accuracy": "override every dataset's accuracy gate (0..1)",
-    "min_class_recall": "override every dataset's per-class recall floor (0..1)",
-    "train_rows": "train on the first N rows only (quick runs)",
-    "seed": "seed of weight initialisation, shuffling, the validation hold-out and augmentation: the same seed "
-            f"and data give the same model (0..{SEED_MAX}, default {DEFAULT_SEED})",
-    "promotion_tolerance": "largest accuracy drop accepted against the production model "
-                           f"(default {DEFAULT_TOLERANCE})",
-    "fan_out": f"run each dataset as its own flow run of the {DATASET_DEPLOYMENT} deployment, on whichever worker "
-               "is free, and wait for all of them (default: one after the other, in this process)",
-}
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Text = Annotated[str, Field(min_length=1)]
-
-
-def described(name: str):
-    return Field(description=HELP[name])
 
 
 def run_version() -> str:
@@ -147,24 +122,43 @@ def stopped(dataset: str, version: str, exc: BaseException) -> State:
 
 @flow(name="train-mnist", flow_run_name=parent_run_name)
 def train_mnist(
-    dataset: Annotated[str, Field(pattern=DATASET_NAMES, description=HELP["dataset"])] = "all",
-    model: Annotated[ModelKind | None, described("model")] = None,
-    epochs: Annotated[int | None, Field(gt=0, le=10_000, description=HELP["epochs"])] = None,
-    source: Annotated[str | None, Field(pattern=SOURCE_PATTERN, min_length=1, description=HELP["source"])] = None,
-    registry: Annotated[Text | None, described("registry")] = None,
-    data_dir: Annotated[Text | None, described("data_dir")] = None,
-    datasets_file: Annotated[Text | None, described("datasets_file")] = None,
-    min_accuracy: Annotated[Fraction | None, described("min_accuracy")] = None,
-    min_class_recall: Annotated[Fraction | None, described("min_class_recall")] = None,
-    train_rows: Annotated[int | None, Field(gt=0, description=HELP["train_rows"])] = None,
-    seed: Annotated[int, Field(ge=0, le=SEED_MAX, description=HELP["seed"])] = DEFAULT_SEED,
-    promotion_tolerance: Annotated[Fraction, described("promotion_tolerance")] = DEFAULT_TOLERANCE,
-    fan_out: Annotated[bool, described("fan_out")] = False,
+    dataset: Annotated[str, Field(pattern=DATASET_NAMES)] = "all",
+    model: ModelKind | None = None,
+    epochs: Annotated[int, Field(gt=0, le=10_000)] | None = None,
+    source: Annotated[str, Field(pattern=SOURCE_PATTERN, min_length=1)] | None = None,
+    registry: Text | None = None,
+    data_dir: Text | None = None,
+    datasets_file: Text | None = None,
+    min_accuracy: Fraction | None = None,
+    min_class_recall: Fraction | None = None,
+    train_rows: Annotated[int, Field(gt=0)] | None = None,
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = DEFAULT_SEED,
+    promotion_tolerance: Fraction = DEFAULT_TOLERANCE,
+    fan_out: bool = False,
 ) -> dict[str, str] | State:
     """Retrain and publish each requested dataset (``all``, one name, or names separated by commas).
 
     Returns {dataset: published version}; ends Failed if any dataset was not published, after trying all
     of them. The run's ``train-mnist-summary`` artifact shows each dataset's outcome and links its run.
+
+    Args:
+        dataset: mnist, fashion-mnist, a name from the datasets file, several separated by commas, or all.
+        model: Model architecture (default: each dataset's recipe, see tasks/datasets.toml).
+        epochs: Training epochs (default: the recipe's, or the model's default).
+        source: Mirror to download from: a directory, file:// or http(s):// URL (default: the bundled
+            data/mirror; env TRAIN_MNIST_SOURCE).
+        registry: Model registry: a folder (default <data-dir>/registry) or an MLflow tracking server URL
+            http(s)://host:port (env TRAIN_MNIST_REGISTRY).
+        data_dir: Folder for raw files, Parquet and run reports (default ./data; env TRAIN_MNIST_DATA_DIR).
+        datasets_file: TOML file with more dataset definitions (README: Your own datasets).
+        min_accuracy: Override every dataset's accuracy gate (0..1).
+        min_class_recall: Override every dataset's per-class recall floor (0..1).
+        train_rows: Train on the first N rows only (quick runs).
+        seed: Seed of weight initialisation, shuffling, the validation hold-out and augmentation; the same
+            seed and data give the same model (0..4294967295).
+        promotion_tolerance: Largest accuracy drop accepted against the production model.
+        fan_out: Run each dataset as its own flow run of the train-mnist/dataset deployment, on whichever
+            worker is free, and wait for all of them (default: one after the other, in this process).
     """
     from prefect.runtime import deployment, flow_run
 
@@ -238,26 +232,28 @@ def summarize_outcomes(outcomes: list[DatasetOutcome], version: str) -> dict[str
     return {o.dataset: o.version for o in outcomes}
 
 
+def parameter_help() -> dict[str, str]:
+    """The flow's own parameter descriptions (its docstring, as the Prefect UI's run form shows them)."""
+    from prefect.utilities.callables import parameter_schema
+
+    properties = parameter_schema(train_mnist.fn).properties
+    return {name: f"{p.get('description', '')} (default {p['default']})" if p.get("default") is not None
+            else p.get("description", "") for name, p in properties.items()}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The flow's parameters as options, with the flow's own descriptions (``HELP``)."""
+    """The flow's parameters as options, described as the flow describes them."""
     parser = argparse.ArgumentParser(
         prog="python flows/train.py",
         description="Download, validate, convert, train, evaluate, gate and publish MNIST-like datasets.",
         epilog="`train-mnist predict --help`: score a CSV with a dataset's production model.",
     )
-    parser.add_argument("--dataset", default="all", help=HELP["dataset"] + " (default all)")
-    parser.add_argument("--model", choices=list(get_args(ModelKind)), help=HELP["model"])
-    parser.add_argument("--epochs", type=int, help=HELP["epochs"])
-    parser.add_argument("--source", help=HELP["source"])
-    parser.add_argument("--registry", help=HELP["registry"])
-    parser.add_argument("--data-dir", help=HELP["data_dir"])
-    parser.add_argument("--datasets-file", help=HELP["datasets_file"])
-    parser.add_argument("--min-accuracy", type=float, help=HELP["min_accuracy"])
-    parser.add_argument("--min-class-recall", type=float, help=HELP["min_class_recall"])
-    parser.add_argument("--train-rows", type=int, help=HELP["train_rows"])
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=HELP["seed"])
-    parser.add_argument("--promotion-tolerance", type=float, help=HELP["promotion_tolerance"])
-    parser.add_argument("--fan-out", action="store_true", default=None, help=HELP["fan_out"])
+    kinds: dict[str, dict[str, Any]] = {
+        "model": {"choices": list(get_args(ModelKind))}, "epochs": {"type": int}, "min_accuracy": {"type": float},
+        "min_class_recall": {"type": float}, "train_rows": {"type": int}, "seed": {"type": int},
+        "promotion_tolerance": {"type": float}, "fan_out": {"action": "store_true", "default": None}}
+    for name, help_text in parameter_help().items():
+        parser.add_argument(f"--{name.replace('_', '-')}", help=help_text, **kinds.get(name, {}))
     return parser.parse_args(argv)
 
 
