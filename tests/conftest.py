@@ -53,9 +53,9 @@ def prefect_server(tmp_path_factory) -> Iterator[Server]:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def prefect_api(prefect_server) -> Iterator[Server]:
-    """In-process flows of this test report to the session's Prefect server."""
+    """In-process flows of this module report to the session's Prefect server (only this module's tests)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: prefect_server.url}):

@@ -27,7 +27,7 @@ from prefect.client.schemas.filters import (
 
 import tasks.publish
 from flows.train import train_mnist
-from tasks.publish import list_versions, read_production
+from tasks.registry import list_versions, read_production
 
 DATASETS_TOML = """
 [[dataset]]

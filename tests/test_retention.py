@@ -75,7 +75,10 @@ def test_sigkill_at_random_points_leaves_only_complete_versions(tmp_path):
         assert proc.stdout.readline().strip() == "ready"
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        time.sleep(rng.uniform(0.0, 0.25))
+        # Kill at a random step of the prune: after k versions were renamed to the trash, within the next one.
+        for _ in range(rng.randrange(0, 9)):
+            assert proc.stdout.readline().strip() == "removing"
+        time.sleep(rng.uniform(0.0, 0.01))
         proc.kill()
         proc.wait(timeout=30)
         visible = list_versions(registry, DATASET)
