@@ -28,7 +28,6 @@ import hashlib
 import importlib
 import importlib.util
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,8 @@ from typing import IO, Any
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
+
+from tasks import storage
 
 CHUNK_BYTES = 1 << 20
 PROJECT_PACKAGES = ("tasks", "flows")
@@ -55,11 +56,7 @@ def file_sha256(path: Path) -> str:
     memo = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     digest = _DIGESTS.get(memo)
     if digest is None:
-        sha = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-                sha.update(chunk)
-        digest = _DIGESTS[memo] = sha.hexdigest()
+        digest = _DIGESTS[memo] = storage.sha256_file(path)
     return digest
 
 
@@ -161,10 +158,7 @@ def _hash_record(path: Path) -> Path:
 def record_output_sha256(path: Path) -> str:
     """Record the SHA-256 of a file just written, beside it (atomically), for later cache hits to check."""
     digest = file_sha256(path)
-    record = _hash_record(path)
-    tmp = record.with_name(f"{record.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(digest + "\n")
-    os.replace(tmp, record)
+    storage.write_text(_hash_record(path), digest + "\n")
     return digest
 
 

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 from prefect import task
 from prefect.tasks import exponential_backoff
 
+from tasks import storage
 from tasks.caching import DOWNLOAD_CACHE, hold_lock, remove_orphans
 from tasks.datasets import DatasetSpec, Split
 from tasks.locations import URL_SCHEMES, redact, resolve, scheme_of
@@ -73,14 +74,6 @@ class RawFile:
         return {"location": self.location, "sha256": self.sha256, "bytes": self.size, "fetched_at": self.fetched_at,
                 "served_from_cache": not self.fetched,
                 **({"requested": self.requested} if self.requested and self.requested != self.location else {})}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_location(source: str, relative: str, dataset: str = "?") -> str:
@@ -186,10 +179,7 @@ def _origin_path(dest: Path) -> Path:
 
 
 def _write_origin(dest: Path, location: str, sha256: str, fetched_at: str) -> None:
-    origin = _origin_path(dest)
-    tmp = origin.with_name(f"{origin.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps({"location": location, "sha256": sha256, "fetched_at": fetched_at}))
-    os.replace(tmp, origin)
+    storage.write_json(_origin_path(dest), {"location": location, "sha256": sha256, "fetched_at": fetched_at})
 
 
 def _read_origin(dest: Path, sha256: str) -> tuple[str, str | None]:
@@ -212,7 +202,7 @@ def fetch_file(location: str, dest: Path, expected_sha256: str | None, timeout_s
     files of killed runs are removed first; those of running ones are locked and left alone.
     """
     shown = redact(location)
-    if expected_sha256 and dest.is_file() and sha256_of(dest) == expected_sha256:
+    if expected_sha256 and dest.is_file() and storage.sha256_file(dest) == expected_sha256:
         origin, fetched_at = _read_origin(dest, expected_sha256)
         return RawFile(dest, expected_sha256, dest.stat().st_size, origin, False, fetched_at, shown)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from prefect import task
 from pydantic import BaseModel
 
+from tasks import storage
 from tasks.model_io import predict_probabilities
 from tasks.train import load_xy
 
@@ -70,11 +70,7 @@ def evaluate_model(model_path: Path, test_parquet: Path, class_names: list[str],
     metrics = compute_metrics(labels, probabilities, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "predictions.npy", probabilities.argmax(axis=1).astype(np.int16))
-    path = out_dir / "metrics.json"
-    tmp = path.with_name(".metrics.json.tmp")
-    tmp.write_text(metrics.model_dump_json(indent=2))
-    os.replace(tmp, path)
-    return path
+    return storage.write_text(out_dir / "metrics.json", metrics.model_dump_json(indent=2))
 
 
 def read_metrics(path: Path) -> Metrics:

@@ -18,12 +18,13 @@ import json
 import logging
 import math
 import os
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+
+from tasks import storage
 
 HISTORY_FILE = "history.jsonl"
 TREND_FILE = "history.png"
@@ -152,10 +153,9 @@ def render_trend(entries: list[HistoryEntry], dest: Path, title: str) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left" if ax is drift else "best")
     fig.tight_layout()
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp.png")
     try:
-        fig.savefig(tmp)
-        os.replace(tmp, dest)
+        with storage.atomic_path(dest) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)

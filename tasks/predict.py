@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tasks import storage
 from tasks.csvfile import read_head, read_split_table, read_text, sniff_columns
 from tasks.datasets import COLUMNS, LABEL_COLUMN, NUM_PIXELS, DatasetSpec, load_catalog, select_datasets
 from tasks.registry import open_registry
@@ -104,17 +103,12 @@ def predict_csv(csv_path: Path, dataset: str, output: Path, registry: Path | Non
 
 def write_predictions(dest: Path, probabilities: np.ndarray, class_names: list[str]) -> Path:
     """``row,predicted,predicted_name,p_0..p_k`` (row: 1-based data row), written under a temporary name."""
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["row", "predicted", "predicted_name", *(f"p_{i}" for i in range(len(class_names)))])
-            for row, probs in enumerate(probabilities, start=1):
-                best = int(probs.argmax())
-                writer.writerow([row, best, class_names[best], *(f"{p:.6f}" for p in probs)])
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with storage.atomic_path(dest) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["row", "predicted", "predicted_name", *(f"p_{i}" for i in range(len(class_names)))])
+        for row, probs in enumerate(probabilities, start=1):
+            best = int(probs.argmax())
+            writer.writerow([row, best, class_names[best], *(f"{p:.6f}" for p in probs)])
     return dest
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks import storage
+
 KEEP_LAST = 10
 KEEP_DAYS = 30
 TRASH_PREFIX = ".trash-"
@@ -75,14 +77,6 @@ def prune_versions(registry: Path, dataset: str, versions: list[str], protected:
     for version in doomed:
         trash = root / f"{TRASH_PREFIX}{version}-{uuid.uuid4().hex[:8]}"
         os.rename(root / version, trash)
-        _fsync_dir(root)
+        storage.fsync_dir(root)
         shutil.rmtree(trash)
     return Pruned(deleted=doomed, kept=[v for v in versions if v not in doomed])
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -7,7 +7,6 @@ itself, so anyone can score a CSV row with it without knowing how it was trained
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks import storage
 from tasks.datasets import IMAGE_SHAPE, NUM_PIXELS, ModelKind, Recipe
 from tasks.model_io import import_keras, save_model
 from tasks.resume import TrainingBackup, backup_key, epoch_permutation
@@ -193,9 +193,9 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
         backup.save(model, state)
     if state.early_stopping.best_weights is not None:
         model.set_weights(state.early_stopping.best_weights)
-    (out_dir / "history.json").write_text(json.dumps(state.curves))
-    (out_dir / "resume.json").write_text(json.dumps({"resumed_after_epoch": state.resumed_after,
-                                                     "epochs_run": state.epochs_done - state.resumed_after}))
+    storage.write_json(out_dir / "history.json", state.curves)
+    storage.write_json(out_dir / "resume.json", {"resumed_after_epoch": state.resumed_after,
+                                                 "epochs_run": state.epochs_done - state.resumed_after})
     plot_training_curves(state.curves, out_dir / "training_curves.png",
                          f"{config.model}: {len(fit_idx)} training rows, {len(val_idx)} held out for validation")
     path = save_model(model, out_dir / "model.keras")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from prefect import task
 
+from tasks import storage
 from tasks.caching import VALIDATE_CACHE
 from tasks.csvfile import (
     PARSE_BLOCK_BYTES,
@@ -699,11 +699,8 @@ def write_report(report_dir: Path, spec: DatasetSpec, failures: list[str], drift
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Strict JSON (NaN and infinities as strings), written under a temporary name and renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, default=_json_default))
-    os.replace(tmp, path)
-    return path
+    """Strict JSON (NaN and infinities as strings), written atomically."""
+    return storage.write_text(path, json.dumps(_finite(data), indent=2, default=_json_default))
 
 
 def report_in_run_dir(report: ValidationReport, run_dir: Path) -> ValidationReport:

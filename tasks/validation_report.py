@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from tasks import storage
 
 REPORT_NAME = "validation.html"
 MAX_VALUE_CHARS = 300
@@ -146,8 +147,4 @@ def render_validation_html(report: dict[str, Any]) -> str:
 
 def write_validation_html(report_json: Path) -> Path:
     """Render ``validation.json`` to ``validation.html`` in the same folder (written atomically)."""
-    dest = report_json.with_name(REPORT_NAME)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(render_validation_html(json.loads(report_json.read_text())), encoding="utf-8")
-    os.replace(tmp, dest)
-    return dest
+    return storage.write_text(report_json.with_name(REPORT_NAME), render_validation_html(json.loads(report_json.read_text())))

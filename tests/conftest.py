@@ -26,8 +26,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from tasks.datasets import DatasetSpec, load_catalog  # noqa: E402
-from tasks.download import sha256_of  # noqa: E402
 from tasks.settings import BUNDLED_MIRROR  # noqa: E402
+from tasks.storage import sha256_file  # noqa: E402
 from tests.support.prefect_server import Server  # noqa: E402
 from tests.support.prefect_server import prefect_server as start_prefect_server  # noqa: E402
 from tests.support.trained import trained_models  # noqa: E402, F401 - a fixture for every test module
@@ -84,7 +84,7 @@ def slice_mirror(tmp_path_factory, catalog) -> Path:
 def slice_spec(spec: DatasetSpec, mirror: Path, rows: dict[str, int] = SLICE_ROWS) -> DatasetSpec:
     """``spec`` re-pinned to the slice files of ``mirror`` (row counts and checksums)."""
     splits = {
-        split: spec.split(split).model_copy(update={"rows": n, "sha256": sha256_of(mirror / spec.split(split).path)})
+        split: spec.split(split).model_copy(update={"rows": n, "sha256": sha256_file(mirror / spec.split(split).path)})
         for split, n in rows.items()
     }
     return spec.model_copy(update=splits)

@@ -27,7 +27,8 @@ from tasks.caching import (
     missing_outputs,
 )
 from tasks.convert import convert_task
-from tasks.download import RawFile, download_task, sha256_of
+from tasks.download import RawFile, download_task
+from tasks.storage import sha256_file
 from tasks.validate import report_in_run_dir, validate_task
 
 download = download_task.with_options(cache_policy=DOWNLOAD_CACHE, persist_result=True, retries=0)
@@ -84,7 +85,7 @@ def rewrite_reversed(path: Path, has_header: bool) -> None:
 
 def repinned(spec, mirror: Path):
     return spec.model_copy(update={split: spec.split(split).model_copy(
-        update={"sha256": sha256_of(mirror / spec.split(split).path)}) for split in ("train", "test")})
+        update={"sha256": sha256_file(mirror / spec.split(split).path)}) for split in ("train", "test")})
 
 
 def unpinned(spec):
@@ -165,7 +166,7 @@ def test_unpinned_split_is_fetched_every_run_and_its_bytes_key_the_later_stages(
     changed = data_stages(spec, str(mirror), data_dir)
     assert changed["states"] == {"download-train": "Completed", "download-test": "Completed",
                                  "validate": "Completed", "convert-train": "Cached", "convert-test": "Completed"}
-    assert changed["raws"]["test"].sha256 == sha256_of(mirror / spec.test.path)
+    assert changed["raws"]["test"].sha256 == sha256_file(mirror / spec.test.path)
 
 
 def test_raw_file_changed_in_place_is_fetched_again(harness, mnist_slice, mirror, tmp_path):
@@ -173,12 +174,12 @@ def test_raw_file_changed_in_place_is_fetched_again(harness, mnist_slice, mirror
     cold = data_stages(mnist_slice, str(mirror), data_dir)
     raw = cold["raws"]["train"].path
     rewrite_reversed(raw, has_header=False)
-    assert sha256_of(raw) != mnist_slice.train.sha256
+    assert sha256_file(raw) != mnist_slice.train.sha256
 
     rerun = data_stages(mnist_slice, str(mirror), data_dir)
 
     assert rerun["states"]["download-train"] == "Completed"
-    assert sha256_of(raw) == mnist_slice.train.sha256, "the pinned bytes were not restored"
+    assert sha256_file(raw) == mnist_slice.train.sha256, "the pinned bytes were not restored"
     # The restored bytes are the ones validated and converted before.
     assert {rerun["states"][s] for s in ("validate", "convert-train", "convert-test")} == {"Cached"}
 
@@ -207,7 +208,7 @@ def test_missing_outputs_names_gone_and_changed_files(tmp_path):
     kept.write_bytes(b"abc")
     assert missing_outputs({"a": kept, "b": [kept]}) == []
     assert missing_outputs((kept, gone)) == [f"{gone} is missing"]
-    raw = RawFile(kept, sha256_of(kept), 3, "somewhere", fetched=True)
+    raw = RawFile(kept, sha256_file(kept), 3, "somewhere", fetched=True)
     assert missing_outputs(raw) == []
     kept.write_bytes(b"abd")
     assert missing_outputs(raw) and "changed" in missing_outputs(raw)[0]

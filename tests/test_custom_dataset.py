@@ -5,8 +5,8 @@ import json
 import pytest
 
 from flows.train import train_mnist
-from tasks.download import sha256_of
 from tasks.registry import read_production
+from tasks.storage import sha256_file
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ gates = { min_accuracy = 0.5 }
     version = versions["my-fashion"]
     assert read_production(registry, "my-fashion") == version
     metrics = json.loads((registry / "my-fashion" / version / "metrics.json").read_text())
-    train_sha = sha256_of(slice_mirror / "fashion-mnist/fashion-mnist_train.csv.gz")
+    train_sha = sha256_file(slice_mirror / "fashion-mnist/fashion-mnist_train.csv.gz")
     assert metrics["data"]["train"]["sha256"] == train_sha  # recorded for lineage, though nothing was pinned
     assert metrics["data"]["train"]["location"].startswith("http://127.0.0.1:")
     assert train_sha in (registry / "my-fashion" / version / "model_card.md").read_text()

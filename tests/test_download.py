@@ -24,9 +24,9 @@ from tasks.download import (
     is_retryable,
     raw_path,
     resolve_location,
-    sha256_of,
 )
 from tasks.locations import LocationError
+from tasks.storage import sha256_file
 
 SPLITS = ("train", "test")
 TINY_ROWS = {"train": 30, "test": 20}  # a few KB per file: these tests are about bytes, not data
@@ -108,7 +108,7 @@ def test_both_csv_layouts_are_fetched_byte_exact_from_a_directory(name, mnist_ti
     for split in SPLITS:
         raw = download_split(spec, split, str(tiny_mirror), tmp_path / "raw")
         assert raw.fetched and raw.path == raw_path(tmp_path / "raw", spec, split)
-        assert raw.sha256 == spec.split(split).sha256 == sha256_of(raw.path)
+        assert raw.sha256 == spec.split(split).sha256 == sha256_file(raw.path)
         assert raw.size == raw.path.stat().st_size
         assert raw.location == str(tiny_mirror / spec.split(split).path)
         first, lines = first_line_and_rows(raw.path)
@@ -172,7 +172,7 @@ def test_a_cached_file_that_no_longer_matches_its_pin_is_fetched_again(tiny_mirr
     raw = download_split(mnist_tiny, "test", str(tiny_mirror), tmp_path / "raw")
     raw.path.write_bytes(b"bit rot")
     again = download_split(mnist_tiny, "test", str(tiny_mirror), tmp_path / "raw")
-    assert again.fetched and sha256_of(again.path) == mnist_tiny.test.sha256
+    assert again.fetched and sha256_file(again.path) == mnist_tiny.test.sha256
 
 
 def test_an_unpinned_split_is_fetched_every_time_and_its_checksum_recorded(mirror_copy, mnist_tiny, tmp_path):
@@ -182,7 +182,7 @@ def test_an_unpinned_split_is_fetched_every_time_and_its_checksum_recorded(mirro
     (mirror_copy / spec.test.path).write_bytes(b"new upstream bytes")
     second = download_split(spec, "test", str(mirror_copy), tmp_path / "raw")
     assert second.fetched and second.path.read_bytes() == b"new upstream bytes"
-    assert second.sha256 == sha256_of(second.path) != first.sha256
+    assert second.sha256 == sha256_file(second.path) != first.sha256
 
 
 # ---- failures name the problem -----------------------------------------------------------------------
@@ -196,7 +196,7 @@ def test_checksum_mismatch_names_location_expected_and_found(kind, tiny_mirror, 
     with pytest.raises(ChecksumMismatch) as info:
         download_split(spec, "train", source, tmp_path / "raw", timeout_s=10)
     message = str(info.value)
-    found = sha256_of(tiny_mirror / spec.train.path)
+    found = sha256_file(tiny_mirror / spec.train.path)
     assert resolve_location(source, spec.train.path) in message
     assert f"expected {wrong_pin}, found {found}" in message
     assert f"({(tiny_mirror / spec.train.path).stat().st_size} bytes)" in message
