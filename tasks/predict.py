@@ -25,9 +25,10 @@ import numpy as np
 from tasks import storage
 from tasks.csvfile import read_head, read_split_table, read_text, sniff_columns
 from tasks.datasets import COLUMNS, LABEL_COLUMN, NUM_PIXELS, DatasetSpec, load_catalog, select_datasets
+from tasks.expectations import GxRunner
 from tasks.registry import open_registry
 from tasks.settings import Settings
-from tasks.validate import DataValidationError, GxRunner, validate_split
+from tasks.validate import DataValidationError, validate_split
 
 PREDICT_BATCH = 2048
 

@@ -13,8 +13,9 @@ import pytest
 
 from tasks.csvfile import read_text
 from tasks.datasets import IMAGE_SIDE
+from tasks.profiling import read_profile
 from tasks.settings import BUNDLED_MIRROR
-from tasks.validate import DataValidationError, read_profile, validate_dataset
+from tasks.validate import DataValidationError, validate_dataset
 
 
 def mirrored_copy(src: Path, dest: Path) -> Path:

@@ -8,15 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tasks.csvfile import read_text, sniff_columns
 from tasks.datasets import COLUMNS
-from tasks.validate import (
-    DataValidationError,
-    pixel_mean_std,
-    read_matrix,
-    read_text,
-    sniff_columns,
-    validate_dataset,
-)
+from tasks.profiling import pixel_mean_std
+from tasks.validate import DataValidationError, read_matrix, validate_dataset
 
 
 def load_slice(path: Path) -> tuple[np.ndarray, bool]:
