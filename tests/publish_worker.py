@@ -8,6 +8,7 @@ with the candidate's own predictions: the candidate's model file is a few dummy 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -214,15 +215,20 @@ def _install_hooks(log_fd: int, delay: float, current: dict[str, str]) -> None:
     storage.copy_file = lambda src, dest: step(f"copy:{dest.name}", original_copy)(src, dest)
     storage.fsync_dir = step("fsync-dir", storage.fsync_dir)
 
-    def dataset_lock(registry_dir, dataset):
+    @contextlib.contextmanager
+    def dataset_lock(registry_dir, dataset):  # every hold of the lock: publishing, history, pruning
         _log(log_fd, f"want {current['version']}")
-        return original_lock(registry_dir, dataset)
+        with original_lock(registry_dir, dataset) as how:
+            _log(log_fd, f"enter {current['version']}")
+            try:
+                yield how
+            finally:
+                _log(log_fd, f"release {current['version']}")
 
-    def remove_stale_staging(registry_dir, dataset):  # the first thing done holding the lock
-        _log(log_fd, f"enter {current['version']}")
+    def remove_stale_staging(registry_dir, dataset):  # the first thing publishing does holding the lock
         return step("clean", original_clean)(registry_dir, dataset)
 
-    def set_production(registry_dir, dataset, version):  # the last thing done holding the lock
+    def set_production(registry_dir, dataset, version):  # the last thing publishing does holding the lock
         step("pointer", original_set)(registry_dir, dataset, version)
         _log(log_fd, f"exit {version}")
 

@@ -25,8 +25,9 @@ from publish_worker import (
 from tasks import publish
 from tasks import registry as registry_module
 from tasks.gate import GateDecision
+from tasks.model_card import confusion_matrix_csv, confusion_matrix_png, model_card
 from tasks.promote import PromotionPolicy, first_version_decision
-from tasks.publish import GateFailed, confusion_matrix_csv, confusion_matrix_png, model_card
+from tasks.publish import GateFailed
 from tasks.registry import STAGING_PREFIX, VERSION_FILES, list_versions, read_production
 
 DATASET = "unit"

@@ -103,7 +103,7 @@ def test_two_publishers_at_once_are_serialised_and_the_last_one_wins(tmp_path):
             holder = (pid, version)
         else:
             assert holder == (pid, version), f"{pid} ran {step} for {version} while {holder} held the lock"
-            holder = None if step == "exit" else holder
+            holder = None if step == "release" else holder
     assert holder is None
     assert contended, "the two publishers never asked for the lock at the same time; the test proved nothing"
 
