@@ -17,7 +17,7 @@ from pydantic import Field
 from tasks.convert import convert_task
 from tasks.datasets import DatasetConfigError, DatasetSpec, Gates, ModelKind, load_catalog, select_datasets
 from tasks.download import ChecksumMismatch, DownloadError, DownloadRefused, SourceNotFound, download_task
-from tasks.evaluate import evaluate_task, read_metrics
+from tasks.evaluate import evaluate_task
 from tasks.fanout import DATASET_DEPLOYMENT, ChildRun, run_child_task
 from tasks.gate import gate_task
 from tasks.locations import SOURCE_PATTERN, LocationError
@@ -90,9 +90,9 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
         return stopped(spec.name, version, exc)
     train_parquet = convert_task(train_raw, report.has_header["train"], settings.parquet_dir, spec.name, "train")
     test_parquet = convert_task(test_raw, report.has_header["test"], settings.parquet_dir, spec.name, "test")
-    model_path = train_task(train_parquet, spec.num_classes, config, run_dir, spec.name)
-    metrics_path = evaluate_task(model_path, test_parquet, list(spec.class_names), run_dir, spec.name)
-    decision = gate_task(metrics_path, spec.gates, spec.name)
+    trained = train_task(train_parquet, spec.num_classes, config, run_dir, spec.name)
+    evaluation = evaluate_task(trained.model, test_parquet, list(spec.class_names), run_dir, spec.name)
+    decision = gate_task(evaluation.metrics_path, spec.gates, spec.name)
     parameters = applied_parameters({"dataset": spec.name, **config.model_dump()})
     lineage = {
         "data": {raw.path.parent.name: {**raw.lineage(), "rows": report.drift.get(raw.path.parent.name, {}).get("rows")}
@@ -101,9 +101,9 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
         "validation_report": str(report.report_path),
     }
     candidate = Candidate(
-        dataset=spec.name, version=version, model_path=model_path, metrics=read_metrics(metrics_path),
-        decision=decision, lineage=lineage, test_parquet=test_parquet, predictions_path=run_dir / "predictions.npy",
-        files={"training_curves.png": run_dir / "training_curves.png", "validation.json": report.report_path,
+        dataset=spec.name, version=version, model_path=trained.model, metrics=evaluation.metrics, decision=decision,
+        lineage=lineage, test_parquet=test_parquet, predictions_path=evaluation.predictions_path,
+        files={trained.curves.name: trained.curves, report.report_path.name: report.report_path,
                **({PROFILE_FILE: report.profile_path} if report.profile_path else {})},
         parameters=parameters)
     outcome = publish_task(settings.registry_location, candidate, policy=policy,

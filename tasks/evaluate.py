@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from pydantic import BaseModel
 from tasks import storage
 from tasks.model_io import predict_probabilities
 from tasks.train import load_xy
+
+METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "predictions.npy"
 
 
 class ConfusedPair(BaseModel):
@@ -31,6 +34,15 @@ class Metrics(BaseModel):
     recall: dict[str, float]
     confusion_matrix: list[list[int]]
     most_confused: list[ConfusedPair]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What evaluation wrote and measured: ``metrics.json``, the predicted class of every test row, the metrics."""
+
+    metrics_path: Path
+    predictions_path: Path
+    metrics: Metrics
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -69,8 +81,8 @@ def evaluate_model(model_path: Path, test_parquet: Path, class_names: list[str],
     probabilities = predict_probabilities(model_path, pixels)
     metrics = compute_metrics(labels, probabilities, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "predictions.npy", probabilities.argmax(axis=1).astype(np.int16))
-    return storage.write_text(out_dir / "metrics.json", metrics.model_dump_json(indent=2))
+    np.save(out_dir / PREDICTIONS_FILE, probabilities.argmax(axis=1).astype(np.int16))
+    return storage.write_text(out_dir / METRICS_FILE, metrics.model_dump_json(indent=2))
 
 
 def read_metrics(path: Path) -> Metrics:
@@ -81,11 +93,12 @@ def read_metrics(path: Path) -> Metrics:
 
 
 @task(name="evaluate", task_run_name="evaluate-{dataset}")
-def evaluate_task(model_path: Path, test_parquet: Path, class_names: list[str], out_dir: Path, dataset: str) -> Path:
+def evaluate_task(model_path: Path, test_parquet: Path, class_names: list[str], out_dir: Path,
+                  dataset: str) -> Evaluation:
     from prefect import get_run_logger
 
     path = evaluate_model(model_path, test_parquet, class_names, out_dir)
     metrics = read_metrics(path)
     get_run_logger().info("%s test accuracy %.4f, loss %.4f; most confused %s", dataset, metrics.test_accuracy,
                           metrics.test_loss, [(p.true, p.predicted, p.count) for p in metrics.most_confused[:3]])
-    return path
+    return Evaluation(metrics_path=path, predictions_path=path.with_name(PREDICTIONS_FILE), metrics=metrics)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ BatchCallback = Callable[[int, int, int, int, dict[str, float]], None]
 PROGRESS_EVERY_S = 5.0
 
 DEFAULT_SEED = 42
+MODEL_FILE, HISTORY_FILE, CURVES_FILE = "model.keras", "history.json", "training_curves.png"
 # Epochs when a model other than the dataset's recipe is asked for without --epochs.
 DEFAULT_EPOCHS: dict[str, int] = {"mlp": 12, "cnn": 15, "cnn-bn": 16}
 
@@ -50,6 +52,19 @@ class TrainConfig(BaseModel):
     horizontal_flip: bool = False
     rotate: float = Field(default=0.0, ge=0, lt=0.5, description="Random rotations (CNNs only), share of a turn")
     zoom: float = Field(default=0.0, ge=0, lt=0.5, description="Random zoom (CNNs only), share of the side")
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """What training wrote: the model, its per-epoch curves (JSON) and their plot."""
+
+    model: Path
+    history: Path
+    curves: Path
+
+    @classmethod
+    def in_folder(cls, out_dir: Path) -> TrainedModel:
+        return cls(out_dir / MODEL_FILE, out_dir / HISTORY_FILE, out_dir / CURVES_FILE)
 
 
 def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int | None = None, seed: int = DEFAULT_SEED,
@@ -193,12 +208,12 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
         backup.save(model, state)
     if state.early_stopping.best_weights is not None:
         model.set_weights(state.early_stopping.best_weights)
-    storage.write_json(out_dir / "history.json", state.curves)
+    storage.write_json(out_dir / HISTORY_FILE, state.curves)
     storage.write_json(out_dir / "resume.json", {"resumed_after_epoch": state.resumed_after,
                                                  "epochs_run": state.epochs_done - state.resumed_after})
-    plot_training_curves(state.curves, out_dir / "training_curves.png",
+    plot_training_curves(state.curves, out_dir / CURVES_FILE,
                          f"{config.model}: {len(fit_idx)} training rows, {len(val_idx)} held out for validation")
-    path = save_model(model, out_dir / "model.keras")
+    path = save_model(model, out_dir / MODEL_FILE)
     backup.remove()
     return path
 
@@ -266,7 +281,8 @@ def plot_training_curves(curves: dict[str, list[float]], dest: Path, title: str 
 
 
 @task(name="train", task_run_name="train-{dataset}-{config.model}")
-def train_task(train_parquet: Path, num_classes: int, config: TrainConfig, out_dir: Path, dataset: str) -> Path:
+def train_task(train_parquet: Path, num_classes: int, config: TrainConfig, out_dir: Path,
+               dataset: str) -> TrainedModel:
     from prefect import get_run_logger
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -283,4 +299,4 @@ def train_task(train_parquet: Path, num_classes: int, config: TrainConfig, out_d
 
     model_path = train_model(train_parquet, num_classes, config, out_dir, on_epoch=report, on_batch=report_batch)
     update_progress_artifact(progress, progress=100.0)
-    return model_path
+    return TrainedModel.in_folder(model_path.parent)
