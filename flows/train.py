@@ -16,7 +16,14 @@ from pydantic import Field
 
 from tasks.convert import convert_task
 from tasks.datasets import DatasetConfigError, DatasetSpec, Gates, ModelKind, load_catalog, select_datasets
-from tasks.download import ChecksumMismatch, DownloadError, DownloadRefused, SourceNotFound, download_task
+from tasks.download import (
+    ChecksumMismatch,
+    DownloadError,
+    DownloadRefused,
+    SourceNotFound,
+    download_task,
+    retry_delays,
+)
 from tasks.evaluate import evaluate_task
 from tasks.fanout import DATASET_DEPLOYMENT, ChildRun, run_child_task
 from tasks.gate import gate_task
@@ -76,8 +83,8 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
                   policy: PromotionPolicy | None = None, deployment: str | None = None) -> DatasetOutcome | State:
     """One dataset through every stage; stops (and publishes nothing) at the first stage that fails."""
     run_dir = settings.runs_dir / spec.name / version
-    download = download_task.with_options(retries=settings.download_retries, retry_delay_seconds=[
-        settings.download_retry_backoff_s * 2**i for i in range(settings.download_retries)])
+    download = download_task.with_options(retries=settings.download_retries, retry_delay_seconds=retry_delays(
+        settings.download_retries, settings.download_retry_backoff_s))
     try:
         train_raw = download(spec, "train", settings.source, settings.raw_dir, settings.download_timeout_s,
                              settings.download_deadline_s, settings.download_max_bytes)

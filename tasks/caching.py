@@ -39,7 +39,6 @@ from prefect.utilities.hashing import hash_objects
 
 from tasks import storage
 
-CHUNK_BYTES = 1 << 20
 PROJECT_PACKAGES = ("tasks", "flows")
 OUTPUT_HASH_SUFFIX = ".sha256"
 HASHED_OUTPUT_SUFFIXES = (".parquet",)  # outputs whose bytes are recorded at write and checked before serving

@@ -26,15 +26,19 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from prefect import task
-from prefect.tasks import exponential_backoff
 
 from tasks import storage
 from tasks.caching import DOWNLOAD_CACHE, hold_lock, remove_orphans
 from tasks.datasets import DatasetSpec, Split
 from tasks.locations import URL_SCHEMES, redact, resolve, scheme_of
-from tasks.settings import DOWNLOAD_DEADLINE_S, DOWNLOAD_MAX_BYTES, DOWNLOAD_TIMEOUT_S
+from tasks.settings import (
+    DOWNLOAD_DEADLINE_S,
+    DOWNLOAD_MAX_BYTES,
+    DOWNLOAD_RETRIES,
+    DOWNLOAD_RETRY_BACKOFF_S,
+    DOWNLOAD_TIMEOUT_S,
+)
 
-CHUNK_BYTES = 1 << 20
 PARTIAL_SUFFIX = ".partial"
 ORIGIN_SUFFIX = ".origin.json"
 MAX_REDIRECTS = 5
@@ -158,7 +162,7 @@ def _stream_to(stream: BinaryIO, dest: BinaryIO, shown: str, length: int | None,
     digest, size = hashlib.sha256(), 0
     try:
         # read1 returns what has arrived rather than waiting for a full chunk, so ``size`` is exact.
-        for chunk in iter(lambda: stream.read1(CHUNK_BYTES), b""):
+        for chunk in iter(lambda: stream.read1(storage.CHUNK_BYTES), b""):
             digest.update(chunk)
             dest.write(chunk)
             size += len(chunk)
@@ -249,6 +253,11 @@ def is_retryable(exc: BaseException | None) -> bool:
 # ---- Prefect wrapper -----------------------------------------------------------------------------
 
 
+def retry_delays(retries: int, backoff_s: float) -> list[float]:
+    """Exponential backoff: b, 2b, 4b, ... seconds before each retry."""
+    return [backoff_s * 2**i for i in range(retries)]
+
+
 def _retry_on_network_errors(task_, task_run, state) -> bool:
     try:
         state.result()
@@ -257,7 +266,8 @@ def _retry_on_network_errors(task_, task_run, state) -> bool:
     return False
 
 
-@task(name="download", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+@task(name="download", retries=DOWNLOAD_RETRIES,
+      retry_delay_seconds=retry_delays(DOWNLOAD_RETRIES, DOWNLOAD_RETRY_BACKOFF_S),
       retry_condition_fn=_retry_on_network_errors, task_run_name="download-{spec.name}-{split}",
       cache_policy=DOWNLOAD_CACHE, persist_result=True)
 def download_task(spec: DatasetSpec, split: Split, source: str, raw_dir: Path, timeout_s: float,

@@ -12,6 +12,8 @@ from tasks.locations import check_source
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MIRROR = PROJECT_ROOT / "data" / "mirror"
 DOWNLOAD_TIMEOUT_S = 30.0
+DOWNLOAD_RETRIES = 3  # network faults only; wrong bytes and missing files fail at once
+DOWNLOAD_RETRY_BACKOFF_S = 2.0  # delays b, 2b, 4b, ...
 # The biggest bundled file is 30 MB; a 10-minute deadline leaves a slow 1 Mbit/s link room for 60 MB.
 DOWNLOAD_DEADLINE_S = 600.0
 DOWNLOAD_MAX_BYTES = 256 << 20
@@ -34,8 +36,8 @@ class Settings(BaseSettings):
     download_deadline_s: float = Field(default=DOWNLOAD_DEADLINE_S, gt=0,
                                        description="Total time one file's download may take (each attempt).")
     download_max_bytes: int = Field(default=DOWNLOAD_MAX_BYTES, gt=0, description="Largest file downloaded.")
-    download_retries: int = Field(default=3, ge=0)
-    download_retry_backoff_s: float = Field(default=2.0, ge=0, description="Delays are b, 2b, 4b, ...")
+    download_retries: int = Field(default=DOWNLOAD_RETRIES, ge=0)
+    download_retry_backoff_s: float = Field(default=DOWNLOAD_RETRY_BACKOFF_S, ge=0, description="Delays are b, 2b, 4b, ...")
 
     @field_validator("source")
     @classmethod
