@@ -94,7 +94,7 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
         report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile),
                                    run_dir)
     except EXPECTED_FAILURES as exc:
-        return stopped(spec.name, version, exc)
+        return stopped(spec.name, version, exc, settings.registry_location)
     train_parquet = convert_task(train_raw, report.has_header["train"], settings.parquet_dir, spec.name, "train")
     test_parquet = convert_task(test_raw, report.has_header["test"], settings.parquet_dir, spec.name, "test")
     trained = train_task(train_parquet, spec.num_classes, config, run_dir, spec.name)
@@ -118,12 +118,18 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
     return outcome if outcome.published else Failed(message=outcome.state_message(), data=outcome)
 
 
-def stopped(dataset: str, version: str, exc: BaseException) -> State:
-    """A dataset stopped by an expected failure: logged once, and a Failed state with the outcome as its data."""
+def stopped(dataset: str, version: str, exc: BaseException, registry: str) -> State:
+    """A dataset stopped by an expected failure before training: logged once, added to the dataset's history,
+    and a Failed state with the outcome as its data."""
     get_run_logger().error("%s", exc)
     report = getattr(exc, "report_path", None)
     html = report.with_name(REPORT_NAME) if report is not None and report.with_name(REPORT_NAME).is_file() else None
     outcome = DatasetOutcome.from_exception(dataset, version, exc, validation_report=str(html) if html else None)
+    stage = "validate" if isinstance(exc, DataValidationError) else "download"
+    try:
+        open_registry(registry).record_failure(dataset, version, stage, outcome.headline, report)
+    except Exception as history_exc:  # noqa: BLE001 - the run's outcome stands; its history line is a view
+        get_run_logger().warning("%s: history of run %s not recorded: %s", dataset, version, history_exc)
     return Failed(message=outcome.state_message(), data=outcome)
 
 

@@ -94,6 +94,9 @@ class Registry(Protocol):
     def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
                        published: Published | None = None) -> None: ...
 
+    def record_failure(self, dataset: str, version: str, stage: str, reason: str,
+                       validation_report: Path | None = None) -> None: ...
+
     def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None: ...
 
 
@@ -257,6 +260,13 @@ class FolderRegistry:
                                candidate.decision, candidate.lineage, seconds, reason=reason,
                                metrics_doc=published.path / "metrics.json" if published and published.path else None)
 
+    def record_failure(self, dataset: str, version: str, stage: str, reason: str,
+                       validation_report: Path | None = None) -> None:
+        """A run that stopped before training (download, validation): its line in the history, under the lock."""
+        with self.lock(dataset):
+            history.record_run(self.root, dataset, version, "failed", reason=reason, stage=stage,
+                               lineage={"validation_report": str(validation_report) if validation_report else None})
+
     def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None:
         """Retention after a publish: never the production version, nor any of ``protected``."""
         with self.lock(dataset):
@@ -313,6 +323,12 @@ class MlflowModelRegistry:
     def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
                        published: Published | None = None) -> None:
         """The experiment's MLflow runs are the history (the MLflow UI charts them across runs)."""
+
+    def record_failure(self, dataset: str, version: str, stage: str, reason: str,
+                       validation_report: Path | None = None) -> None:
+        """A run that stopped before training: an MLflow run with nothing but why (no model, no metrics)."""
+        self.mlflow.record_failure(dataset, version, stage, reason,
+                                   {"validation.json": validation_report} if validation_report else {})
 
     def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None:
         """Registered versions are MLflow's to keep; nothing is deleted from the server."""

@@ -141,6 +141,12 @@ class MlflowRegistry:
         self.client.set_terminated(run_id, status="FINISHED")
         return MlflowRecord(run_id, model_version, f"{self.tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}")
 
+    def record_failure(self, dataset: str, version: str, stage: str, reason: str,
+                       artifacts: dict[str, Path]) -> MlflowRecord:
+        """An MLflow run for a night that stopped before training: why, in tags, and its reports."""
+        return self.record_run(dataset, version, params={}, metrics={}, tags={"train_mnist.stage": stage},
+                               artifacts=artifacts, decision="failed", reason=reason)
+
     def _experiment(self, dataset: str) -> str:
         name = f"{EXPERIMENT_PREFIX}/{dataset}"
         found = self.client.get_experiment_by_name(name)

@@ -27,6 +27,7 @@ from prefect.client.schemas.filters import (
 
 import tasks.publish
 from flows.train import train_mnist
+from tasks.history import read_history
 from tasks.registry import list_versions, read_production
 
 DATASETS_TOML = """
@@ -180,6 +181,9 @@ def test_failed_validation_is_one_error_with_its_lines_and_an_offline_report(pre
                   if "Validation report" in line)
     html = report.read_text()
     assert report.name == "validation.html" and "line 3" in html and "FAIL" in html and "<script" not in html
+    # A night that stopped at validation is in the dataset's history too.
+    [entry] = read_history(tmp_path / "registry", "tiny-bad")
+    assert (entry.outcome, entry.stage) == ("failed", "validate") and "data failed validation" in entry.reason
 
 
 def test_artifacts_failing_after_publish_is_a_warning_and_the_version_is_published(prefect_api, mirror, datasets_file,
