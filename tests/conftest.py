@@ -17,7 +17,6 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 import functools  # noqa: E402 - after the environment above
-import gzip  # noqa: E402
 import http.server  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -26,24 +25,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from tasks.datasets import DatasetSpec, load_catalog  # noqa: E402
-from tasks.settings import BUNDLED_MIRROR  # noqa: E402
-from tasks.storage import sha256_file  # noqa: E402
 from tests.support.prefect_server import Server  # noqa: E402
 from tests.support.prefect_server import prefect_server as start_prefect_server  # noqa: E402
+from tests.support.slices import SLICE_ROWS, build_slice_mirror, slice_spec  # noqa: E402
 from tests.support.trained import trained_models  # noqa: E402, F401 - a fixture for every test module
-
-SLICE_ROWS = {"train": 3000, "test": 600}
-
-
-def cut_slice(src: Path, dest: Path, rows: int, keep_header: bool) -> Path:
-    """The first ``rows`` data rows of a real .csv.gz file (plus its header line, if it has one)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(src, "rt", newline="") as fin, gzip.open(dest, "wt", newline="") as fout:
-        if keep_header:
-            fout.write(fin.readline())
-        for _, line in zip(range(rows), fin, strict=False):
-            fout.write(line)
-    return dest
 
 
 @pytest.fixture(scope="session")
@@ -67,27 +52,9 @@ def catalog() -> dict[str, DatasetSpec]:
     return load_catalog()
 
 
-def build_slice_mirror(root: Path, specs, rows: dict[str, int]) -> Path:
-    """A mirror with the datasets' layout holding the first ``rows[split]`` rows of each real file."""
-    for spec in specs:
-        for split, n in rows.items():
-            rel = spec.split(split).path
-            cut_slice(BUNDLED_MIRROR / rel, root / rel, n, keep_header=bool(spec.header))
-    return root
-
-
 @pytest.fixture(scope="session")
 def slice_mirror(tmp_path_factory, catalog) -> Path:
     return build_slice_mirror(tmp_path_factory.mktemp("slice-mirror"), catalog.values(), SLICE_ROWS)
-
-
-def slice_spec(spec: DatasetSpec, mirror: Path, rows: dict[str, int] = SLICE_ROWS) -> DatasetSpec:
-    """``spec`` re-pinned to the slice files of ``mirror`` (row counts and checksums)."""
-    splits = {
-        split: spec.split(split).model_copy(update={"rows": n, "sha256": sha256_file(mirror / spec.split(split).path)})
-        for split, n in rows.items()
-    }
-    return spec.model_copy(update=splits)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from publish_worker import LINEAGE, PASSED, publish_model
 
 from tasks.canary import CANARY_FILE, CANARY_ROWS, LATENCY_BUDGET_S, run_canary, write_canary_batch
 from tasks.convert import convert_to_parquet
@@ -14,6 +13,7 @@ from tasks.evaluate import evaluate_model, read_metrics
 from tasks.publish import CanaryRefused
 from tasks.registry import STAGING_PREFIX, list_versions, read_production
 from tasks.train import TrainConfig, load_xy, train_model
+from tests.support.publish_worker import LINEAGE, PASSED, publish_model
 
 DATASET = "canary-test"
 

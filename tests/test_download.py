@@ -11,8 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import build_slice_mirror, slice_spec
-from fault_server import FaultServer, partial_files
 
 from tasks.datasets import COLUMNS, DatasetSpec
 from tasks.download import (
@@ -27,6 +25,8 @@ from tasks.download import (
 )
 from tasks.locations import LocationError
 from tasks.storage import sha256_file
+from tests.support.fault_server import FaultServer, partial_files
+from tests.support.slices import build_slice_mirror, slice_spec
 
 SPLITS = ("train", "test")
 TINY_ROWS = {"train": 30, "test": 20}  # a few KB per file: these tests are about bytes, not data

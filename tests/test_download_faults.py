@@ -1,7 +1,7 @@
 """The download stage on a flaky network: transient faults are retried with backoff, permanent ones fail fast
 and clearly, and no partial or unverified file ever sits under its final name in the raw cache.
 
-A real HTTP server on 127.0.0.1 (tests/fault_server.py) answers each request with a planned fault; it
+A real HTTP server on 127.0.0.1 (tests/support/fault_server.py) answers each request with a planned fault; it
 records every request, so attempts are counted where they happen. Retries are Prefect's: the download
 task runs inside a small flow with the retry settings the train flow passes (a list of delays).
 """
@@ -15,20 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import cut_slice
-from fault_server import (
-    ChunkedCut,
-    Fault,
-    FaultServer,
-    Redirect,
-    Reset,
-    ShortBody,
-    Stall,
-    Status,
-    UnannouncedShortBody,
-    WrongBytes,
-    partial_files,
-)
 from prefect import flow
 
 from tasks.datasets import DatasetSpec, SplitFile
@@ -43,6 +29,20 @@ from tasks.download import (
     raw_path,
 )
 from tasks.settings import BUNDLED_MIRROR
+from tests.support.fault_server import (
+    ChunkedCut,
+    Fault,
+    FaultServer,
+    Redirect,
+    Reset,
+    ShortBody,
+    Stall,
+    Status,
+    UnannouncedShortBody,
+    WrongBytes,
+    partial_files,
+)
+from tests.support.slices import cut_slice
 
 TINY_ROWS = 40  # ~10 KB of gzip: enough to cut in half, small enough to refetch many times
 PATH = "mnist/mnist_train.csv.gz"

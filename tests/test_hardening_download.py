@@ -13,8 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import cut_slice
-from fault_server import FaultServer, Redirect, Status, Trickle, partial_files
 from pydantic import ValidationError
 
 from tasks.datasets import DatasetConfigError, SplitFile, load_datasets_file
@@ -29,6 +27,8 @@ from tasks.download import (
 )
 from tasks.locations import LocationError, redact, resolve
 from tasks.settings import BUNDLED_MIRROR, Settings
+from tests.support.fault_server import FaultServer, Redirect, Status, Trickle, partial_files
+from tests.support.slices import cut_slice
 
 PATH = "mnist/mnist_train.csv.gz"
 ROWS = 40

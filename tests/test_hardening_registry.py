@@ -8,7 +8,14 @@ import json
 import numpy as np
 import pytest
 from prefect.utilities.callables import parameter_schema
-from publish_worker import (
+from scipy.stats import binomtest
+
+from flows import train as train_flow
+from tasks import publish, storage
+from tasks import registry as registry_module
+from tasks.promote import PromotionPolicy, decide_promotion
+from tasks.registry import POINTER, PROFILE_FILE, ChampionUnreadable, FolderRegistry, list_versions, read_production
+from tests.support.publish_worker import (
     LINEAGE,
     PASSED,
     dummy_candidate,
@@ -17,13 +24,6 @@ from publish_worker import (
     publish_model,
     stand_in_canary,
 )
-from scipy.stats import binomtest
-
-from flows import train as train_flow
-from tasks import publish, storage
-from tasks import registry as registry_module
-from tasks.promote import PromotionPolicy, decide_promotion
-from tasks.registry import POINTER, PROFILE_FILE, ChampionUnreadable, FolderRegistry, list_versions, read_production
 
 DATASET = "unit"
 

@@ -5,15 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from publish_worker import (
-    LINEAGE,
-    PASSED,
-    dummy_candidate,
-    fake_champion_scoring,
-    publish_candidate,
-    publish_model,
-    stand_in_canary,
-)
 
 from tasks import publish
 from tasks import registry as registry_module
@@ -29,6 +20,15 @@ from tasks.history import (
     render_trend,
 )
 from tasks.publish import GateFailed
+from tests.support.publish_worker import (
+    LINEAGE,
+    PASSED,
+    dummy_candidate,
+    fake_champion_scoring,
+    publish_candidate,
+    publish_model,
+    stand_in_canary,
+)
 
 DATASET = "history-test"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from publish_worker import LINEAGE, PASSED, publish_model
 
 from tasks.convert import convert_to_parquet
 from tasks.datasets import PIXEL_COLUMNS
 from tasks.evaluate import evaluate_model, read_metrics
 from tasks.predict import NoProductionModel, load_production_model
 from tasks.train import TrainConfig, train_model
+from tests.support.publish_worker import LINEAGE, PASSED, publish_model
 
 TRAIN_MNIST = str(Path(sys.executable).with_name("train-mnist"))
 ROWS = 40

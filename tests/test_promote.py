@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from publish_worker import Candidate, make_candidate, publish_candidate
 from pydantic import ValidationError
 
 from tasks.evaluate import read_metrics
@@ -26,6 +25,7 @@ from tasks.promote import (
 from tasks.publish import GateFailed, PromotionRefused
 from tasks.registry import ChampionUnreadable, dataset_lock, list_versions, read_production, set_production
 from tasks.train import load_xy
+from tests.support.publish_worker import Candidate, make_candidate, publish_candidate
 
 DATASET = "mnist"
 POLICY = PromotionPolicy()

@@ -8,7 +8,15 @@ import json
 
 import numpy as np
 import pytest
-from publish_worker import (
+
+from tasks import publish
+from tasks import registry as registry_module
+from tasks.gate import GateDecision
+from tasks.model_card import confusion_matrix_csv, confusion_matrix_png, model_card
+from tasks.promote import PromotionPolicy, first_version_decision
+from tasks.publish import GateFailed
+from tasks.registry import STAGING_PREFIX, VERSION_FILES, list_versions, read_production
+from tests.support.publish_worker import (
     CLASS_NAMES,
     DUMMY_MODEL,
     LINEAGE,
@@ -21,14 +29,6 @@ from publish_worker import (
     publish_candidate,
     stand_in_canary,
 )
-
-from tasks import publish
-from tasks import registry as registry_module
-from tasks.gate import GateDecision
-from tasks.model_card import confusion_matrix_csv, confusion_matrix_png, model_card
-from tasks.promote import PromotionPolicy, first_version_decision
-from tasks.publish import GateFailed
-from tasks.registry import STAGING_PREFIX, VERSION_FILES, list_versions, read_production
 
 DATASET = "unit"
 FAILED = GateDecision(passed=False, reasons=["FAIL min_accuracy: test_accuracy 0.4000 < threshold 0.9000"])

@@ -8,7 +8,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from publish_worker import (
+from tasks import publish
+from tasks import registry as registry_module
+from tasks.registry import read_production
+from tests.support.publish_worker import (
     assert_registry_consistent,
     dummy_candidate,
     fake_champion_scoring,
@@ -19,10 +22,6 @@ from publish_worker import (
     publish_loop,
     stand_in_canary,
 )
-
-from tasks import publish
-from tasks import registry as registry_module
-from tasks.registry import read_production
 
 DATASET = "kill-test"
 TRIALS = 24

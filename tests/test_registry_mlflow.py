@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from publish_worker import LINEAGE, PASSED, registry_candidate
 
 from tasks.gate import GateDecision
 from tasks.promote import PromotionPolicy
@@ -23,6 +22,7 @@ from tasks.publish import GateFailed, PromotionRefused, publish_version
 from tasks.registry import ChampionUnreadable, MlflowModelRegistry, open_registry
 from tasks.registry_mlflow import DECISION_TAG, REASON_TAG
 from tests.support.mlflow_server import mlflow_server
+from tests.support.publish_worker import LINEAGE, PASSED, registry_candidate
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 

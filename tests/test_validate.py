@@ -156,7 +156,7 @@ def test_layout_is_detected_when_the_spec_does_not_say(request, slice_mirror, tm
 
 
 def test_line_numbers_stay_right_after_skipped_malformed_rows(fashion_slice, slice_mirror, tmp_path):
-    import badinputs
+    from tests.support import badinputs
 
     header, rows = badinputs.read_slice(slice_mirror / fashion_slice.train.path)
     rows[5] = rows[5].rsplit(",", 10)[0]  # 775 fields: skipped

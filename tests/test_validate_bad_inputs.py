@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import badinputs as bad
 import pytest
 
 from tasks.datasets import DatasetSpec
 from tasks.registry import POINTER, list_versions, read_production
 from tasks.validate import DataValidationError, validate_dataset
+from tests.support import badinputs as bad
 
 READABLE = ("train", "test", "pair")  # drift sections present when both splits could be read
 TRAIN_UNREADABLE = ("test",)  # only the good split has drift numbers

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from publish_worker import Candidate
 
 from tasks.convert import convert_to_parquet
 from tasks.evaluate import evaluate_model, read_metrics
 from tasks.model_io import import_keras, save_model
 from tasks.train import TrainConfig, build_model, load_xy
+from tests.support.publish_worker import Candidate
 
 
 def _fit(train_parquet: Path, dest: Path, rows: int, seed: int) -> Path:

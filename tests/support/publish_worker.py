@@ -183,9 +183,9 @@ def forkserver_context() -> multiprocessing.context.BaseContext:
     """Children forked from a clean server that has already imported this module (and so tasks.publish)."""
     # Python 3.11's fork server ignores the parent's sys.path when preloading (the import error is
     # swallowed and every child would import TensorFlow-free but still slow modules itself), so hand
-    # it this folder and the project root through the environment it starts with.
-    here = Path(__file__).resolve().parent
-    paths = [str(here), str(here.parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    # it the project root through the environment it starts with.
+    root = Path(__file__).resolve().parents[2]
+    paths = [str(root), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     ctx = multiprocessing.get_context("forkserver")
     # "__main__": else each child imports the main module (pytest) again; pyarrow.dataset: read_table's lazy import.

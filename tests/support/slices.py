@@ -1,0 +1,41 @@
+"""Small slices cut from the real datasets, and mirrors built from them."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+from tasks.datasets import DatasetSpec
+from tasks.settings import BUNDLED_MIRROR
+from tasks.storage import sha256_file
+
+SLICE_ROWS = {"train": 3000, "test": 600}
+
+
+def cut_slice(src: Path, dest: Path, rows: int, keep_header: bool) -> Path:
+    """The first ``rows`` data rows of a real .csv.gz file (plus its header line, if it has one)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(src, "rt", newline="") as fin, gzip.open(dest, "wt", newline="") as fout:
+        if keep_header:
+            fout.write(fin.readline())
+        for _, line in zip(range(rows), fin, strict=False):
+            fout.write(line)
+    return dest
+
+
+def build_slice_mirror(root: Path, specs, rows: dict[str, int]) -> Path:
+    """A mirror with the datasets' layout holding the first ``rows[split]`` rows of each real file."""
+    for spec in specs:
+        for split, n in rows.items():
+            rel = spec.split(split).path
+            cut_slice(BUNDLED_MIRROR / rel, root / rel, n, keep_header=bool(spec.header))
+    return root
+
+
+def slice_spec(spec: DatasetSpec, mirror: Path, rows: dict[str, int] = SLICE_ROWS) -> DatasetSpec:
+    """``spec`` re-pinned to the slice files of ``mirror`` (row counts and checksums)."""
+    splits = {
+        split: spec.split(split).model_copy(update={"rows": n, "sha256": sha256_file(mirror / spec.split(split).path)})
+        for split, n in rows.items()
+    }
+    return spec.model_copy(update=splits)
