@@ -193,7 +193,7 @@ def expected_text(kwargs: dict[str, Any]) -> str:
     low, high = kwargs.get("min_value"), kwargs.get("max_value")
     if "column_list" in kwargs:
         cols = kwargs["column_list"]
-        return f"{len(cols)} columns {cols[0]}, {cols[1]}, ..., {cols[-1]}"
+        return f"{len(cols)} columns {cols[0]}, {cols[1]}, ..., {cols[-1]}" if len(cols) > 3 else ", ".join(cols)
     if "value_set" in kwargs:
         return f"a value in {format_number(kwargs['value_set'])}"
     if "value" in kwargs:

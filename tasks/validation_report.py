@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import storage
+from tasks.expectations import expected_text
 
 REPORT_NAME = "validation.html"
 MAX_VALUE_CHARS = 300
@@ -37,24 +38,6 @@ def _short(value: Any) -> str:
 
 def _badge(ok: bool) -> str:
     return f'<span class="badge {"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span>'
-
-
-def expected_text(kwargs: dict[str, Any]) -> str:
-    low, high = kwargs.get("min_value"), kwargs.get("max_value")
-    if "column_list" in kwargs:
-        cols = kwargs["column_list"]
-        return f"{len(cols)} columns: {cols[0]}, {cols[1]}, ..., {cols[-1]}" if len(cols) > 3 else ", ".join(cols)
-    if "value_set" in kwargs:
-        return f"in {_short(kwargs['value_set'])}"
-    if "value" in kwargs:
-        return f"== {kwargs['value']}"
-    if low is not None and high is not None:
-        return f"between {low} and {high}"
-    if low is not None:
-        return f">= {low}"
-    if high is not None:
-        return f"<= {high}"
-    return "not null" if "column" in kwargs else ""
 
 
 def observed_text(result: dict[str, Any]) -> str:
