@@ -11,6 +11,7 @@ and every version as they were; the registry records why where it keeps such rec
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import time
 import uuid
@@ -37,6 +38,8 @@ from tasks.promote import (
 from tasks.registry import Candidate, ChampionUnreadable, Published, Registry, open_registry
 from tasks.retention import RetentionPolicy
 from tasks.train import load_xy
+
+logger = logging.getLogger(__name__)
 
 
 class GateFailed(Exception):
@@ -161,8 +164,12 @@ def publish_version(registry: Registry, candidate: Candidate, policy: PromotionP
             exc, GateFailed) else "failed"
         registry.record_history(candidate, outcome, time.monotonic() - started, reason=str(exc))
         raise
-    registry.record_history(candidate, "published", time.monotonic() - started, published=published)
-    registry.prune(candidate.dataset, {published.promotion.champion_version}, retention)
+    try:  # the pointer has moved: what follows is bookkeeping, and must not report the model as unpublished
+        registry.record_history(candidate, "published", time.monotonic() - started, published=published)
+        registry.prune(candidate.dataset, {published.promotion.champion_version}, retention)
+    except Exception as exc:  # noqa: BLE001 - logged; the published version stands
+        logger.warning("%s %s is published, but its history or pruning failed: %s: %s", candidate.dataset,
+                       candidate.version, type(exc).__name__, exc)
     return published
 
 

@@ -153,3 +153,15 @@ def test_model_card_states_data_parameters_metrics_gate_and_champion(candidate):
 
     failed_card = model_card(DATASET, "v", metrics, FAILED, promotion, LINEAGE)
     assert "**FAILED**" in failed_card and FAILED.reasons[0] in failed_card
+
+
+def test_a_failure_after_the_pointer_moved_leaves_the_version_published(tmp_path, candidate, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise OSError("disk trouble while pruning")
+
+    monkeypatch.setattr(registry_module, "prune_versions", broken)
+    registry = tmp_path / "registry"
+    published = publish_candidate(registry, DATASET, candidate)
+    assert read_production(registry, DATASET) == published.version
+    assert any("is published, but its history or pruning failed" in r.message and "disk trouble" in r.message
+               for r in caplog.records)
