@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tasks.datasets import DatasetSpec
+from tasks.history import HISTORY_FILE, TREND_FILE, read_history
 from tasks.registry import POINTER, list_versions, read_production
 from tasks.validate import DataValidationError, validate_dataset
 from tests.support import badinputs as bad
@@ -262,7 +263,11 @@ def test_flow_fails_on_bad_data_and_leaves_production_alone(bad_flow_run, name):
     assert re.search(re.escape(f"{name}-train") + r"[^\n]*" + re.escape(FLOW_CASES[name][1]), message), message
     assert read_production(registry, name) == OLD_VERSION
     assert list_versions(registry, name) == [OLD_VERSION]
-    assert sorted(p.name for p in (registry / name).iterdir() if not p.name.startswith(".")) == [OLD_VERSION, POINTER]
+    # Nothing but the old version and the pointer, and the night's line in the history (outcome failed).
+    assert sorted(p.name for p in (registry / name).iterdir() if not p.name.startswith(".")) == sorted(
+        [OLD_VERSION, POINTER, HISTORY_FILE, TREND_FILE])
+    [entry] = read_history(registry, name)
+    assert (entry.outcome, entry.stage) == ("failed", "validate")
     reports = list((data_dir / "runs" / name).glob("*/validation.json"))
     assert len(reports) == 1 and json.loads(reports[0].read_text())["passed"] is False
     assert (reports[0].parent / "data_docs" / "index.html").is_file()
