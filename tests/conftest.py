@@ -41,12 +41,10 @@ def prefect_server(tmp_path_factory) -> Iterator[Server]:
 @pytest.fixture(scope="module")
 def prefect_api(prefect_server) -> Iterator[Server]:
     """In-process flows of this module report to the session's Prefect server (only this module's tests)."""
-    from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: prefect_server.url}):
         yield prefect_server
-        APILogHandler.flush()  # the module's last log lines reach the server before it may stop
 
 
 @pytest.fixture(scope="session")
