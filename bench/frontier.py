@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,7 +53,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        default=parse_floats(DEFAULT_BUDGETS, "budgets", 0.0, 4.0),
                        help=f"fractions of the recipe's nightly epochs (default {DEFAULT_BUDGETS})")
     group.add_argument("--seeds", type=parse_seeds, default=parse_seeds(DEFAULT_SEEDS),
-                       help=f"one run per seed and budget (default {DEFAULT_SEEDS}); the table gives the mean")
+                       help=f"one run per seed and budget (default {DEFAULT_SEEDS}); the table gives the mean. "
+                            "With --nightly: one default run per seed, accuracies averaged")
     group.add_argument("--datasets", default="all", help="built-in dataset names separated by commas (default all)")
     group.add_argument("--train-rows", type=int, default=None,
                        help="use only the first N train rows (a tiny test run; the test split stays whole)")
@@ -81,6 +83,15 @@ def prepare_parquet(spec, work: Path) -> dict[str, Path]:
     return out
 
 
+def recipe_key(recipe) -> str:
+    """What makes points comparable: the recipe as datasets.toml gives it (a changed recipe starts afresh)."""
+    return recipe.model_dump_json()
+
+
+def point_key(point: dict[str, Any]) -> tuple:
+    return point["dataset"], point["budget"], point["seed"], point["train_rows"]
+
+
 def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, train_rows: int | None,
                   work: Path) -> dict[str, Any]:
     """Train the recipe for ``budget`` of its epochs, evaluate on the test split; accuracy, CPU and wall time."""
@@ -100,6 +111,7 @@ def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, tra
     eval_cpu, eval_wall = time.process_time() - cpu, time.perf_counter() - wall
     curves = json.loads((out_dir / "history.json").read_text())
     return {"dataset": spec.name, "model": config.model, "budget": budget, "epochs": config.epochs,
+            "recipe": recipe_key(spec.recipe),
             "epochs_run": len(next(iter(curves.values()))), "seed": seed, "train_rows": train_rows or "all",
             "test_accuracy": metrics.test_accuracy, "test_rows": metrics.test_rows,
             "cpu_minutes": (train_cpu + eval_cpu) / 60, "wall_minutes": (train_wall + eval_wall) / 60,
@@ -121,8 +133,9 @@ def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    lines = [f"Accuracy vs CPU-minutes (`{meta['command']}`, {meta['machine']['cpus']} CPUs "
-             f"{meta['machine']['cpu_model']}, {meta['finished']}; train rows: {meta['train_rows']}).",
+    commands = ", ".join(f"`{command}`" for command in meta.get("commands") or [meta["command"]])
+    lines = [f"Accuracy vs CPU-minutes ({commands}; {meta['machine']['cpus']} CPUs "
+             f"{meta['machine']['cpu_model']}, {meta['finished']}; train rows: {row_counts(meta)}).",
              "CPU-minutes: process CPU time of train_model + evaluate_model (all threads); wall in minutes.", "",
              "| dataset | model | budget | epochs | test accuracy, mean | each seed | CPU-min | wall min |",
              "|---|---|---|---|---|---|---|---|"]
@@ -132,6 +145,10 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"{100 * row['mean_accuracy']:.2f} % | {each} | {row['mean_cpu_minutes']:.2f} | "
                      f"{row['mean_wall_minutes']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def row_counts(report: dict[str, Any]) -> str:
+    return ", ".join(sorted({str(p["train_rows"]) for p in report.get("points", [])})) or "all"
 
 
 def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path) -> Path:
@@ -173,27 +190,57 @@ def write_atomically(dest: Path, text: str) -> None:
 
 def run_frontier(datasets: str, budgets: list[float], seeds: list[int], train_rows: int | None, out_dir: Path,
                  meta: dict[str, Any]) -> dict[str, Any]:
-    """Every (dataset, budget, seed) point, cheapest budgets first; outputs rewritten after each point."""
+    """Every (dataset, budget, seed) point, cheapest budgets first; outputs rewritten after each point.
+
+    Points already in ``out_dir``'s frontier.json for today's recipes are kept and not measured again,
+    so the frontier can be built in pieces, by several processes at once (the merge is under a lock).
+    """
     from tasks.datasets import load_catalog, select_datasets
 
     specs = select_datasets(load_catalog(), [name.strip() for name in datasets.split(",")])
+    recipes = {name: recipe_key(spec.recipe) for name, spec in load_catalog().items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {**meta, "budgets": budgets, "seeds": seeds, "train_rows": train_rows or "all",
-                              "points": [], "summary": []}
+    rows = train_rows or "all"
+    report = merge_point(out_dir, recipes, meta, None)
+    done = {point_key(p) for p in report["points"]}
     with tempfile.TemporaryDirectory(prefix="train-mnist-frontier-") as tmp:
         work = Path(tmp)
-        parquets = {spec.name: prepare_parquet(spec, work) for spec in specs}
+        parquets: dict[str, dict[str, Path]] = {}
         for budget in sorted(budgets):
             for spec in specs:
                 for seed in seeds:
+                    if (spec.name, budget, seed, rows) in done:
+                        print(f"[frontier] {spec.name} budget {budget:g} seed {seed}: kept from {out_dir}", flush=True)
+                        continue
+                    if spec.name not in parquets:
+                        parquets[spec.name] = prepare_parquet(spec, work)
                     point = measure_point(spec, parquets[spec.name], budget, seed, train_rows, work)
                     print(f"[frontier] {spec.name} budget {budget:g} ({point['epochs']} epochs) seed {seed}: "
                           f"{100 * point['test_accuracy']:.2f} %, {point['cpu_minutes']:.2f} CPU-min, "
                           f"{point['wall_minutes']:.2f} min", flush=True)
-                    report["points"].append(point)
-                    report["summary"] = summarize(report["points"])
-                    report["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-                    write_outputs(report, out_dir)
+                    report = merge_point(out_dir, recipes, meta, point)
+    return report
+
+
+def merge_point(out_dir: Path, recipes: dict[str, str], meta: dict[str, Any],
+                point: dict[str, Any] | None) -> dict[str, Any]:
+    """frontier.json's points for today's recipes, plus ``point``; the outputs rewritten. Under a file lock."""
+    import fcntl
+
+    with (out_dir / ".frontier.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = out_dir / OUTPUT_NAMES["json"]
+        earlier = json.loads(path.read_text()) if path.exists() else {}
+        points = [p for p in earlier.get("points", []) if p.get("recipe") == recipes.get(p["dataset"])]
+        commands = earlier.get("commands", []) if points else []
+        if point is not None:
+            points = [p for p in points if point_key(p) != point_key(point)] + [point]
+            point["command"] = meta["command"]
+            commands = list(dict.fromkeys([*commands, meta["command"]]))
+        report = {**meta, "commands": commands, "points": points, "summary": summarize(points),
+                  "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        if points:
+            write_outputs(report, out_dir)
     return report
 
 
@@ -210,11 +257,11 @@ def main(args: argparse.Namespace, machine: dict[str, Any]) -> int:
                f"--seeds {','.join(map(str, args.seeds))}"
                + (f" --datasets {args.datasets}" if args.datasets != "all" else "")
                + (f" --train-rows {args.train_rows}" if args.train_rows else ""))
-    started = time.perf_counter()
     report = run_frontier(args.datasets, args.budgets, args.seeds, args.train_rows, args.frontier_dir,
                           {"command": command, "machine": machine})
-    report["total_seconds"] = time.perf_counter() - started
-    paths = write_outputs(report, args.frontier_dir)
+    if not report["points"]:
+        print("no frontier points measured or kept", file=sys.stderr)
+        return 1
     print(markdown(report["summary"], report))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print("wrote " + ", ".join(str(args.frontier_dir / name) for name in OUTPUT_NAMES.values()))
     return 0

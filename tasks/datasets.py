@@ -89,16 +89,36 @@ class Tolerances(_Strict):
     max_mean_image_rmse: float = Field(default=6.0, gt=0)
 
 
-class Recipe(_Strict):
-    """The dataset's default training recipe: what the nightly run trains when no model is given."""
+TestTimeViews = Literal["none", "flip", "shifts"]
 
-    model: ModelKind = "mlp"
-    epochs: int = Field(default=12, gt=0)
+
+class RecipeOptions(_Strict):
+    """How a model is trained (besides its kind and epochs): a dataset's recipe and a run's TrainConfig share these."""
+
     # Mirroring keeps a garment's class but not a digit's, so it is opt-in per dataset.
     horizontal_flip: bool = False
     translate: float = Field(default=0.1, ge=0, lt=0.5, description="Random shifts (CNNs), share of the side")
     rotate: float = Field(default=0.0, ge=0, lt=0.5, description="Random rotations (CNNs), share of a full turn")
     zoom: float = Field(default=0.0, ge=0, lt=0.5, description="Random zoom in/out (CNNs), share of the side")
+    erase: float = Field(default=0.0, ge=0, le=1,
+                         description="Random erasing (CNNs): share of training images with a random patch blanked")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Share of each target spread over all classes")
+    test_time_views: TestTimeViews = Field(
+        default="none", description="Views the saved model averages: the image and its mirror (flip), or 1-pixel shifts")
+    validation_fraction: float = Field(
+        default=0.1, ge=0, lt=0.5,
+        description="Train rows held out for early stopping; 0: fit on every row for exactly the given epochs")
+
+
+# Options that act through the convnets' augmentation layers: an mlp has none.
+AUGMENTATION_FIELDS = ("horizontal_flip", "translate", "rotate", "zoom", "erase")
+
+
+class Recipe(RecipeOptions):
+    """The dataset's default training recipe: what the nightly run trains when no model is given."""
+
+    model: ModelKind = "mlp"
+    epochs: int = Field(default=12, gt=0)
 
 
 class DatasetSpec(_Strict):

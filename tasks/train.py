@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tasks import storage
-from tasks.datasets import IMAGE_SHAPE, NUM_PIXELS, ModelKind, Recipe
+from tasks.datasets import AUGMENTATION_FIELDS, IMAGE_SHAPE, NUM_PIXELS, ModelKind, Recipe, RecipeOptions
 from tasks.model_io import import_keras, save_model
 from tasks.resume import TrainingBackup, backup_key, epoch_permutation
 
@@ -35,23 +35,16 @@ MODEL_FILE, HISTORY_FILE, CURVES_FILE = "model.keras", "history.json", "training
 DEFAULT_EPOCHS: dict[str, int] = {"mlp": 12, "cnn": 15, "cnn-bn": 16}
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(RecipeOptions):
     """Everything that decides the trained weights (with the data)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: ModelKind = "mlp"
     epochs: int = Field(default=DEFAULT_EPOCHS["mlp"], gt=0)
     batch_size: int = Field(default=128, gt=0)
     learning_rate: float = Field(default=1e-3, gt=0, description="Peak rate; cosine decay to 0 over the epochs")
     seed: int = DEFAULT_SEED
-    validation_fraction: float = Field(default=0.1, gt=0, lt=0.5)
     patience: int = Field(default=4, ge=1, description="Early stopping on validation loss")
     train_rows: int | None = Field(default=None, gt=0, description="Use only the first N train rows")
-    translate: float = Field(default=0.1, ge=0, lt=0.5, description="Random shifts (CNNs only), share of the side")
-    horizontal_flip: bool = False
-    rotate: float = Field(default=0.0, ge=0, lt=0.5, description="Random rotations (CNNs only), share of a turn")
-    zoom: float = Field(default=0.0, ge=0, lt=0.5, description="Random zoom (CNNs only), share of the side")
 
 
 @dataclass(frozen=True)
@@ -76,11 +69,8 @@ def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int
     return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows, **augmentation)
 
 
-AUGMENTATION_FIELDS = tuple(name for name in Recipe.model_fields if name not in ("model", "epochs"))
-
-
 def applied_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
-    """Training parameters as they act: the mlp has no augmentation layers, so its shift/flip/rotation/zoom go."""
+    """Training parameters as they act: the mlp has no augmentation layers, so its shift/flip/rotation/zoom/erasing go."""
     if parameters.get("model") != "mlp":
         return dict(parameters)
     return {k: v for k, v in parameters.items() if k not in AUGMENTATION_FIELDS}
@@ -123,15 +113,62 @@ def build_model(config: TrainConfig, num_classes: int, steps_per_epoch: int = 1)
             x = layers.RandomZoom(config.zoom, fill_mode="constant", seed=config.seed)(x)
         if config.translate:
             x = layers.RandomTranslation(config.translate, config.translate, fill_mode="constant", seed=config.seed)(x)
+        if config.erase:
+            x = layers.RandomErasing((config.erase, config.erase), fill_value=0.0, value_range=(0, 1), seed=config.seed)(x)
         x = _small_convnet(layers, x) if config.model == "cnn" else _batchnorm_convnet(layers, x)
         x = layers.Dense(128, activation="relu")(x)
         x = layers.Dropout(0.3 if config.model == "cnn-bn" else 0.5)(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name=f"train_mnist_{config.model.replace('-', '_')}")
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, config.epochs * steps_per_epoch)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    # Label smoothing needs one-hot targets (training_targets gives them); without it the labels stay as they are.
+    loss = (keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing) if config.label_smoothing
+            else keras.losses.SparseCategoricalCrossentropy())
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=["accuracy"])
     return model
+
+
+def training_targets(config: TrainConfig, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """What ``build_model``'s loss takes: the labels, or one-hot rows when labels are smoothed."""
+    return np.eye(num_classes, dtype=np.float32)[labels] if config.label_smoothing else labels
+
+
+def split_rows(config: TrainConfig, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, fit) row indices: a seeded ``validation_fraction`` of the rows, at least one (none at 0)."""
+    order = np.random.default_rng(config.seed).permutation(rows)
+    n_val = max(1, int(rows * config.validation_fraction)) if config.validation_fraction else 0
+    return order[:n_val], order[n_val:]
+
+
+SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (rows down, columns right), one pixel each way
+
+
+def with_test_time_views(model, views: str):
+    """``model`` wrapped so that it averages its probabilities over views of each image, built from standard layers.
+
+    ``flip``: the image and its mirror; ``shifts``: the image and its four 1-pixel shifts. Inputs and outputs
+    are unchanged (raw rows in, probabilities out), so whoever loads ``model.keras`` gets the views too.
+    """
+    if views == "none":
+        return model
+    keras = import_keras()
+    layers = keras.layers
+    inputs = keras.Input(shape=(NUM_PIXELS,), name="pixels")
+    image = layers.Reshape((*IMAGE_SHAPE, 1), name="image")(inputs)
+    if views == "flip":
+        others = [keras.ops.flip(image, axis=2)]
+    else:
+        others = [_shifted(layers, image, down, right) for down, right in SHIFTS]
+    flat = [inputs] + [layers.Reshape((NUM_PIXELS,))(view) for view in others]
+    outputs = layers.Average(name="probabilities")([model(view) for view in flat])
+    return keras.Model(inputs, outputs, name=f"{model.name}_{views}_views")
+
+
+def _shifted(layers, image, down: int, right: int):
+    """The image moved by (down, right) pixels, zeros coming in, same size."""
+    pad = ((max(down, 0), max(-down, 0)), (max(right, 0), max(-right, 0)))
+    crop = ((max(-down, 0), max(down, 0)), (max(-right, 0), max(right, 0)))
+    return layers.Cropping2D(crop)(layers.ZeroPadding2D(pad)(image))
 
 
 def _small_convnet(layers, x):
@@ -174,9 +211,9 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
 
     seed_everything(config.seed)
     pixels, labels = load_xy(train_parquet, config.train_rows)
-    order = np.random.default_rng(config.seed).permutation(len(labels))
-    n_val = max(1, int(len(labels) * config.validation_fraction))
-    val_idx, fit_idx = order[:n_val], order[n_val:]
+    targets = training_targets(config, labels, num_classes)
+    val_idx, fit_idx = split_rows(config, len(labels))
+    n_val = len(val_idx)
     model = build_model(config, num_classes, steps_per_epoch=math.ceil(len(fit_idx) / config.batch_size))
     out_dir.mkdir(parents=True, exist_ok=True)
     # Early stopping on validation loss (not accuracy: on a 6k hold-out accuracy moves in steps and ties
@@ -195,7 +232,8 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
     backup = TrainingBackup(backup_root or out_dir.parent,
                             backup_key(train_parquet, num_classes, config.model_dump_json()))
     state = backup.restore(model, config.patience)
-    x_fit, y_fit, validation = pixels[fit_idx], labels[fit_idx], (pixels[val_idx], labels[val_idx])
+    x_fit, y_fit = pixels[fit_idx], targets[fit_idx]
+    validation = (pixels[val_idx], targets[val_idx]) if n_val else None
     while state.epochs_done < config.epochs and not state.early_stopping.stopped:
         epoch = state.epochs_done
         perm = epoch_permutation(config.seed, epoch, len(fit_idx))
@@ -203,7 +241,8 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
                             epochs=epoch + 1, batch_size=config.batch_size, shuffle=False, verbose=0,
                             callbacks=callbacks)
         logs = {k: vs[-1] for k, vs in history.history.items()}
-        state.early_stopping.update(epoch, float(logs["val_loss"]), model.get_weights())
+        if validation is not None:
+            state.early_stopping.update(epoch, float(logs["val_loss"]), model.get_weights())
         state.record(logs)
         backup.save(model, state)
     if state.early_stopping.best_weights is not None:
@@ -211,9 +250,9 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
     storage.write_json(out_dir / HISTORY_FILE, state.curves)
     storage.write_json(out_dir / "resume.json", {"resumed_after_epoch": state.resumed_after,
                                                  "epochs_run": state.epochs_done - state.resumed_after})
-    plot_training_curves(state.curves, out_dir / CURVES_FILE,
-                         f"{config.model}: {len(fit_idx)} training rows, {len(val_idx)} held out for validation")
-    path = save_model(model, out_dir / MODEL_FILE)
+    held_out = f"{n_val} held out for validation" if n_val else "none held out"
+    plot_training_curves(state.curves, out_dir / CURVES_FILE, f"{config.model}: {len(fit_idx)} training rows, {held_out}")
+    path = save_model(with_test_time_views(model, config.test_time_views), out_dir / MODEL_FILE)
     backup.remove()
     return path
 

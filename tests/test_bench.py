@@ -95,3 +95,50 @@ def test_frontier_tiny_run_writes_table_json_and_plot(tmp_path):
     assert f"| mnist | cnn-bn | 0.1 | 1 | {100 * point['test_accuracy']:.2f} % | 7: " in table
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(Path(tmp_path).glob(".*tmp*"))  # atomic writes leave no temporary files
+
+    # A second invocation keeps the measured point (same recipe) and adds the new seed's.
+    again = subprocess.run([sys.executable, "bench/run.py", "--frontier", "--datasets", "mnist", "--train-rows", "3000",
+                            "--budgets", "0.1", "--seeds", "7,8", "--frontier-dir", str(tmp_path)],
+                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "mnist budget 0.1 seed 7: kept" in again.stdout
+    report = json.loads((tmp_path / "frontier.json").read_text())
+    assert [p["seed"] for p in report["points"]] == [7, 8] and report["points"][0] == point
+    (row,) = report["summary"]
+    assert row["mean_accuracy"] == pytest.approx((point["test_accuracy"] + report["points"][1]["test_accuracy"]) / 2)
+    assert "7: " in (tmp_path / "frontier.md").read_text() and "8: " in (tmp_path / "frontier.md").read_text()
+
+
+def test_frontier_drops_points_of_a_changed_recipe(tmp_path):
+    from tasks.datasets import load_catalog
+
+    recipes = {name: frontier.recipe_key(spec.recipe) for name, spec in load_catalog().items()}
+    meta = {"command": "test", "machine": {"cpus": 2, "cpu_model": "test"}}
+    point = {"dataset": "mnist", "model": "cnn-bn", "budget": 0.5, "epochs": 6, "seed": 1, "train_rows": "all",
+             "test_accuracy": 0.99, "cpu_minutes": 1.0, "wall_minutes": 1.0}
+    frontier.merge_point(tmp_path, recipes, meta, dict(point, recipe=recipes["mnist"]))
+    frontier.merge_point(tmp_path, recipes, meta, dict(point, seed=2, recipe="an older recipe"))
+    kept = frontier.merge_point(tmp_path, recipes, meta, None)["points"]
+    assert [p["seed"] for p in kept] == [1]
+
+
+def test_nightly_seeds_average_the_accuracies_and_keep_the_cold_runs_wall(monkeypatch, tmp_path):
+    import bench.run as bench_run
+
+    later = {43: {"mnist": 0.9950, "fashion-mnist": 0.9390}, 44: {"mnist": 0.9970, "fashion-mnist": 0.9420}}
+
+    def fake_flow(work, mode, nightly=False, seed=42):
+        assert nightly
+        return {"accuracy": later[seed], "flow_wall_seconds": 900.0}, tmp_path, None
+
+    monkeypatch.setattr(bench_run, "bench_flow", fake_flow)
+    first = {"accuracy": {"mnist": 0.9960, "fashion-mnist": 0.9410}, "flow_wall_seconds": 1200.0,
+             "details": {"seed": 42}}
+    out = bench_run.bench_more_seeds(tmp_path, first, [43, 44])
+    assert out["mnist_accuracy"] == pytest.approx(0.996)
+    assert out["fashion_mnist_accuracy"] == pytest.approx(0.94066666)
+    assert out["nightly_wall_minutes"] == 20.0  # the first, cold run's; later runs reuse its cached data stages
+    assert [run["seed"] for run in out["details"]["runs"]] == [42, 43, 44]
+    assert out["details"]["spread"]["mnist"] == [0.995, 0.997]
+    assert bench_run.verdict("mnist_accuracy", out["mnist_accuracy"])
+    assert not bench_run.verdict("nightly_wall_minutes", 24.0)

@@ -125,3 +125,84 @@ def test_gate_fails_naming_the_gate_threshold_and_measured_value():
     assert not decision.passed
     assert "FAIL min_accuracy: test_accuracy 0.9600 < threshold 0.9700" in decision.reasons
     assert "FAIL min_class_recall: class '1' recall 0.4200 < threshold 0.5000" in decision.reasons
+
+
+def _image_rows(rows: np.ndarray) -> np.ndarray:
+    return rows.reshape(-1, 28, 28)
+
+
+def _inner_net(model):
+    (net,) = [layer for layer in model.layers if hasattr(layer, "layers")]
+    return net
+
+
+def test_flip_views_make_the_saved_model_mirror_invariant(mnist_parquet, tmp_path):
+    config = TrainConfig(model="cnn-bn", epochs=1, train_rows=256, test_time_views="flip")
+    model = load_model(train_model(mnist_parquet["train"], 10, config, tmp_path))
+    rows = load_xy(mnist_parquet["test"], 16)[0].astype(np.float32)
+    mirrored = _image_rows(rows)[:, :, ::-1].reshape(-1, NUM_PIXELS)
+    scores, scores_of_mirror = model.predict(rows, verbose=0), model.predict(mirrored, verbose=0)
+    np.testing.assert_allclose(scores, scores_of_mirror, atol=1e-6)
+    net = _inner_net(model)  # the trained network itself: its own answers on both views, averaged
+    expected = (net.predict(rows, verbose=0) + net.predict(mirrored, verbose=0)) / 2
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    assert not np.allclose(net.predict(rows, verbose=0), expected, atol=1e-4), "one view alone gives the same"
+
+
+def test_shift_views_average_the_image_and_its_four_one_pixel_shifts(mnist_parquet, tmp_path):
+    config = TrainConfig(model="cnn", epochs=1, train_rows=256, test_time_views="shifts")
+    model = load_model(train_model(mnist_parquet["train"], 10, config, tmp_path))
+    images = np.zeros((4, 30, 30), np.float32)  # 28x28 images inside a blank border: shifting loses nothing
+    images[:, 1:29, 1:29] = _image_rows(load_xy(mnist_parquet["test"], 4)[0])
+    views = [images[:, 1 - down:29 - down, 1 - right:29 - right].reshape(-1, NUM_PIXELS)
+             for down, right in ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0))]
+    net = _inner_net(model)
+    expected = np.mean([net.predict(view, verbose=0) for view in views], axis=0)
+    np.testing.assert_allclose(model.predict(views[0], verbose=0), expected, atol=1e-6)
+
+
+def test_without_a_hold_out_every_row_trains_for_exactly_the_epochs(mnist_parquet, tmp_path):
+    config = TrainConfig(model="mlp", epochs=2, train_rows=640, validation_fraction=0, batch_size=64)
+    train_model(mnist_parquet["train"], 10, config, tmp_path)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert sorted(history) == ["accuracy", "loss"]  # nothing held out, nothing to validate on
+    assert len(history["loss"]) == 2
+    events = list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))
+    assert events and not (tmp_path / "tensorboard" / "validation").exists()
+
+
+def test_label_smoothing_and_erasing_train_from_plain_labels_and_save_a_fixed_scorer(mnist_parquet, tmp_path):
+    config = TrainConfig(model="cnn-bn", epochs=1, train_rows=256, label_smoothing=0.1, erase=0.5)
+    model = load_model(train_model(mnist_parquet["train"], 10, config, tmp_path))
+    assert "RandomErasing" in {type(layer).__name__ for layer in model.layers}
+    rows = load_xy(mnist_parquet["test"], 8)[0]
+    np.testing.assert_array_equal(model.predict(rows, verbose=0), model.predict(rows, verbose=0))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_label_smoothing_spreads_that_share_of_each_target_over_the_classes(smoothing):
+    from tasks.train import build_model, training_targets
+
+    config = TrainConfig(model="mlp", label_smoothing=smoothing)
+    model = build_model(config, 10)
+    labels = np.array([3, 7])
+    smoothed = np.full((2, 10), smoothing / 10, np.float32)
+    smoothed[[0, 1], labels] += 1 - smoothing
+    # Predicting exactly the smoothed target costs its entropy, the least cross-entropy can be (unsmoothed: 0.094).
+    entropy = -(smoothed[0] * np.log(smoothed[0], where=smoothed[0] > 0, out=np.zeros(10))).sum()
+    assert float(model.loss(training_targets(config, labels, 10), smoothed)) == pytest.approx(entropy, abs=1e-4)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("test_time_views", "rotations", "test_time_views"),
+    ("validation_fraction", 0.6, "validation_fraction"),
+    ("erase", 1.5, "erase"),
+    ("label_smoothing", -0.1, "label_smoothing"),
+])
+def test_recipe_rejects_bad_training_options_naming_them(field, value, words):
+    from pydantic import ValidationError
+
+    from tasks.datasets import Recipe
+
+    with pytest.raises(ValidationError, match=words):
+        Recipe(model="cnn-bn", **{field: value})
