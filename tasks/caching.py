@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import fcntl
 import hashlib
 import importlib
 import importlib.util
@@ -31,13 +30,15 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from tasks import storage
+from tasks.datasets import DatasetSpec, Split
+from tasks.results import RawFile
 
 PROJECT_PACKAGES = ("tasks", "flows")
 OUTPUT_HASH_SUFFIX = ".sha256"
@@ -127,29 +128,6 @@ def code_version(task_ctx: TaskRunContext, libraries: tuple[str, ...] = ()) -> s
 # ---- files a stage writes and the next run finds --------------------------------------------------
 
 
-def hold_lock(fh: IO[bytes]) -> None:
-    """Mark a temporary file as in use: ``remove_orphans`` leaves it alone while this process lives."""
-    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def remove_orphans(folder: Path, prefix: str, suffix: str) -> list[Path]:
-    """Delete temporary files left by killed runs (``prefix*suffix`` whose writer holds no lock any more)."""
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
-        if not (path.name.startswith(prefix) and path.name.endswith(suffix)) or not path.is_file():
-            continue
-        try:
-            with open(path, "rb") as fh:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live writer holds it
-                path.unlink()
-                removed.append(path)
-        except OSError:  # in use by a running writer, or already gone
-            continue
-    return removed
-
-
 def _hash_record(path: Path) -> Path:
     return path.with_name(f".{path.name}{OUTPUT_HASH_SUFFIX}")
 
@@ -207,14 +185,15 @@ def missing_outputs(value: Any) -> list[str]:
 
 # ---- the policy ----------------------------------------------------------------------------------
 
-Identity = Callable[[dict[str, Any]], dict[str, Any] | None]
+Identity = Callable[..., dict[str, Any] | None]  # called with the task's arguments by name
 
 
 @dataclass
 class ContentCache(CachePolicy):
     """Key: ``identity(inputs)`` (content hashes, output place) + code version; stale records are skipped.
 
-    ``identity`` returns what decides the result, or None when the result must not be cached.
+    ``identity`` takes the task's arguments by name and returns what decides the result, or None when the
+    result must not be cached.
     """
 
     identity: Identity | None = None
@@ -226,7 +205,7 @@ class ContentCache(CachePolicy):
                     **kwargs: Any) -> str | None:
         if task_ctx is None or self.identity is None:
             return None
-        parts = self.identity(inputs)
+        parts = self.identity(**inputs)
         if parts is None:
             return None
         base = hash_objects(self.label, parts, code_version(task_ctx, self.libraries), raise_on_failure=True)
@@ -267,13 +246,12 @@ class ContentCache(CachePolicy):
 # ---- the stages' identities ----------------------------------------------------------------------
 
 
-def download_identity(inputs: dict[str, Any]) -> dict[str, Any] | None:
+def download_identity(spec: DatasetSpec, split: Split, raw_dir: Path, **_: Any) -> dict[str, Any] | None:
     """The split's pinned sha256 and its place in the raw cache; unpinned splits are never cached."""
-    spec, split = inputs["spec"], inputs["split"]
     pinned = spec.split(split).sha256
     if not pinned:
         return None
-    return {"sha256": pinned, "raw_dir": str(Path(inputs["raw_dir"]).resolve()), "dataset": spec.name,
+    return {"sha256": pinned, "raw_dir": str(Path(raw_dir).resolve()), "dataset": spec.name,
             "split": split, "path": spec.split(split).path}
 
 
@@ -281,30 +259,31 @@ def download_identity(inputs: dict[str, Any]) -> dict[str, Any] | None:
 NOT_VALIDATED = {"gates", "recipe"}
 
 
-def validate_identity(inputs: dict[str, Any]) -> dict[str, Any] | None:
+def validate_identity(spec: DatasetSpec, train_path: Path, test_path: Path, champion_profile: Path | None = None,
+                      **_: Any) -> dict[str, Any] | None:
     """The bytes of both raw files (and of the champion's profile) and what validation reads of the spec
     (layout, row counts, reference statistics and profile, tolerances), not its gates or recipe."""
-    if not (Path(inputs["train_path"]).is_file() and Path(inputs["test_path"]).is_file()):
+    if not (Path(train_path).is_file() and Path(test_path).is_file()):
         return None  # nothing to key on: let the stage run and report the missing file itself
-    champion = inputs.get("champion_profile")
-    if champion is not None and not Path(champion).is_file():
+    if champion_profile is not None and not Path(champion_profile).is_file():
         return None
     return {
-        "train_sha256": file_sha256(Path(inputs["train_path"])),
-        "test_sha256": file_sha256(Path(inputs["test_path"])),
-        "champion_profile_sha256": file_sha256(Path(champion)) if champion is not None else None,
-        "spec": inputs["spec"].model_dump_json(exclude=NOT_VALIDATED),
+        "train_sha256": file_sha256(Path(train_path)),
+        "test_sha256": file_sha256(Path(test_path)),
+        "champion_profile_sha256": file_sha256(Path(champion_profile)) if champion_profile is not None else None,
+        "spec": spec.model_dump_json(exclude=NOT_VALIDATED),
     }
 
 
-def convert_identity(inputs: dict[str, Any]) -> dict[str, Any]:
+def convert_identity(raw: RawFile, has_header: bool, parquet_dir: Path, dataset: str, split: Split,
+                     **_: Any) -> dict[str, Any]:
     """The raw file's verified sha256 (carried by ``RawFile``), its layout and the Parquet folder."""
     return {
-        "sha256": inputs["raw"].sha256,
-        "has_header": bool(inputs["has_header"]),
-        "parquet_dir": str(Path(inputs["parquet_dir"]).resolve()),
-        "dataset": inputs["dataset"],
-        "split": inputs["split"],
+        "sha256": raw.sha256,
+        "has_header": bool(has_header),
+        "parquet_dir": str(Path(parquet_dir).resolve()),
+        "dataset": dataset,
+        "split": split,
     }
 
 

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.caching import (
-    CONVERT_CACHE,
-    file_sha256,
-    hold_lock,
-    record_output_sha256,
-    recorded_output_sha256,
-    remove_orphans,
-)
-from tasks.csvfile import read_split_table
+from tasks.caching import CONVERT_CACHE, file_sha256, record_output_sha256, recorded_output_sha256
 from tasks.datasets import COLUMNS
-from tasks.download import RawFile
-
-SCHEMA = pa.schema([pa.field(name, pa.uint8(), nullable=False) for name in COLUMNS])
-COMPRESSION = "zstd"
-TMP_SUFFIX = ".tmp"
+from tasks.parquet import SCHEMA, write_split
+from tasks.results import RawFile
+from tasks.validation.csvfile import read_split_table
 
 
 def parquet_path(parquet_dir: Path, dataset: str, split: str, source_sha256: str) -> Path:
@@ -33,7 +20,7 @@ def parquet_path(parquet_dir: Path, dataset: str, split: str, source_sha256: str
 
 
 def read_csv_table(csv_path: Path, has_header: bool, expected_sha256: str | None = None) -> pa.Table:
-    """Parse a (validated) CSV split into the uint8 schema with the reader validation uses (``tasks.csvfile``)."""
+    """Parse a (validated) CSV split into the uint8 schema with the reader validation uses (``tasks.validation.csvfile``)."""
     return read_split_table(csv_path, list(COLUMNS), has_header, expected_sha256).cast(SCHEMA)
 
 
@@ -46,19 +33,7 @@ def convert_to_parquet(csv_path: Path, dest: Path, has_header: bool, expected_sh
     """
     if dest.is_file() and recorded_output_sha256(dest) == file_sha256(dest):
         return dest
-    table = read_csv_table(csv_path, has_header, expected_sha256)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(dest.parent, f".{dest.name}.", TMP_SUFFIX)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as fh:
-            hold_lock(fh)
-            pq.write_table(table, fh, compression=COMPRESSION)
-            fh.flush()
-            os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_split(read_csv_table(csv_path, has_header, expected_sha256), dest)
     record_output_sha256(dest)
     return dest
 

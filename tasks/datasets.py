@@ -121,6 +121,39 @@ class Recipe(RecipeOptions):
     epochs: int = Field(default=12, gt=0)
 
 
+DEFAULT_SEED = 42
+# Epochs when a model other than the dataset's recipe is asked for without --epochs.
+DEFAULT_EPOCHS: dict[str, int] = {"mlp": 12, "cnn": 15, "cnn-bn": 16}
+
+
+class TrainConfig(RecipeOptions):
+    """Everything that decides the trained weights (with the data)."""
+
+    model: ModelKind = "mlp"
+    epochs: int = Field(default=DEFAULT_EPOCHS["mlp"], gt=0)
+    batch_size: int = Field(default=128, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0, description="Peak rate; cosine decay to 0 over the epochs")
+    seed: int = DEFAULT_SEED
+    patience: int = Field(default=4, ge=1, description="Early stopping on validation loss")
+    train_rows: int | None = Field(default=None, gt=0, description="Use only the first N train rows")
+
+
+def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int | None = None, seed: int = DEFAULT_SEED,
+                     train_rows: int | None = None) -> TrainConfig:
+    """The dataset's recipe, with the run's overrides applied."""
+    chosen = model or recipe.model
+    default_epochs = recipe.epochs if chosen == recipe.model else DEFAULT_EPOCHS[chosen]
+    augmentation = recipe.model_dump(exclude={"model", "epochs"})
+    return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows, **augmentation)
+
+
+def applied_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """Training parameters as they act: the mlp has no augmentation layers, so its shift/flip/rotation/zoom/erasing go."""
+    if parameters.get("model") != "mlp":
+        return dict(parameters)
+    return {k: v for k, v in parameters.items() if k not in AUGMENTATION_FIELDS}
+
+
 class DatasetSpec(_Strict):
     """A dataset of 28x28 grey-scale images stored as CSV rows ``label,p1..p784``."""
 
@@ -155,6 +188,12 @@ class DatasetSpec(_Strict):
 
     def split(self, split: Split) -> SplitFile:
         return self.train if split == "train" else self.test
+
+
+def with_gate_overrides(spec: DatasetSpec, min_accuracy: float | None, min_class_recall: float | None) -> DatasetSpec:
+    """``spec`` with a run's gate overrides applied (None: the dataset's own gate)."""
+    changes = {k: v for k, v in (("min_accuracy", min_accuracy), ("min_class_recall", min_class_recall)) if v is not None}
+    return spec.model_copy(update={"gates": Gates(**{**spec.gates.model_dump(), **changes})}) if changes else spec
 
 
 def load_datasets_file(path: Path) -> dict[str, DatasetSpec]:

@@ -11,26 +11,25 @@ import base64
 import hashlib
 import http.client
 import json
-import os
 import ssl
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from prefect import task
 
 from tasks import storage
-from tasks.caching import DOWNLOAD_CACHE, hold_lock, remove_orphans
+from tasks.caching import DOWNLOAD_CACHE
 from tasks.datasets import DatasetSpec, Split
 from tasks.locations import URL_SCHEMES, redact, resolve, scheme_of
+from tasks.results import RawFile
 from tasks.settings import (
     DOWNLOAD_DEADLINE_S,
     DOWNLOAD_MAX_BYTES,
@@ -59,25 +58,6 @@ class SourceNotFound(Exception):
 
 class DownloadRefused(Exception):
     """A permanent refusal: 400/401/403, a refused or looping redirect, a bad TLS certificate, a size limit."""
-
-
-@dataclass(frozen=True)
-class RawFile:
-    """A downloaded, verified file in the raw cache."""
-
-    path: Path
-    sha256: str
-    size: int
-    location: str  # where these bytes were fetched from (redacted)
-    fetched: bool  # False when served from the cache
-    fetched_at: str | None = None  # when they were fetched (UTC, ISO 8601); None if unknown
-    requested: str | None = None  # the location this run asked for (redacted); differs when the cache answered
-
-    def lineage(self) -> dict[str, Any]:
-        """What metrics.json and the model card record: where the bytes really came from, when, and how."""
-        return {"location": self.location, "sha256": self.sha256, "bytes": self.size, "fetched_at": self.fetched_at,
-                "served_from_cache": not self.fetched,
-                **({"requested": self.requested} if self.requested and self.requested != self.location else {})}
 
 
 def resolve_location(source: str, relative: str, dataset: str = "?") -> str:
@@ -210,30 +190,23 @@ def fetch_file(location: str, dest: Path, expected_sha256: str | None, timeout_s
         origin, fetched_at = _read_origin(dest, expected_sha256)
         return RawFile(dest, expected_sha256, dest.stat().st_size, origin, False, fetched_at, shown)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphans(dest.parent, f".{dest.name}.", PARTIAL_SUFFIX)
-    partial = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+    storage.remove_stale_temporaries(dest.parent, f".{dest.name}.", PARTIAL_SUFFIX)
     deadline = time.monotonic() + deadline_s
     fetched_at = datetime.now(UTC).isoformat(timespec="seconds")
-    try:
-        with _open_location(location, min(timeout_s, deadline_s)) as (stream, length), open(partial, "wb") as out:
-            hold_lock(out)
-            if length is not None and length > max_bytes:
-                raise DownloadRefused(f"{shown}: announces {length} bytes, more than the size limit of "
-                                      f"{max_bytes} bytes")
-            found_sha256, size = _stream_to(stream, out, shown, length, deadline, deadline_s, max_bytes)
-            out.flush()
-            os.fsync(out.fileno())
-            if length is not None and size != length:
-                raise DownloadError(f"{shown}: got {size} bytes, expected {length} (Content-Length)")
-            if expected_sha256 and found_sha256 != expected_sha256:
-                # Without an announced length a cut transfer looks like wrong bytes; say so rather than guess.
-                hint = "" if length is not None else "; the server announced no length, so it may have been cut short"
-                raise ChecksumMismatch(f"{shown}: SHA-256 mismatch: expected {expected_sha256}, found "
-                                       f"{found_sha256} ({size} bytes{hint})")
-            _write_origin(dest, shown, found_sha256, fetched_at)
-            os.replace(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
+    with storage.atomic_path(dest, suffix=PARTIAL_SUFFIX) as partial, \
+            _open_location(location, min(timeout_s, deadline_s)) as (stream, length), open(partial, "wb") as out:
+        if length is not None and length > max_bytes:
+            raise DownloadRefused(f"{shown}: announces {length} bytes, more than the size limit of "
+                                  f"{max_bytes} bytes")
+        found_sha256, size = _stream_to(stream, out, shown, length, deadline, deadline_s, max_bytes)
+        if length is not None and size != length:
+            raise DownloadError(f"{shown}: got {size} bytes, expected {length} (Content-Length)")
+        if expected_sha256 and found_sha256 != expected_sha256:
+            # Without an announced length a cut transfer looks like wrong bytes; say so rather than guess.
+            hint = "" if length is not None else "; the server announced no length, so it may have been cut short"
+            raise ChecksumMismatch(f"{shown}: SHA-256 mismatch: expected {expected_sha256}, found "
+                                   f"{found_sha256} ({size} bytes{hint})")
+        _write_origin(dest, shown, found_sha256, fetched_at)
     return RawFile(dest, found_sha256, size, shown, True, fetched_at, shown)
 
 
@@ -242,7 +215,8 @@ def download_split(spec: DatasetSpec, split: Split, source: str, raw_dir: Path, 
     """Fetch one split of ``spec`` from the mirror ``source`` into ``raw_dir``."""
     entry = spec.split(split)
     location = resolve(spec.name, source, entry.path)
-    return fetch_file(location, raw_path(raw_dir, spec, split), entry.sha256, timeout_s, deadline_s, max_bytes)
+    raw = fetch_file(location, raw_path(raw_dir, spec, split), entry.sha256, timeout_s, deadline_s, max_bytes)
+    return replace(raw, split=split)
 
 
 def is_retryable(exc: BaseException | None) -> bool:

@@ -2,47 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from prefect import task
-from pydantic import BaseModel
 
-from tasks import storage
+from tasks import artifacts, storage
 from tasks.model_io import predict_probabilities
-from tasks.train import load_xy
+from tasks.parquet import load_xy
+from tasks.results import ConfusedPair, Evaluation, Metrics, read_metrics
 
-METRICS_FILE, PREDICTIONS_FILE = "metrics.json", "predictions.npy"
-
-
-class ConfusedPair(BaseModel):
-    true: str
-    predicted: str
-    count: int
-
-
-class Metrics(BaseModel):
-    """What ``metrics.json`` holds. Confusion matrix rows are true classes, columns predictions."""
-
-    test_accuracy: float
-    test_loss: float
-    test_rows: int
-    class_names: list[str]
-    precision: dict[str, float]
-    recall: dict[str, float]
-    confusion_matrix: list[list[int]]
-    most_confused: list[ConfusedPair]
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """What evaluation wrote and measured: ``metrics.json``, the predicted class of every test row, the metrics."""
-
-    metrics_path: Path
-    predictions_path: Path
-    metrics: Metrics
+METRICS_FILE, PREDICTIONS_FILE = artifacts.METRICS_FILE, artifacts.PREDICTIONS_FILE
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -83,10 +53,6 @@ def evaluate_model(model_path: Path, test_parquet: Path, class_names: list[str],
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / PREDICTIONS_FILE, probabilities.argmax(axis=1).astype(np.int16))
     return storage.write_text(out_dir / METRICS_FILE, metrics.model_dump_json(indent=2))
-
-
-def read_metrics(path: Path) -> Metrics:
-    return Metrics.model_validate(json.loads(Path(path).read_text()))
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------

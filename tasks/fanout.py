@@ -13,7 +13,8 @@ from uuid import UUID
 
 from prefect import task
 
-from tasks.publish import run_version_name
+from tasks.outcome import DatasetOutcome
+from tasks.versions import run_version_name
 
 DATASET_DEPLOYMENT = "train-mnist/dataset"
 CHILD_POLL_SECONDS = 5.0
@@ -54,3 +55,13 @@ def run_child(deployment: str, dataset: str, parameters: dict[str, Any],
 @task(name="run-dataset", task_run_name="run-dataset-{dataset}")
 def run_child_task(deployment: str, dataset: str, parameters: dict[str, Any]) -> ChildRun:
     return run_child(deployment, dataset, parameters)
+
+
+def child_outcome(child: ChildRun) -> DatasetOutcome:
+    """A fanned-out dataset's outcome, as its child run's final state tells it."""
+    lines = [line for line in child.message.splitlines() if line.strip()]
+    headline = f"{child.dataset}: child run {child.name} {child.state}" + (f": {lines[0]}" if lines else "")
+    return DatasetOutcome(dataset=child.dataset, version=child.version, published=child.completed,
+                          headline=headline, reasons=[line.lstrip("- ") for line in lines[1:]],
+                          stage=None if child.completed else "child run", flow_run_id=str(child.flow_run_id))
+

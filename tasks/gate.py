@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
-from pydantic import BaseModel
 
 from tasks.datasets import Gates
-from tasks.evaluate import Metrics, read_metrics
-
-
-class GateDecision(BaseModel):
-    passed: bool
-    reasons: list[str]  # one line per check, passed or failed
+from tasks.results import GateDecision, Metrics
 
 
 def check_gates(metrics: Metrics, gates: Gates) -> GateDecision:
@@ -40,10 +32,10 @@ def check_gates(metrics: Metrics, gates: Gates) -> GateDecision:
 
 
 @task(name="gate", task_run_name="gate-{dataset}")
-def gate_task(metrics_path: Path, gates: Gates, dataset: str) -> GateDecision:
+def gate_task(metrics: Metrics, gates: Gates, dataset: str) -> GateDecision:
     from prefect import get_run_logger
 
-    decision = check_gates(read_metrics(metrics_path), gates)
+    decision = check_gates(metrics, gates)
     log = get_run_logger().info if decision.passed else get_run_logger().error
     log("%s gate %s:\n- %s", dataset, "passed" if decision.passed else "FAILED", "\n- ".join(decision.reasons))
     return decision

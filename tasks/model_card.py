@@ -1,5 +1,5 @@
-"""What a published version says about itself: the model card, the champion comparison, the confusion matrix
-as CSV and as a labelled PNG.
+"""What a run says about a model: the model card, the champion comparison, the confusion matrix (CSV, a labelled
+PNG, table rows and Markdown for the Prefect UI) and the dataset run's summary.
 """
 
 from __future__ import annotations
@@ -8,14 +8,13 @@ import csv
 import io
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from tasks.evaluate import Metrics
-from tasks.gate import GateDecision
-from tasks.promote import (
-    PromotionDecision,
-)
-from tasks.train import applied_parameters
+from tasks.datasets import applied_parameters
+from tasks.outcome import NOT_PUBLISHED, DatasetOutcome
+from tasks.promote import PromotionDecision
+from tasks.results import GateDecision, Lineage, Metrics
 
 
 def confusion_matrix_csv(metrics: Metrics) -> bytes:
@@ -58,7 +57,7 @@ def confusion_matrix_png(metrics: Metrics, title: str) -> bytes:
 
 
 def model_card(dataset: str, version: str, metrics: Metrics, decision: GateDecision, promotion: PromotionDecision,
-               lineage: dict[str, Any]) -> str:
+               lineage: Lineage) -> str:
     """A short human-readable card: data, parameters, metrics and why it was published."""
     lines = [
         f"# {dataset} model {version}",
@@ -73,9 +72,9 @@ def model_card(dataset: str, version: str, metrics: Metrics, decision: GateDecis
         "| split | location | sha256 | rows |",
         "| --- | --- | --- | --- |",
     ]
-    for split, info in lineage.get("data", {}).items():
-        lines.append(f"| {split} | {info.get('location')} | `{info.get('sha256')}` | {info.get('rows', '')} |")
-    parameters = applied_parameters(lineage.get("parameters", {}))
+    for split, info in lineage.data.items():
+        lines.append(f"| {split} | {info.location} | `{info.sha256}` | {'' if info.rows is None else info.rows} |")
+    parameters = applied_parameters(lineage.parameters)
     lines += ["", "## Parameters", "", "```json", json.dumps(parameters, indent=2), "```", ""]
     lines += [
         "## Metrics",
@@ -115,3 +114,50 @@ def champion_comparison_lines(promotion: PromotionDecision) -> list[str]:
         "",
     ]
     return lines + [f"- {reason}" for reason in promotion.reasons]
+
+
+def confusion_matrix_rows(metrics: Metrics) -> list[dict[str, Any]]:
+    """The matrix as table rows: the true class first, one column per predicted class, then the class's recall.
+
+    Predicted-class columns are named ``pred <class>``: the Prefect UI renders a table from JSON
+    objects, and a browser lists integer-like keys ("0".."9") before every other key, which would put
+    the row label after the counts.
+    """
+    return [{"true class": name, **{f"pred {p}": n for p, n in zip(metrics.class_names, row, strict=True)},
+             "recall": round(metrics.recall[name], 4)}
+            for name, row in zip(metrics.class_names, metrics.confusion_matrix, strict=True)]
+
+
+def confusion_matrix_markdown(metrics: Metrics) -> list[str]:
+    """The matrix as a Markdown table (rows = true class, columns = predicted class, recall last)."""
+    lines = ["| true \\ predicted | " + " | ".join(metrics.class_names) + " | recall |",
+             "| --- |" + " ---: |" * (len(metrics.class_names) + 1)]
+    for name, row in zip(metrics.class_names, metrics.confusion_matrix, strict=True):
+        cells = [f"**{n}**" if t == p else str(n) for (t, p), n in
+                 zip(((name, q) for q in metrics.class_names), row, strict=True)]
+        lines.append(f"| **{name}** | " + " | ".join(cells) + f" | {metrics.recall[name]:.4f} |")
+    return lines
+
+
+def summary_markdown(outcome: DatasetOutcome, metrics: Metrics, run_dir: Path | None = None) -> str:
+    """The dataset run's summary artifact, published or not: outcome, metrics, gate, champion, matrix, paths."""
+    title = f"published {outcome.version}" if outcome.published else f"{NOT_PUBLISHED} ({outcome.version})"
+    lines = [f"# {outcome.dataset}: {title}", ""]
+    if not outcome.published:
+        lines += [f"**{outcome.headline}**", ""] + [f"- {r}" for r in outcome.reasons] + [""]
+    lines += [f"Test accuracy **{metrics.test_accuracy:.4f}** on {metrics.test_rows} rows, loss {metrics.test_loss:.4f}.",
+              "", "## Gate", ""]
+    if outcome.gate is not None:
+        lines += [f"**{'PASSED' if outcome.gate.passed else 'FAILED'}**", ""] + [f"- {r}" for r in outcome.gate.reasons]
+    lines += ["", "## Champion comparison", ""]
+    lines += champion_comparison_lines(outcome.promotion) if outcome.promotion else ["Not compared (the gate failed)."]
+    lines += ["", "## Confusion matrix", "", *confusion_matrix_markdown(metrics), ""]
+    if outcome.registry_path:
+        lines.append(f"Registry folder (model, metrics, confusion matrix CSV/PNG, model card): `{outcome.registry_path}`")
+    else:
+        lines.append("Nothing was written to the registry; the production pointer is unchanged.")
+    if run_dir is not None:
+        lines.append(f"\nRun folder (metrics.json, predictions, training curves): `{run_dir}`")
+    if outcome.validation_report:
+        lines.append(f"\nValidation report (self-contained HTML, opens offline): `{outcome.validation_report}`")
+    return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ import numpy as np
 
 from tasks import storage
 
-PREDICT_BATCH = 2048
+PREDICT_BATCH = 2048  # rows per forward pass wherever a model is scored: the same batches give the same numbers
 
 
 def import_keras():
@@ -40,16 +40,9 @@ def import_keras():
 
 def save_model(model, dest: Path) -> Path:
     """Save ``model`` as a ``.keras`` file, atomically."""
-    dest = Path(dest)
-    tmp = storage.temporary_sibling(dest).with_suffix(".keras")  # Keras insists on the extension
-    try:
+    with storage.atomic_path(Path(dest), suffix=storage.TMP_SUFFIX + ".keras") as tmp:  # Keras insists on the extension
         model.save(tmp)
-        storage.fsync_file(tmp)
-        os.replace(tmp, dest)
-        storage.fsync_dir(dest.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+    return Path(dest)
 
 
 def load_model(path: Path):
@@ -58,10 +51,19 @@ def load_model(path: Path):
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
+def score(model, pixels: np.ndarray) -> np.ndarray:
+    """Class probabilities (N, classes) of a loaded model on raw pixel rows, in ``PREDICT_BATCH``-row batches.
+
+    Evaluation, the champion comparison, the canary and ``predict`` all score through here, so the same
+    model and rows give the same probabilities in each.
+    """
+    return np.asarray(model.predict(np.asarray(pixels, np.float32), batch_size=PREDICT_BATCH, verbose=0),
+                      dtype=np.float64)
+
+
 def predict_probabilities(model_path: Path, pixels: np.ndarray) -> np.ndarray:
     """Class probabilities (N, classes) of the saved model on raw pixel rows."""
-    model = load_model(model_path)
-    return np.asarray(model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0), dtype=np.float64)
+    return score(load_model(model_path), pixels)
 
 
 def predict_classes(model_path: Path, pixels: np.ndarray) -> np.ndarray:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasks.gate import GateDecision
 from tasks.promote import PromotionDecision
+from tasks.results import GateDecision
 
 NOT_PUBLISHED = "NOT PUBLISHED"
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
@@ -36,6 +37,7 @@ class DatasetOutcome(BaseModel):
     test_accuracy: float | None = None
     gate: GateDecision | None = None
     promotion: PromotionDecision | None = None
+    stage: str | None = None  # where an unpublished dataset stopped: download, validate, champion, gate, publish, ...
     registry_path: str | None = None  # the published version's folder
     validation_report: str | None = None  # the offline HTML validation report
     flow_run_id: str | None = None  # the dataset's own train-dataset run
@@ -87,6 +89,78 @@ def outcome_line(outcome: DatasetOutcome, url: str | None) -> str:
     accuracy = f"; test accuracy {outcome.test_accuracy:.4f}" if outcome.test_accuracy is not None else ""
     gate = f"; gate {gate_cell(outcome)}; champion comparison: {champion_cell(outcome)}" if outcome.gate else ""
     return f"{outcome.dataset}: {what}{accuracy}{gate}; dataset run: {url or outcome.flow_run_id}"
+
+
+# ---- outcomes from what the runs returned --------------------------------------------------------
+
+
+def stage_of(exc: BaseException) -> str:
+    """The stage an expected failure before training stopped a dataset at."""
+    from tasks.registry import ChampionUnreadable
+    from tasks.validation import DataValidationError
+
+    if isinstance(exc, DataValidationError):
+        return "validate"
+    if isinstance(exc, ChampionUnreadable):
+        return "champion"
+    return "download"
+
+
+def stopped_outcome(dataset: str, version: str, exc: BaseException, registry: str) -> DatasetOutcome:
+    """A dataset stopped by an expected failure before training: logged once and added to its history."""
+    from prefect import get_run_logger
+
+    from tasks.artifacts import VALIDATION_HTML
+    from tasks.registry import open_registry
+
+    get_run_logger().error("%s", exc)
+    report: Path | None = getattr(exc, "report_path", None)
+    html = report.with_name(VALIDATION_HTML) if report is not None else None
+    outcome = DatasetOutcome.from_exception(dataset, version, exc, stage=stage_of(exc),
+                                            validation_report=str(html) if html and html.is_file() else None)
+    try:
+        open_registry(registry).record_failure(dataset, version, outcome.stage, outcome.headline, report)
+    except Exception as history_exc:  # noqa: BLE001 - the run's outcome stands; its history line is a view
+        get_run_logger().warning("%s: history of run %s not recorded: %s", dataset, version, history_exc)
+    return outcome
+
+
+def outcome_of(name: str, version: str, state) -> DatasetOutcome:
+    """A dataset run's outcome: its returned value, the outcome its Failed state carries, or the bug that stopped it."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, DatasetOutcome):
+        outcome = result
+    else:
+        exc = result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
+        outcome = DatasetOutcome(dataset=name, version=version, published=False, stage="unexpected error",
+                                 headline=f"{name}: stopped by an unexpected error (traceback in the {name} run's log)",
+                                 reasons=[f"{type(exc).__name__}: {exc}"])
+    run_id = state.state_details.flow_run_id
+    return outcome.model_copy(update={"flow_run_id": str(run_id) if run_id else None})
+
+
+def summarize_outcomes(outcomes: list[DatasetOutcome], version: str):
+    """The parent run's log lines and summary artifact; the published versions, or a Failed state naming each
+    dataset and why."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.states import Failed
+    from prefect.utilities.urls import url_for
+
+    logger = get_run_logger()
+    urls = {o.dataset: url_for("flow-run", obj_id=o.flow_run_id) if o.flow_run_id else None for o in outcomes}
+    published = sum(o.published for o in outcomes)
+    for outcome in outcomes:  # the parent's own log says what happened, without repeating the reasons
+        (logger.info if outcome.published else logger.warning)("%s", outcome_line(outcome, urls[outcome.dataset]))
+    try:
+        create_markdown_artifact(key="train-mnist-summary", markdown=run_summary_markdown(outcomes, urls),
+                                 description=f"train-mnist {version}: {published} of {len(outcomes)} published")
+    except Exception as exc:  # noqa: BLE001 - a view; the outcome must not depend on it
+        logger.warning("could not create the run's summary artifact: %s: %s", type(exc).__name__, exc)
+    if published < len(outcomes):
+        message = run_failure_message(outcomes)
+        return Failed(message=message, data=NotPublished(message))
+    return {o.dataset: o.version for o in outcomes}
 
 
 # ---- the parent run's summary ---------------------------------------------------------------------

@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from tasks import storage
-from tasks.csvfile import read_head, read_split_table, read_text, sniff_columns
 from tasks.datasets import COLUMNS, LABEL_COLUMN, NUM_PIXELS, DatasetSpec, load_catalog, select_datasets
-from tasks.expectations import GxRunner
+from tasks.model_io import score
 from tasks.registry import open_registry
 from tasks.settings import Settings
 from tasks.validate import DataValidationError, validate_split
-
-PREDICT_BATCH = 2048
+from tasks.validation.csvfile import read_head, read_split_table, read_text, sniff_columns
+from tasks.validation.expectations import GxRunner
 
 
 class NoProductionModel(LookupError):
@@ -94,7 +93,7 @@ def predict_csv(csv_path: Path, dataset: str, output: Path, registry: Path | Non
     [spec] = select_datasets(load_catalog(datasets_file), [dataset])
     pixels = read_scoring_rows(spec, csv_path)
     production = load_production_model(spec.name, registry)
-    probabilities = np.asarray(production.model.predict(pixels, batch_size=PREDICT_BATCH, verbose=0))
+    probabilities = score(production.model, pixels)
     if probabilities.shape != (len(pixels), spec.num_classes):
         raise ValueError(f"{production.path} returned {probabilities.shape} for {len(pixels)} rows, expected "
                          f"({len(pixels)}, {spec.num_classes}): not a model of {spec.name}'s classes")

@@ -1,7 +1,7 @@
 """Stage 7: publish a gated model to the registry and move the production pointer to it.
 
 The decision is the same for every registry (``tasks.registry``: a folder or an MLflow server). Under the
-dataset's publish lock (``tasks.publish_lock``: the Prefect server's global concurrency limit, or a file
+dataset's publish lock (``tasks.registry.lock``: the Prefect server's global concurrency limit, or a file
 lock without a server) the current production model (the champion) is loaded (Keras safe mode) and
 re-scored on the challenger's own test Parquet file, so two runs can never both beat a stale champion;
 ``tasks.promote`` decides. A failed gate or a refused promotion publishes nothing and leaves the pointer
@@ -14,20 +14,23 @@ import json
 import logging
 import tempfile
 import time
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from prefect import task
 
-from tasks import history
+from tasks import artifacts
 from tasks.canary import CANARY_FILE, CanaryResult, run_canary, write_canary_batch
 from tasks.canary import markdown as canary_markdown
-from tasks.evaluate import Metrics
-from tasks.model_card import champion_comparison_lines, confusion_matrix_csv, confusion_matrix_png, model_card
+from tasks.model_card import (
+    confusion_matrix_csv,
+    confusion_matrix_png,
+    confusion_matrix_rows,
+    model_card,
+    summary_markdown,
+)
 from tasks.outcome import NOT_PUBLISHED, DatasetOutcome
+from tasks.parquet import load_xy
 from tasks.promote import (
     PromotionDecision,
     PromotionPolicy,
@@ -36,8 +39,8 @@ from tasks.promote import (
     refusal_message,
 )
 from tasks.registry import Candidate, ChampionUnreadable, Published, Registry, open_registry
-from tasks.retention import RetentionPolicy
-from tasks.train import load_xy
+from tasks.registry.retention import RetentionPolicy
+from tasks.results import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +61,6 @@ class CanaryRefused(PromotionRefused):
     """The model did not load, predict as evaluated, or answer within budget in a fresh process."""
 
 
-def new_version_name(now: datetime | None = None, suffix: str | None = None) -> str:
-    """Sortable and unique: UTC time plus a suffix (random unless given, e.g. from the flow run's id)."""
-    now = (now or datetime.now(UTC)).astimezone(UTC)
-    return f"{now:%Y%m%dT%H%M%SZ}-{suffix or uuid.uuid4().hex[:6]}"
-
-
-def run_version_name(scheduled_start: datetime | None, flow_run_id: object | None) -> str:
-    """A flow run's version: its scheduled start and the first hex digits of its id (random without a run)."""
-    return new_version_name(scheduled_start, str(flow_run_id).replace("-", "")[:6] if flow_run_id else None)
-
-
 def challenger_predictions(predictions_path: Path, metrics: Metrics, labels: np.ndarray) -> np.ndarray:
     """The challenger's predicted classes (``predictions.npy``), checked against its metrics and the test rows."""
     predictions = np.load(predictions_path, allow_pickle=False)
@@ -87,19 +79,19 @@ def version_documents(candidate: Candidate, promotion: PromotionDecision | None,
     """What is rendered for a version: metrics.json (gate, lineage, promotion, canary), matrix, model card."""
     metrics, decision = candidate.metrics, candidate.decision
     metrics_doc = {**metrics.model_dump(), "gate": decision.model_dump(), "version": candidate.version,
-                   **candidate.lineage, "promotion": promotion.model_dump() if promotion else None,
+                   **candidate.lineage.as_document(), "promotion": promotion.model_dump() if promotion else None,
                    "canary": canary.model_dump() if canary else None}
     documents = {
-        "metrics.json": json.dumps(metrics_doc, indent=2).encode(),
-        "confusion_matrix.csv": confusion_matrix_csv(metrics),
-        "confusion_matrix.png": confusion_matrix_png(metrics, f"{candidate.dataset} {candidate.version}"),
+        artifacts.METRICS_FILE: json.dumps(metrics_doc, indent=2).encode(),
+        artifacts.CONFUSION_CSV: confusion_matrix_csv(metrics),
+        artifacts.CONFUSION_PNG: confusion_matrix_png(metrics, f"{candidate.dataset} {candidate.version}"),
     }
     if promotion is not None:
         card = model_card(candidate.dataset, candidate.version, metrics, decision, promotion, candidate.lineage)
         if canary is not None:
             card += "\n".join(canary_markdown(canary))
-            card += f"\nTrend across this dataset's versions: [history.png](../{history.TREND_FILE})\n"
-        documents["model_card.md"] = card.encode()
+            card += f"\nTrend across this dataset's versions: [history.png](../{artifacts.TREND_PNG})\n"
+        documents[artifacts.MODEL_CARD] = card.encode()
     return documents
 
 
@@ -118,8 +110,7 @@ def decide_and_publish(registry: Registry, candidate: Candidate, policy: Promoti
     dataset, version = candidate.dataset, candidate.version
     if not candidate.decision.passed:
         message = f"{dataset}: gate failed, nothing published:\n- " + "\n- ".join(candidate.decision.reasons)
-        registry.record_unpublished(candidate, None, "gate_failed", message, version_documents(candidate, None))
-        raise GateFailed(message)
+        raise refused(registry, candidate, None, "gate_failed", GateFailed(message))
     policy = policy or PromotionPolicy()
     pixels, labels = load_xy(candidate.test_parquet)
     challenger = challenger_predictions(candidate.predictions_path, candidate.metrics, labels)
@@ -132,30 +123,31 @@ def decide_and_publish(registry: Registry, candidate: Candidate, policy: Promoti
             try:
                 champion_classes = registry.champion_predictions(dataset, champion, pixels)
             except ChampionUnreadable as exc:
-                registry.record_unpublished(candidate, None, "champion_unreadable", str(exc),
-                                            version_documents(candidate, None))
-                raise
+                raise refused(registry, candidate, None, "champion_unreadable", exc)  # noqa: B904 - it is exc
             promotion = decide_promotion(labels, challenger, champion_classes, champion, policy)
         if not promotion.promoted:
-            message = refusal_message(dataset, version, promotion)
-            registry.record_unpublished(candidate, promotion, "refused", message,
-                                        version_documents(candidate, promotion))
-            raise PromotionRefused(message, promotion)
+            raise refused(registry, candidate, promotion, "refused",
+                          PromotionRefused(refusal_message(dataset, version, promotion), promotion))
         batch = Path(tmp) / CANARY_FILE
         try:
             canary = check_canary(candidate, pixels, challenger, batch)
         except CanaryRefused as exc:
-            registry.record_unpublished(candidate, promotion, "canary_refused", str(exc),
-                                        version_documents(candidate, promotion))
-            raise
+            raise refused(registry, candidate, promotion, "canary_refused", exc)  # noqa: B904 - it is exc
         documents = {**version_documents(candidate, promotion, canary), CANARY_FILE: batch.read_bytes()}
         return registry.publish(candidate, promotion, documents)
+
+
+def refused(registry: Registry, candidate: Candidate, promotion: PromotionDecision | None, decision: str,
+            error: Exception) -> Exception:
+    """Record why ``candidate`` is not published (where the registry keeps such records); the error to raise."""
+    registry.record_unpublished(candidate, promotion, decision, str(error), version_documents(candidate, promotion))
+    return error
 
 
 def publish_version(registry: Registry, candidate: Candidate, policy: PromotionPolicy | None = None,
                     retention: RetentionPolicy | None = None) -> Published:
     """``decide_and_publish``; every outcome is added to the dataset's history, and a publish then prunes
-    old versions (``tasks.retention``) where the registry keeps them."""
+    old versions (``tasks.registry.retention``) where the registry keeps them."""
     started = time.monotonic()
     try:
         published = decide_and_publish(registry, candidate, policy)
@@ -176,53 +168,6 @@ def publish_version(registry: Registry, candidate: Candidate, policy: PromotionP
 # ---- Prefect wrapper -----------------------------------------------------------------------------
 
 
-def confusion_matrix_rows(metrics: Metrics) -> list[dict[str, Any]]:
-    """The matrix as table rows: the true class first, one column per predicted class, then the class's recall.
-
-    Predicted-class columns are named ``pred <class>``: the Prefect UI renders a table from JSON
-    objects, and a browser lists integer-like keys ("0".."9") before every other key, which would put
-    the row label after the counts.
-    """
-    return [{"true class": name, **{f"pred {p}": n for p, n in zip(metrics.class_names, row, strict=True)},
-             "recall": round(metrics.recall[name], 4)}
-            for name, row in zip(metrics.class_names, metrics.confusion_matrix, strict=True)]
-
-
-def confusion_matrix_markdown(metrics: Metrics) -> list[str]:
-    """The matrix as a Markdown table (rows = true class, columns = predicted class, recall last)."""
-    lines = ["| true \\ predicted | " + " | ".join(metrics.class_names) + " | recall |",
-             "| --- |" + " ---: |" * (len(metrics.class_names) + 1)]
-    for name, row in zip(metrics.class_names, metrics.confusion_matrix, strict=True):
-        cells = [f"**{n}**" if t == p else str(n) for (t, p), n in
-                 zip(((name, q) for q in metrics.class_names), row, strict=True)]
-        lines.append(f"| **{name}** | " + " | ".join(cells) + f" | {metrics.recall[name]:.4f} |")
-    return lines
-
-
-def summary_markdown(outcome: DatasetOutcome, metrics: Metrics, run_dir: Path | None = None) -> str:
-    """The dataset run's summary artifact, published or not: outcome, metrics, gate, champion, matrix, paths."""
-    title = f"published {outcome.version}" if outcome.published else f"{NOT_PUBLISHED} ({outcome.version})"
-    lines = [f"# {outcome.dataset}: {title}", ""]
-    if not outcome.published:
-        lines += [f"**{outcome.headline}**", ""] + [f"- {r}" for r in outcome.reasons] + [""]
-    lines += [f"Test accuracy **{metrics.test_accuracy:.4f}** on {metrics.test_rows} rows, loss {metrics.test_loss:.4f}.",
-              "", "## Gate", ""]
-    if outcome.gate is not None:
-        lines += [f"**{'PASSED' if outcome.gate.passed else 'FAILED'}**", ""] + [f"- {r}" for r in outcome.gate.reasons]
-    lines += ["", "## Champion comparison", ""]
-    lines += champion_comparison_lines(outcome.promotion) if outcome.promotion else ["Not compared (the gate failed)."]
-    lines += ["", "## Confusion matrix", "", *confusion_matrix_markdown(metrics), ""]
-    if outcome.registry_path:
-        lines.append(f"Registry folder (model, metrics, confusion matrix CSV/PNG, model card): `{outcome.registry_path}`")
-    else:
-        lines.append("Nothing was written to the registry; the production pointer is unchanged.")
-    if run_dir is not None:
-        lines.append(f"\nRun folder (metrics.json, predictions, training curves): `{run_dir}`")
-    if outcome.validation_report:
-        lines.append(f"\nValidation report (self-contained HTML, opens offline): `{outcome.validation_report}`")
-    return "\n".join(lines) + "\n"
-
-
 def _create_artifacts(outcome: DatasetOutcome, metrics: Metrics, run_dir: Path | None = None) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -233,6 +178,15 @@ def _create_artifacts(outcome: DatasetOutcome, metrics: Metrics, run_dir: Path |
                                       "class, columns = predicted class")
     create_markdown_artifact(key=f"{key}-summary", markdown=summary_markdown(outcome, metrics, run_dir),
                              description=f"{outcome.dataset} {outcome.version}: {state}")
+
+
+def publish_stage_of(exc: BaseException) -> str:
+    """Which check stopped a model at publishing: its gate, the champion, the comparison or the canary."""
+    if isinstance(exc, CanaryRefused):
+        return "canary"
+    if isinstance(exc, PromotionRefused):
+        return "promotion"
+    return "champion" if isinstance(exc, ChampionUnreadable) else "gate"
 
 
 @task(name="publish", task_run_name="publish-{candidate.dataset}")
@@ -251,7 +205,7 @@ def publish_task(registry: str, candidate: Candidate, policy: PromotionPolicy | 
         if decision.passed:  # a failed gate was logged by the gate task
             logger.error("%s", exc)
         outcome = DatasetOutcome.from_exception(dataset, version, exc, promotion=getattr(exc, "promotion", None),
-                                                **known)
+                                                stage=publish_stage_of(exc), **known)
     else:
         outcome = DatasetOutcome(dataset=dataset, version=version, published=True,
                                  headline=f"{dataset}: published {version}", registry_path=published.location,

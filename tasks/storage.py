@@ -1,15 +1,18 @@
-"""The one file layer every stage writes and hashes through: atomic writes and SHA-256.
+"""The one file layer every stage writes and hashes through: atomic writes, SHA-256, leftover cleanup.
 
 Every write goes to a temporary name in the destination's folder, is flushed and fsynced, renamed over
 the destination, and the folder is fsynced, so a crash leaves either the old file or the new one, never
-half of each, and the rename survives a power cut.
+half of each, and the rename survives a power cut. The temporary file is ``flock``ed while its writer
+lives, so ``remove_stale_temporaries`` deletes only what a killed writer left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -44,24 +47,27 @@ def fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-def temporary_sibling(dest: Path) -> Path:
+def temporary_sibling(dest: Path, suffix: str = TMP_SUFFIX) -> Path:
     """A hidden, unique name beside ``dest``: same file system, so the final rename is atomic."""
-    return dest.with_name(f".{dest.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    return dest.with_name(f".{dest.name}.{uuid.uuid4().hex}{suffix}")
 
 
 @contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
+def atomic_path(dest: Path, suffix: str = TMP_SUFFIX) -> Iterator[Path]:
     """Yield a temporary path to write ``dest``'s new content to; on success it replaces ``dest`` durably.
 
-    If the block raises, the temporary file is removed and ``dest`` is left as it was.
+    The temporary file exists (empty) and is locked while the block runs; writers may open it again or
+    replace it (Keras does). If the block raises, it is removed and ``dest`` is left as it was.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(dest)
+    tmp = temporary_sibling(dest, suffix)
     try:
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, dest)
+        with open(tmp, "wb") as held:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            yield tmp
+            fsync_file(tmp)
+            os.replace(tmp, dest)
         fsync_dir(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
@@ -79,7 +85,26 @@ def write_text(dest: Path, text: str) -> Path:
 
 
 def write_json(dest: Path, value: Any) -> Path:
-    return write_text(dest, json.dumps(value, indent=2) + "\n")
+    """Strict JSON (NaN and infinities as strings, NumPy scalars as numbers), written atomically."""
+    return write_text(dest, json.dumps(finite(value), indent=2, default=_json_default) + "\n")
+
+
+def finite(value: Any) -> Any:
+    """NaN and infinities as strings, so a JSON document stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    item = getattr(value, "item", None)  # NumPy scalars
+    if callable(item) and getattr(value, "shape", None) == ():
+        return finite(item())
+    return str(value)
 
 
 def copy_file(src: Path, dest: Path) -> Path:
@@ -89,12 +114,27 @@ def copy_file(src: Path, dest: Path) -> Path:
     return dest
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporary files that a killed writer left in ``folder`` (they are never final names)."""
-    removed = []
-    if folder.is_dir():
-        for stale in folder.glob(f".*{TMP_SUFFIX}"):
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
-                removed.append(stale)
+def hold_lock(fh) -> None:
+    """Mark an open temporary file as in use: ``remove_stale_temporaries`` leaves it alone while this process lives."""
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale_temporaries(folder: Path, prefix: str = ".", suffix: str = TMP_SUFFIX) -> list[Path]:
+    """Delete the temporary files (``prefix*suffix``) that killed writers left in ``folder``.
+
+    A file whose writer still runs is locked by it and left alone.
+    """
+    removed: list[Path] = []
+    if not Path(folder).is_dir():
+        return removed
+    for path in Path(folder).iterdir():
+        if not (path.name.startswith(prefix) and path.name.endswith(suffix)) or not path.is_file():
+            continue
+        try:
+            with open(path, "rb") as fh:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live writer holds it
+                path.unlink()
+                removed.append(path)
+        except OSError:  # in use by a running writer, or already gone
+            continue
     return removed

@@ -11,39 +11,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as pacsv
 from prefect import task
 
-from tasks import storage
+from tasks import artifacts, storage
 from tasks.caching import VALIDATE_CACHE
-from tasks.csvfile import (
-    PARSE_BLOCK_BYTES,
-    CsvFileError,
-    data_span,
-    decode_bytes,
-    describe_arrow_error,
-    read_bytes,
-    read_head,
-    sniff_columns,
-    stream_strict,
-)
-from tasks.csvfile import read_text as read_text
-from tasks.datasets import (
-    COLUMNS,
-    DatasetSpec,
-    ImageProfile,
-    Split,
-)
-from tasks.expectations import (
+from tasks.datasets import COLUMNS, DatasetSpec, ImageProfile, Split
+from tasks.results import SplitCheck, ValidationReport
+from tasks.validation import DataValidationError
+from tasks.validation.csvfile import CsvFileError, decode_bytes, read_bytes, read_head, sniff_columns, stream_strict
+from tasks.validation.expectations import (
     DOCS_DIRNAME,
-    MAX_EXAMPLES,
     CellLocator,
     GxRunner,
     describe_failures,
@@ -53,8 +36,8 @@ from tasks.expectations import (
     schema_expectations,
     stats_expectations,
 )
-from tasks.profiling import (
-    PROFILE_FILE,
+from tasks.validation.lenient import MAX_EXAMPLES, ParsedSplit, read_matrix, schema_problems, table_to_matrix
+from tasks.validation.profiling import (
     SplitProfile,
     geometry_drift,
     label_drift,
@@ -64,124 +47,12 @@ from tasks.profiling import (
     write_profile,
 )
 
-
-class DataValidationError(Exception):
-    """The data failed validation; the message lists every failed check with what was observed."""
-
-    def __init__(self, message: str, report_path: Path | None = None):
-        super().__init__(message + (f"\nreport: {report_path}" if report_path else ""))
-        self.report_path = report_path
-
-
-@dataclass
-class ParsedSplit:
-    """A split's values and where each row came from."""
-
-    matrix: np.ndarray  # (rows, 785): uint8 when every value is a byte, else float32 with NaN for empty cells
-    first_line: int  # 1-based line number of the first data row
-    lines: np.ndarray | None = None  # line number of each row; None when rows are consecutive lines
-    bad_rows: list[tuple[int | None, int, str]] = field(default_factory=list)  # (line, fields, text) skipped
-
-    def line_of(self, row: int) -> int:
-        return int(self.lines[row]) if self.lines is not None else self.first_line + row
-
-
-def schema_problems(found: list[str], expected: list[str], has_header: bool) -> str:
-    """What differs between the file's columns and the expected ones, in words."""
-    if not has_header:
-        return f"rows have {len(found)} fields, expected {len(expected)} ({expected[0]} + {len(expected) - 1} pixels)"
-    parts = []
-    missing = [c for c in expected if c not in found]
-    extra = [c for c in found if c not in expected]
-    if missing:
-        parts.append(f"missing columns {_few(missing)}")
-    if extra:
-        parts.append(f"unexpected columns {_few(extra)}")
-    if not parts:
-        moved = [(i, f, e) for i, (f, e) in enumerate(zip(found, expected, strict=False)) if f != e]
-        parts.append("columns in the wrong order: " + ", ".join(
-            f"position {i} has {f}, expected {e}" for i, f, e in moved[:MAX_EXAMPLES]))
-    return "; ".join(parts)
-
-
-def _few(items: list[Any]) -> str:
-    shown = ", ".join(str(i) for i in items[:MAX_EXAMPLES])
-    return f"[{shown}{', ...' if len(items) > MAX_EXAMPLES else ''}] ({len(items)})"
-
-
-def read_matrix(data: bytes, name: str, columns: list[str], has_header: bool) -> ParsedSplit:
-    """Parse the CSV text leniently, to describe what is wrong; rows with a wrong field count are skipped
-    and listed in ``bad_rows``. Only used after ``tasks.csvfile.stream_strict`` refused the file."""
-    start, end = data_span(data, has_header)
-    first_line = 1 + int(has_header)
-    if start == 0 and has_header or start >= end:
-        return ParsedSplit(np.zeros((0, len(columns)), np.uint8), first_line)
-    buffer = pa.py_buffer(data)[start:end]
-    for dtype in (pa.uint8(), pa.float32()):
-        try:
-            table, bad = _parse(buffer, columns, dtype, threads=True)
-        except pa.ArrowInvalid as exc:
-            if dtype == pa.uint8() and "conversion error" in str(exc):
-                continue  # out-of-byte or fractional values: re-read as floats to report them
-            raise DataValidationError(describe_arrow_error(buffer, name, columns, first_line, exc, dtype)) from exc
-        if dtype == pa.uint8() and table.num_rows and any(col.null_count for col in table.columns):
-            continue  # empty cells: float32 keeps them as NaN
-        parsed = ParsedSplit(_table_to_matrix(table, np.uint8 if dtype == pa.uint8() else np.float32), first_line)
-        if bad:
-            if any(line is None for line, _, _ in bad):  # threaded parsing does not know line numbers
-                _, bad = _parse(buffer, columns, dtype, threads=False, first_line=first_line)
-            lines = np.arange(first_line, first_line + table.num_rows + len(bad))
-            parsed.lines = np.setdiff1d(lines, [line for line, _, _ in bad], assume_unique=True)
-            parsed.bad_rows = bad
-        return parsed
-    raise AssertionError("unreachable")
-
-
-def _parse(buffer: pa.Buffer, columns: list[str], dtype: pa.DataType, threads: bool,
-           first_line: int = 1) -> tuple[pa.Table, list[tuple[int | None, int, str]]]:
-    """Parse data lines (no header); rows with a wrong field count are skipped and returned with their line."""
-    bad: list[tuple[int | None, int, str]] = []
-
-    def skip(row: Any) -> str:  # pyarrow knows line numbers only when parsing single-threaded
-        bad.append((None if row.number is None else row.number + first_line - 1, row.actual_columns, row.text))
-        return "skip"
-
-    table = pacsv.read_csv(
-        pa.BufferReader(buffer),
-        read_options=pacsv.ReadOptions(column_names=columns, block_size=PARSE_BLOCK_BYTES, use_threads=threads),
-        parse_options=pacsv.ParseOptions(invalid_row_handler=skip, ignore_empty_lines=False),
-        convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(columns, dtype)),
-    )
-    return table, sorted(bad, key=lambda b: b[0] or 0)
-
-
-def _table_to_matrix(table: pa.Table, dtype: type) -> np.ndarray:
-    """Row-major matrix of a table of same-typed columns (nulls as NaN), one record batch at a time."""
-    matrix = np.empty((table.num_rows, table.num_columns), dtype=dtype)
-    start = 0
-    for batch in table.to_batches():
-        tensor = batch.to_tensor(null_to_nan=dtype != np.uint8, row_major=True)
-        matrix[start:start + batch.num_rows] = tensor.to_numpy()
-        start += batch.num_rows
-    return matrix
+__all__ = ["DataValidationError", "ValidationReport", "report_in_run_dir", "validate_dataset", "validate_split",
+           "validate_task"]
 
 
 def _short(text: str) -> str:
     return text.strip().splitlines()[0][:300]
-
-
-@dataclass
-class ValidationReport:
-    """The outcome of validating a dataset: where the report is and what drifted."""
-
-    dataset: str
-    passed: bool
-    failures: list[str]
-    drift: dict[str, Any]
-    report_path: Path
-    has_header: dict[str, bool]  # per split, as detected
-    docs_path: Path | None = None  # GX Data Docs index.html, if it could be built
-    profile_path: Path | None = None  # data_profile.json: stored with the version if this run publishes
 
 
 def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRunner,
@@ -209,7 +80,7 @@ def validate_split(spec: DatasetSpec, split: Split, path: Path, gx_runner: GxRun
         failures.append(f"{where}: {exc}")
         return None
     try:  # the one reader, as conversion will read the file
-        parsed = ParsedSplit(_table_to_matrix(stream_strict(raw, where, columns, has_header), np.uint8),
+        parsed = ParsedSplit(table_to_matrix(stream_strict(raw, where, columns, has_header), np.uint8),
                              1 + int(has_header))
     except CsvFileError as exc:
         strict_problem = str(exc)  # named below, unless the careful read names the problem itself
@@ -300,14 +171,13 @@ def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, repor
     except Exception as exc:  # noqa: BLE001 - the docs are a view; the verdict and validation.json must not depend on them
         docs_error = f"{type(exc).__name__}: {_short(str(exc))}"
     report_path = write_report(report_dir, spec, failures, drift, runner.results, docs_path, docs_error)
-    layouts = {split: p.has_header for split, p in profiles.items() if p is not None}
-    report = ValidationReport(spec.name, not failures, failures, drift, report_path, layouts, docs_path, profile_path)
     if failures:
         raise DataValidationError(
             f"{spec.name}: data failed validation ({len(failures)} problem(s)):\n- " + "\n- ".join(failures),
             report_path,
         )
-    return report
+    train_check, test_check = (SplitCheck(p.has_header, int(p.stats["rows"])) for p in (train, test))
+    return ValidationReport(spec.name, True, [], drift, report_path, train_check, test_check, docs_path, profile_path)
 
 
 def write_report(report_dir: Path, spec: DatasetSpec, failures: list[str], drift: dict[str, Any],
@@ -322,12 +192,7 @@ def write_report(report_dir: Path, spec: DatasetSpec, failures: list[str], drift
         **({"data_docs_error": docs_error} if docs_error else {}),
         "great_expectations": [r.to_json_dict() for r in results],
     }
-    return _write_json(report_dir / "validation.json", report)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Strict JSON (NaN and infinities as strings), written atomically."""
-    return storage.write_text(path, json.dumps(_finite(data), indent=2, default=_json_default))
+    return storage.write_json(report_dir / artifacts.VALIDATION_JSON, report)
 
 
 def report_in_run_dir(report: ValidationReport, run_dir: Path) -> ValidationReport:
@@ -336,7 +201,7 @@ def report_in_run_dir(report: ValidationReport, run_dir: Path) -> ValidationRepo
     A validation served from cache points at the report of the run that validated these bytes; it is
     copied into this run's folder with ``served_from_cache`` naming the original.
     """
-    target = run_dir / "validation.json"
+    target = run_dir / artifacts.VALIDATION_JSON
     if report.report_path == target:
         return report
     data = json.loads(report.report_path.read_text())
@@ -344,25 +209,8 @@ def report_in_run_dir(report: ValidationReport, run_dir: Path) -> ValidationRepo
     run_dir.mkdir(parents=True, exist_ok=True)
     profile_path = report.profile_path
     if profile_path is not None and profile_path.is_file():
-        profile_path = _write_json(run_dir / PROFILE_FILE, json.loads(profile_path.read_text()))
-    return replace(report, report_path=_write_json(target, data), profile_path=profile_path)
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities as strings, so validation.json stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return _finite(value.item())
-    return str(value)
+        profile_path = storage.write_json(run_dir / artifacts.PROFILE_FILE, json.loads(profile_path.read_text()))
+    return replace(report, report_path=storage.write_json(target, data), profile_path=profile_path)
 
 
 @task(name="validate", task_run_name="validate-{spec.name}", cache_policy=VALIDATE_CACHE, persist_result=True)
@@ -370,7 +218,7 @@ def validate_task(spec: DatasetSpec, train_path: Path, test_path: Path, report_d
                   champion_profile: Path | None = None) -> ValidationReport:
     from prefect import get_run_logger
 
-    from tasks.validation_report import write_validation_html
+    from tasks.validation.report import write_validation_html
 
     logger = get_run_logger()
     try:

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from test_deployments import QUICK, trigger
 
 from deployments.alerts import FAILED_AUTOMATION, OVERDUE_AUTOMATION
-from tasks.history import TREND_FILE, read_history
+from tasks.registry.history import TREND_FILE, read_history
 from tasks.settings import BUNDLED_MIRROR, PROJECT_ROOT
 from tests.support.held_mirror import held_mirror
 from tests.support.prefect_server import RUN_TIMEOUT_S, prefect_server

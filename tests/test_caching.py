@@ -49,7 +49,7 @@ def data_stages(spec, source: str, data_dir: Path) -> dict:
     states["validate"] = validate(spec, raws["train"].path, raws["test"].path, run_dir, return_state=True)
     report = report_in_run_dir(states["validate"].result(), run_dir)
     for split in ("train", "test"):
-        states[f"convert-{split}"] = convert(raws[split], report.has_header[split], data_dir / "parquet", spec.name,
+        states[f"convert-{split}"] = convert(raws[split], report.split(split).has_header, data_dir / "parquet", spec.name,
                                              split, return_state=True)
         parquet[split] = states[f"convert-{split}"].result()
     assert all(state.is_completed() for state in states.values())
@@ -155,7 +155,7 @@ def test_changed_source_bytes_under_the_same_name_are_never_served_from_cache(ha
 
 def test_unpinned_split_is_fetched_every_run_and_its_bytes_key_the_later_stages(harness, mnist_slice, mirror, tmp_path):
     data_dir, spec = tmp_path / "data", unpinned(mnist_slice)
-    assert download_identity({"spec": spec, "split": "train", "raw_dir": data_dir}) is None
+    assert download_identity(spec=spec, split="train", raw_dir=data_dir) is None
     data_stages(spec, str(mirror), data_dir)
 
     same_bytes = data_stages(spec, str(mirror), data_dir)
@@ -185,7 +185,7 @@ def test_raw_file_changed_in_place_is_fetched_again(harness, mnist_slice, mirror
 
 
 def test_code_change_is_a_cache_miss(harness):
-    policy = ContentCache(identity=lambda inputs: {"x": inputs["x"]}, label="demo")
+    policy = ContentCache(identity=lambda x, **_: {"x": x}, label="demo")
 
     @task(cache_policy=policy, persist_result=True)
     def double(x: int) -> int:

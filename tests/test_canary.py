@@ -11,7 +11,7 @@ from tasks.canary import CANARY_FILE, CANARY_ROWS, LATENCY_BUDGET_S, run_canary,
 from tasks.convert import convert_to_parquet
 from tasks.evaluate import evaluate_model, read_metrics
 from tasks.publish import CanaryRefused
-from tasks.registry import STAGING_PREFIX, list_versions, read_production
+from tasks.registry.folder import STAGING_PREFIX, list_versions, read_production
 from tasks.train import TrainConfig, load_xy, train_model
 from tests.support.publish_worker import LINEAGE, PASSED, publish_model
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.train import parse_args
+from flows.cli import parse_args
 from tasks.train import import_keras, plot_training_curves, progress_callback
 
 

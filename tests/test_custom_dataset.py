@@ -5,7 +5,7 @@ import json
 import pytest
 
 from flows.train import train_mnist
-from tasks.registry import read_production
+from tasks.registry.folder import read_production
 from tasks.storage import sha256_file
 
 

@@ -26,7 +26,8 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import RRuleSchedule
 from prefect.exceptions import PrefectHTTPStatusError
 
-from tasks.registry import VERSION_FILES, list_versions, read_production
+from tasks.artifacts import VERSION_FILES
+from tasks.registry.folder import list_versions, read_production
 from tasks.settings import PROJECT_ROOT
 from tests.support.prefect_server import PREFECT, RUN_TIMEOUT_S, TERMINAL, Server
 from tests.support.processes import spawn, stop, tail, wait_for

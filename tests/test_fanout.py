@@ -21,7 +21,7 @@ import pytest
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
 
-from tasks.registry_mlflow import MlflowRegistry
+from tasks.registry.mlflow_server import MlflowServer
 from tasks.settings import PROJECT_ROOT
 from tests.support.mlflow_server import mlflow_server
 from tests.support.prefect_server import PREFECT, Server
@@ -149,7 +149,7 @@ def test_nightly_fans_out_to_two_workers_at_once_and_publishes_both(prefect_serv
     # Each machine trained one dataset, in its own data folder.
     trained = {m.name: sorted(p.name for p in m.runs_dir.iterdir()) if m.runs_dir.is_dir() else [] for m in machines}
     assert sorted(sum(trained.values(), [])) == ["fashion-mnist", "mnist"] and all(trained.values()), trained
-    registry = MlflowRegistry(mlflow.url)
+    registry = MlflowServer(mlflow.url)
     assert registry.production("mnist") and registry.production("fashion-mnist")
 
 
@@ -158,7 +158,7 @@ def test_a_child_failing_its_gate_fails_the_parent_naming_it_and_the_other_still
     for machine in machines:  # the team's catalog: an impossible gate for fashion-mnist
         set_gates(machine, {"mnist": "gates = { min_accuracy = 0.5, min_class_recall = 0.0 }",
                             "fashion-mnist": "gates = { min_accuracy = 0.999, min_class_recall = 0.0 }"})
-    registry = MlflowRegistry(mlflow.url)
+    registry = MlflowServer(mlflow.url)
     before = registry.production("fashion-mnist")
     mnist_before = registry.production("mnist")
     parent = nightly_run(prefect_server, machines[0], {**SHORT, "dataset": "mnist,fashion-mnist",

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from flows.train import train_mnist
-from tasks.registry import VERSION_FILES, list_versions, read_production
+from tasks.artifacts import VERSION_FILES
+from tasks.registry.folder import list_versions, read_production
 from tasks.settings import PROJECT_ROOT
 
 E2E_EPOCHS = 5

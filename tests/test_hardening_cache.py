@@ -24,10 +24,10 @@ from tasks.caching import (
     validate_identity,
 )
 from tasks.convert import convert_task, convert_to_parquet, parquet_path
-from tasks.csvfile import CsvFileError
 from tasks.datasets import Gates, Recipe
 from tasks.download import download_split, download_task
 from tasks.validate import validate_task
+from tasks.validation.csvfile import CsvFileError
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_conversion_checks_the_raw_file_against_the_checksum_its_output_is_named
 
 def test_a_stage_depends_on_every_project_module_it_imports():
     deps = dependency_sources("tasks.convert")
-    assert {"tasks.convert", "tasks.datasets", "tasks.csvfile", "tasks.caching", "tasks.download"} <= set(deps)
+    assert {"tasks.convert", "tasks.datasets", "tasks.validation.csvfile", "tasks.caching", "tasks.download"} <= set(deps)
     assert "tasks.datasets" in dependency_sources("tasks.validate")
 
 
@@ -114,10 +114,10 @@ def test_a_changed_gate_or_recipe_does_not_repeat_validation(mnist_slice, slice_
               "test_path": slice_mirror / mnist_slice.test.path}
     other_gates = mnist_slice.model_copy(update={"gates": Gates(min_accuracy=0.5, min_class_recall=0.1),
                                                  "recipe": Recipe(model="mlp", epochs=1)})
-    assert validate_identity(inputs) == validate_identity({**inputs, "spec": other_gates})
+    assert validate_identity(**inputs) == validate_identity(**{**inputs, "spec": other_gates})
     other_tolerance = mnist_slice.model_copy(update={"tolerances": mnist_slice.tolerances.model_copy(
         update={"max_blank_share": 0.5})})
-    assert validate_identity(inputs) != validate_identity({**inputs, "spec": other_tolerance})
+    assert validate_identity(**inputs) != validate_identity(**{**inputs, "spec": other_tolerance})
 
 
 def test_temporary_parquet_files_of_a_killed_conversion_are_removed(mnist_slice, slice_mirror, tmp_path):

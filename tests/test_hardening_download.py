@@ -225,7 +225,8 @@ def test_a_cache_hit_names_where_and_when_the_bytes_came_from_not_the_new_source
 
 
 def test_a_concurrent_writer_is_never_disturbed_by_cleanup(tmp_path):
-    from tasks.caching import hold_lock, remove_orphans
+    from tasks.storage import hold_lock
+    from tasks.storage import remove_stale_temporaries as remove_orphans
 
     folder = tmp_path / "f"
     folder.mkdir()

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.csvfile import read_text
 from tasks.datasets import IMAGE_SIDE
-from tasks.profiling import read_profile
 from tasks.settings import BUNDLED_MIRROR
 from tasks.validate import DataValidationError, validate_dataset
+from tasks.validation.csvfile import read_text
+from tasks.validation.profiling import read_profile
 
 
 def mirrored_copy(src: Path, dest: Path) -> Path:

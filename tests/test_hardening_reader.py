@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks import csvfile
 from tasks.convert import convert_to_parquet
-from tasks.csvfile import CsvFileError, decode_bytes
 from tasks.datasets import COLUMNS, NUM_PIXELS, DatasetSpec, Gates, SplitFile, Tolerances
 from tasks.validate import DataValidationError, validate_dataset
+from tasks.validation import csvfile
+from tasks.validation.csvfile import CsvFileError, decode_bytes
 
 ROWS = {"train": 12, "test": 6}
 LOOSE = Tolerances(max_label_kl=1e9, min_class_share_ratio=0.0, max_blank_share=1.0, max_duplicate_share=1.0,
@@ -59,7 +59,7 @@ def validate_then_convert(tmp_path: Path, files: dict[str, tuple[str, bytes]], h
     for split, (name, _) in files.items():
         dest = tmp_path / f"{split}.parquet"
         dest.unlink(missing_ok=True)
-        out[split] = parquet_matrix(convert_to_parquet(tmp_path / name, dest, report.has_header[split]))
+        out[split] = parquet_matrix(convert_to_parquet(tmp_path / name, dest, report.split(split).has_header))
     return True, out
 
 

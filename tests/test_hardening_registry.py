@@ -12,9 +12,11 @@ from scipy.stats import binomtest
 
 from flows import train as train_flow
 from tasks import publish, storage
-from tasks import registry as registry_module
+from tasks.artifacts import PROFILE_FILE
 from tasks.promote import PromotionPolicy, decide_promotion
-from tasks.registry import POINTER, PROFILE_FILE, ChampionUnreadable, FolderRegistry, list_versions, read_production
+from tasks.registry import ChampionUnreadable, FolderRegistry
+from tasks.registry import folder as registry_module
+from tasks.registry.folder import POINTER, list_versions, read_production
 from tests.support.publish_worker import (
     LINEAGE,
     PASSED,

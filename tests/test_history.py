@@ -7,9 +7,10 @@ import json
 import pytest
 
 from tasks import publish
-from tasks import registry as registry_module
 from tasks.gate import GateDecision
-from tasks.history import (
+from tasks.publish import GateFailed
+from tasks.registry import folder as registry_module
+from tasks.registry.history import (
     HISTORY_FILE,
     TREND_FILE,
     HistoryEntry,
@@ -19,7 +20,6 @@ from tasks.history import (
     read_history,
     render_trend,
 )
-from tasks.publish import GateFailed
 from tests.support.publish_worker import (
     LINEAGE,
     PASSED,
@@ -80,7 +80,7 @@ def test_trend_plot_and_table_show_every_run(tmp_path):
 
 def test_each_publish_and_each_refusal_adds_a_line_and_redraws_the_plot(tmp_path, candidate):
     registry = tmp_path / "registry"
-    lineage = {**LINEAGE, "validation_report": str(validation_report(tmp_path / "validation.json", 0.005))}
+    lineage = LINEAGE.model_copy(update={"validation_report": str(validation_report(tmp_path / "validation.json", 0.005))})
     first = publish_model(registry, DATASET, "20260101T020000Z-aaaaaa", candidate.model_path,
                           candidate.metrics, PASSED, lineage, test_parquet=candidate.test_parquet,
                           predictions_path=candidate.predictions_path)

@@ -27,8 +27,8 @@ from prefect.client.schemas.filters import (
 
 import tasks.publish
 from flows.train import train_mnist
-from tasks.history import read_history
-from tasks.registry import list_versions, read_production
+from tasks.registry.folder import list_versions, read_production
+from tasks.registry.history import read_history
 
 DATASETS_TOML = """
 [[dataset]]

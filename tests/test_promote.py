@@ -13,7 +13,6 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.evaluate import read_metrics
-from tasks.history import HISTORY_FILE, TREND_FILE
 from tasks.promote import (
     PromotionPolicy,
     decide_promotion,
@@ -23,7 +22,9 @@ from tasks.promote import (
     refusal_message,
 )
 from tasks.publish import GateFailed, PromotionRefused
-from tasks.registry import ChampionUnreadable, dataset_lock, list_versions, read_production, set_production
+from tasks.registry import ChampionUnreadable
+from tasks.registry.folder import dataset_lock, list_versions, read_production, set_production
+from tasks.registry.history import HISTORY_FILE, TREND_FILE
 from tasks.train import load_xy
 from tests.support.publish_worker import Candidate, make_candidate, publish_candidate
 

@@ -9,8 +9,8 @@ from collections import Counter
 from pathlib import Path
 
 from tasks import publish
-from tasks import registry as registry_module
-from tasks.registry import read_production
+from tasks.registry import folder as registry_module
+from tasks.registry.folder import read_production
 from tests.support.publish_worker import (
     assert_registry_consistent,
     dummy_candidate,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.registry import list_versions, read_production
+from tasks.registry.folder import list_versions, read_production
 from tasks.settings import BUNDLED_MIRROR, PROJECT_ROOT
 from tests.support.prefect_server import prefect_server
 from tests.support.processes import clean_env, free_port, http_ok, spawn, stop, tail, wait_for

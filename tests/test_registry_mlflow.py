@@ -19,8 +19,8 @@ import pytest
 from tasks.gate import GateDecision
 from tasks.promote import PromotionPolicy
 from tasks.publish import GateFailed, PromotionRefused, publish_version
-from tasks.registry import ChampionUnreadable, MlflowModelRegistry, open_registry
-from tasks.registry_mlflow import DECISION_TAG, REASON_TAG
+from tasks.registry import ChampionUnreadable, MlflowRegistry, open_registry
+from tasks.registry.mlflow_server import DECISION_TAG, REASON_TAG
 from tests.support.mlflow_server import mlflow_server
 from tests.support.publish_worker import LINEAGE, PASSED, registry_candidate
 
@@ -50,14 +50,14 @@ def candidate_for(dataset: str, model, version: str, decision: GateDecision = PA
     return registry_candidate(dataset, model, version, decision, files)
 
 
-def runs_of(registry: MlflowModelRegistry, dataset: str):
+def runs_of(registry: MlflowRegistry, dataset: str):
     client = registry.mlflow.client
     experiment = client.get_experiment_by_name(f"train-mnist/{dataset}")
     return {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
 
 
 def test_open_registry_picks_mlflow_for_an_http_url(server):
-    assert isinstance(open_registry(server.url), MlflowModelRegistry)
+    assert isinstance(open_registry(server.url), MlflowRegistry)
 
 
 def test_publish_logs_a_run_registers_the_model_and_moves_the_alias(server, dataset, trained_models, tmp_path):
@@ -70,7 +70,7 @@ def test_publish_logs_a_run_registers_the_model_and_moves_the_alias(server, data
     assert metrics["test_accuracy"] == pytest.approx(trained_models["strong"].metrics.test_accuracy)
     assert {f"recall_{i}" for i in range(10)} | {f"precision_{i}" for i in range(10)} <= set(metrics)
     assert run.data.params["model"] == "mlp"
-    assert run.data.tags["data.train.sha256"] == LINEAGE["data"]["train"]["sha256"]
+    assert run.data.tags["data.train.sha256"] == LINEAGE.data["train"].sha256
     artifacts = {a.path for a in registry.mlflow.client.list_artifacts(run.info.run_id)}
     artifacts |= {a.path for a in registry.mlflow.client.list_artifacts(run.info.run_id, "reports")}
     assert {"confusion_matrix.png", "confusion_matrix.csv", "reports/model_card.md", "reports/metrics.json",
@@ -139,7 +139,7 @@ def test_unreadable_champion_fails_naming_it_and_leaves_the_alias(server, datase
 PUBLISHER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from tasks.publish_lock import publish_lock, server_configured
+    from tasks.registry.lock import publish_lock, server_configured
     registry, dataset, log, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     assert server_configured(), "the publisher must see the Prefect server"
     for i in range(rounds):

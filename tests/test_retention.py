@@ -10,8 +10,16 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tasks.registry import POINTER, VERSION_FILES, is_complete_version, list_versions, read_production
-from tasks.retention import KEEP_DAYS, KEEP_LAST, TRASH_PREFIX, RetentionPolicy, prune_versions, versions_to_delete
+from tasks.artifacts import VERSION_FILES
+from tasks.registry.folder import POINTER, is_complete_version, list_versions, read_production
+from tasks.registry.retention import (
+    KEEP_DAYS,
+    KEEP_LAST,
+    TRASH_PREFIX,
+    RetentionPolicy,
+    prune_versions,
+    versions_to_delete,
+)
 from tasks.settings import PROJECT_ROOT
 
 DATASET = "retention-test"

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.csvfile import read_text, sniff_columns
 from tasks.datasets import COLUMNS
-from tasks.profiling import pixel_mean_std
 from tasks.validate import DataValidationError, read_matrix, validate_dataset
+from tasks.validation.csvfile import read_text, sniff_columns
+from tasks.validation.profiling import pixel_mean_std
 
 
 def load_slice(path: Path) -> tuple[np.ndarray, bool]:

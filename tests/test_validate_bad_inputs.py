@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tasks.datasets import DatasetSpec
-from tasks.history import HISTORY_FILE, TREND_FILE, read_history
-from tasks.registry import POINTER, list_versions, read_production
+from tasks.registry.folder import POINTER, list_versions, read_production
+from tasks.registry.history import HISTORY_FILE, TREND_FILE, read_history
 from tasks.validate import DataValidationError, validate_dataset
 from tests.support import badinputs as bad
 

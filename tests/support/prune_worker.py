@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from tasks.retention import RetentionPolicy, prune_versions
+from tasks.registry.retention import RetentionPolicy, prune_versions
 
 
 def main(argv: list[str]) -> int:

@@ -23,29 +23,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks import publish, storage
-from tasks import registry as registry_module
 from tasks.canary import LATENCY_BUDGET_S, CanaryResult
 from tasks.convert import SCHEMA
 from tasks.evaluate import Metrics, compute_metrics
 from tasks.gate import GateDecision
-from tasks.publish import new_version_name, publish_version
-from tasks.registry import (
-    POINTER,
-    STAGING_PREFIX,
-    FolderRegistry,
-    is_complete_version,
-    list_versions,
-    read_production,
-)
+from tasks.publish import publish_version
+from tasks.registry import FolderRegistry
+from tasks.registry import folder as registry_module
+from tasks.registry.folder import POINTER, STAGING_PREFIX, is_complete_version, list_versions, read_production
+from tasks.results import Lineage
+from tasks.versions import new_version_name
 
 CLASS_NAMES = [f"class-{i}" for i in range(10)]
 DUMMY_MODEL = b"not a real keras model, just bytes that must arrive whole\n" * 64
 PASSED = GateDecision(passed=True, reasons=["PASS min_accuracy: test_accuracy 0.8000 >= threshold 0.5000"])
-LINEAGE = {
+LINEAGE = Lineage.model_validate({
     "data": {"train": {"location": "mirror/train.csv.gz", "sha256": "a" * 64, "bytes": 1},
              "test": {"location": "mirror/test.csv.gz", "sha256": "b" * 64, "bytes": 1}},
     "parameters": {"dataset": "kill-test", "model": "mlp", "epochs": 1, "seed": 42},
-}
+})
 
 
 @dataclass(frozen=True)
@@ -95,17 +91,18 @@ def registry_candidate(dataset: str, candidate: Candidate, version: str | None =
     return registry_module.Candidate(dataset=dataset, version=version or new_version_name(), model_path=candidate.model_path,
                               metrics=candidate.metrics, decision=decision, lineage=LINEAGE,
                               test_parquet=candidate.test_parquet, predictions_path=candidate.predictions_path,
-                              files=files or {}, parameters=LINEAGE["parameters"])
+                              files=files or {}, parameters=LINEAGE.parameters)
 
 
 def publish_model(registry_dir: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
-                  decision: GateDecision, lineage: dict, *, test_parquet: Path, predictions_path: Path,
+                  decision: GateDecision, lineage: Lineage | dict, *, test_parquet: Path, predictions_path: Path,
                   files: dict[str, Path] | None = None, **kwargs) -> registry_module.Published:
     """Publish a real model file to a folder registry, as the flow's publish task does."""
+    lineage = Lineage.model_validate(lineage)
     candidate = registry_module.Candidate(dataset=dataset, version=version, model_path=model_path, metrics=metrics,
                                           decision=decision, lineage=lineage, test_parquet=test_parquet,
                                           predictions_path=predictions_path, files=files or {},
-                                          parameters=lineage.get("parameters", {}))
+                                          parameters=lineage.parameters)
     return publish_version(FolderRegistry(registry_dir), candidate, **kwargs)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks import storage
+from tasks import artifacts, storage
 from tasks.datasets import (
     IMAGE_SIDE,
     LABEL_COLUMN,
@@ -24,7 +24,7 @@ from tasks.datasets import (
     Reference,
 )
 
-PROFILE_FILE = "data_profile.json"
+PROFILE_FILE = artifacts.PROFILE_FILE
 
 
 NOISE_SIGMAS = 2.0  # sampling noise allowed on top of max_mean_image_rmse, in standard errors

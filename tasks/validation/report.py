@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks import storage
-from tasks.expectations import expected_text
+from tasks import artifacts, storage
+from tasks.validation.expectations import expected_text
 
-REPORT_NAME = "validation.html"
+REPORT_NAME = artifacts.VALIDATION_HTML
 MAX_VALUE_CHARS = 300
 
 STYLE = """

@@ -10,11 +10,12 @@ import math
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from tasks import artifacts
 from tasks.datasets import (
     LABEL_COLUMN,
     PIXEL_MAX,
@@ -23,14 +24,9 @@ from tasks.datasets import (
     Reference,
     Split,
 )
+from tasks.validation.lenient import MAX_EXAMPLES, ParsedSplit
 
-MAX_EXAMPLES = 5  # offending rows/lines quoted per failure
-
-if TYPE_CHECKING:  # validate imports this module
-    from tasks.validate import ParsedSplit
-
-
-DOCS_DIRNAME = "data_docs"
+DOCS_DIRNAME = artifacts.DATA_DOCS_DIR
 
 
 DOCS_SITE = "train-mnist-run"

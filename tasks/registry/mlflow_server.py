@@ -1,4 +1,4 @@
-"""The MLflow registry: each dataset is a registered model, each run an MLflow run, production an alias.
+"""The MLflow tracking server as a registry store: each dataset is a registered model, each run an MLflow run, production an alias.
 
 Chosen with ``--registry http(s)://host:port`` (an MLflow tracking server; ``mlflow server`` serves the
 artifacts too). For every dataset a run
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks import artifacts
 from tasks.datasets import NUM_PIXELS
 
 PRODUCTION_ALIAS = "production"
@@ -33,7 +34,7 @@ EXPERIMENT_PREFIX = "train-mnist"
 DECISION_TAG = "train_mnist.decision"
 REASON_TAG = "train_mnist.reason"
 VERSION_TAG = "train_mnist.version"
-PROFILE_ARTIFACT = "data_profile.json"
+PROFILE_ARTIFACT = artifacts.PROFILE_FILE
 MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value is 8000
 
 Decision = str  # "published" | "gate_failed" | "refused" | "champion_unreadable" | "failed"
@@ -61,7 +62,7 @@ class MlflowRecord:
     run_url: str
 
 
-class MlflowRegistry:
+class MlflowServer:
     """A registry on an MLflow tracking server; one registered model per dataset."""
 
     def __init__(self, tracking_uri: str):
@@ -73,7 +74,7 @@ class MlflowRegistry:
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def __repr__(self) -> str:
-        return f"MlflowRegistry({self.tracking_uri})"
+        return f"MlflowServer({self.tracking_uri})"
 
     # ---- reading the champion ------------------------------------------------------------------
 

@@ -20,11 +20,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks import storage
+from tasks.versions import version_time
 
 KEEP_LAST = 10
 KEEP_DAYS = 30
 TRASH_PREFIX = ".trash-"
-VERSION_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 
 
 class RetentionPolicy(BaseModel):
@@ -38,13 +38,6 @@ class RetentionPolicy(BaseModel):
 class Pruned:
     deleted: list[str]
     kept: list[str]
-
-
-def version_time(version: str) -> datetime | None:
-    try:
-        return datetime.strptime(version.split("-")[0], VERSION_TIME_FORMAT).replace(tzinfo=UTC)
-    except ValueError:
-        return None
 
 
 def versions_to_delete(versions: list[str], policy: RetentionPolicy, protected: set[str],

@@ -24,10 +24,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from tasks import storage
+from tasks import artifacts, storage
 
-HISTORY_FILE = "history.jsonl"
-TREND_FILE = "history.png"
+HISTORY_FILE = artifacts.RUN_HISTORY
+TREND_FILE = artifacts.TREND_PNG
 # The drift numbers plotted (from validation.json's "drift" section; all of them are recorded): label
 # KL on the left axis, the mean pixel value on the right one.
 TREND_LABEL_DRIFT = ("train.label_kl", "test.label_kl")
@@ -213,7 +213,7 @@ def _finite(value: Any) -> Any:
 
 
 def record_run(registry: Path, dataset: str, version: str, outcome: Outcome, metrics: Any | None = None,
-               decision: Any | None = None, lineage: dict[str, Any] | None = None, publish_s: float | None = None,
+               decision: Any | None = None, validation_report: str | None = None, publish_s: float | None = None,
                *, metrics_doc: Path | None = None, reason: str | None = None, stage: str | None = None) -> HistoryEntry:
     """Append this run's entry (under the caller's dataset lock), re-render the trend plot and, inside a
     Prefect run, publish the history as an artifact. ``metrics_doc``: the published ``metrics.json``
@@ -240,7 +240,7 @@ def record_run(registry: Path, dataset: str, version: str, outcome: Outcome, met
     stage_seconds = prefect_stage_seconds()
     if publish_s is not None:
         stage_seconds["publish"] = publish_s
-    entry = HistoryEntry(**fields, drift=drift_numbers((lineage or {}).get("validation_report")),
+    entry = HistoryEntry(**fields, drift=drift_numbers(validation_report),
                          stage_seconds=stage_seconds)
     try:
         append_entry(registry, dataset, entry)

@@ -1,0 +1,71 @@
+"""The command line: ``python flows/train.py [options]``, ``train-mnist [options]`` and ``train-mnist predict``.
+
+The options are the flow's own parameters, described as the flow's docstring describes them (the
+Prefect UI's run form shows the same text), so the CLI and the UI cannot drift apart. Exit codes: 0 when
+every dataset was published, 1 when one was not, 2 for invalid parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, get_args
+
+from tasks.datasets import ModelKind
+
+
+def parameter_help() -> dict[str, str]:
+    """The flow's own parameter descriptions (its docstring, as the Prefect UI's run form shows them)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.train import train_mnist
+
+    properties = parameter_schema(train_mnist.fn).properties
+    return {name: f"{p.get('description', '')} (default {p['default']})" if p.get("default") is not None
+            else p.get("description", "") for name, p in properties.items()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flow's parameters as options, described as the flow describes them."""
+    parser = argparse.ArgumentParser(
+        prog="python flows/train.py",
+        description="Download, validate, convert, train, evaluate, gate and publish MNIST-like datasets.",
+        epilog="`train-mnist predict --help`: score a CSV with a dataset's production model.",
+    )
+    kinds: dict[str, dict[str, Any]] = {
+        "model": {"choices": list(get_args(ModelKind))}, "epochs": {"type": int}, "min_accuracy": {"type": float},
+        "min_class_recall": {"type": float}, "train_rows": {"type": int}, "seed": {"type": int},
+        "promotion_tolerance": {"type": float}, "fan_out": {"action": "store_true", "default": None}}
+    for name, help_text in parameter_help().items():
+        parser.add_argument(f"--{name.replace('_', '-')}", help=help_text, **kinds.get(name, {}))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        from tasks.predict import main as predict_main
+
+        return predict_main(argv[1:])
+    args = parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors in the log
+    from flows.train import train_mnist
+
+    params: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}
+    try:  # the flow signature's domains, checked before any work (as the server does for deployments)
+        train_mnist.validate_parameters(params)
+    except Exception as exc:  # noqa: BLE001 - Prefect's ParameterTypeError names the field and the reason
+        print(f"train-mnist: invalid parameters: {exc}", file=sys.stderr)
+        return 2
+    state = train_mnist(**params, return_state=True)
+    if state.is_completed():
+        for name, version in state.result().items():
+            print(f"published {name} {version}")
+        return 0
+    print(f"train-mnist {state.name}: {state.message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

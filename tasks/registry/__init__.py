@@ -1,0 +1,26 @@
+"""Where published models live: one interface, two implementations (a folder, an MLflow server).
+
+``open_registry(location)`` picks the implementation: an ``http(s)://`` URL is an MLflow tracking server
+(``tasks.registry.mlflow``), anything else a folder (``tasks.registry.folder``). Beside them: the publish
+lock (``lock``), the folder registry's run history and trend plot (``history``) and the pruning of old
+versions (``retention``). ``tasks.publish`` holds the decision logic shared by both registries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.registry.folder import FolderRegistry
+from tasks.registry.interface import Candidate, ChampionUnreadable, Published, Registry
+from tasks.registry.mlflow import MlflowRegistry, is_mlflow_uri
+
+__all__ = ["Candidate", "ChampionUnreadable", "FolderRegistry", "MlflowRegistry", "Published", "Registry",
+           "open_registry"]
+
+
+def open_registry(location: str | Path) -> Registry:
+    """The registry at ``location``: an MLflow tracking server for an http(s) URL, else a folder."""
+    location = str(location)
+    if is_mlflow_uri(location):
+        return MlflowRegistry(location)
+    return FolderRegistry(Path(location))

@@ -1,0 +1,96 @@
+"""What publishing needs from a registry, and the values that go in and come out of one.
+
+Two implementations: ``tasks.registry.folder`` (versions as folders, the default) and
+``tasks.registry.mlflow`` (an MLflow tracking server). ``tasks.registry.open_registry`` picks one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tasks.promote import PromotionDecision
+from tasks.registry.retention import RetentionPolicy
+from tasks.results import GateDecision, Lineage, Metrics
+
+
+class ChampionUnreadable(RuntimeError):
+    """The production model cannot be loaded or scored, so no challenger can be compared with it."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One trained and evaluated model on its way to the registry: everything publishing needs, typed."""
+
+    dataset: str
+    version: str
+    model_path: Path
+    metrics: Metrics
+    decision: GateDecision
+    lineage: Lineage
+    test_parquet: Path
+    predictions_path: Path
+    files: dict[str, Path] = field(default_factory=dict)  # stored with the version: curves, reports, profile
+    parameters: dict[str, Any] = field(default_factory=dict)  # recipe and run parameters
+
+
+@dataclass(frozen=True)
+class Published:
+    dataset: str
+    version: str
+    path: Path | None  # the version's folder (folder registry)
+    promotion: PromotionDecision
+    location: str = ""  # where a user finds it: the folder, or the MLflow run's URL
+    registry_version: str | None = None  # MLflow's registered model version
+
+
+class Registry(Protocol):
+    """What publishing needs from a registry. ``tasks.publish`` calls these under ``lock``."""
+
+    location: str
+
+    def lock(self, dataset: str) -> contextlib.AbstractContextManager[str]: ...
+
+    def production(self, dataset: str) -> str | None: ...
+
+    def champion_profile(self, dataset: str) -> Path | None: ...
+
+    def load_version(self, dataset: str, version: str) -> tuple[str, Any]: ...
+
+    def champion_predictions(self, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray: ...
+
+    def publish(self, candidate: Candidate, promotion: PromotionDecision, documents: dict[str, bytes]) -> Published: ...
+
+    def record_unpublished(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str,
+                           reason: str, documents: dict[str, bytes]) -> str | None: ...
+
+    def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
+                       published: Published | None = None) -> None: ...
+
+    def record_failure(self, dataset: str, version: str, stage: str, reason: str,
+                       validation_report: Path | None = None) -> None: ...
+
+    def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None: ...
+
+
+def champion_fix_hint(where: str) -> str:
+    return f"; nothing was published. Restore it, or point {where} at a readable version"
+
+
+def scored_champion(dataset: str, champion: str, what: str, pixels: np.ndarray, predict, fix: str) -> np.ndarray:
+    """``predict(pixels)`` of the champion, or ChampionUnreadable naming ``what`` if it cannot be run."""
+    try:
+        predictions = predict(pixels)
+    except ChampionUnreadable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to load or run it means the same: no comparison
+        raise ChampionUnreadable(f"{dataset}: champion {champion}'s model {what} cannot be loaded or scored "
+                                 f"({type(exc).__name__}: {exc}){fix}") from exc
+    if np.shape(predictions) != (len(pixels),):
+        raise ChampionUnreadable(f"{dataset}: champion {champion}'s model {what} gave {np.shape(predictions)} "
+                                 f"predictions for {len(pixels)} test rows{fix}")
+    return predictions

@@ -1,0 +1,120 @@
+"""The MLflow registry: the Registry interface over an MLflow tracking server (``tasks.registry.mlflow_server``).
+
+Production is the registered model's ``production`` alias; every run, published or not, is an MLflow
+run, and those runs are the dataset's history (the MLflow UI charts them).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks import artifacts, storage
+from tasks.model_io import score
+from tasks.promote import PromotionDecision
+from tasks.registry.interface import Candidate, Published, champion_fix_hint, scored_champion
+from tasks.registry.lock import publish_lock
+from tasks.registry.mlflow_server import MlflowServer, is_mlflow_uri
+from tasks.registry.retention import RetentionPolicy
+from tasks.results import Lineage, Metrics
+
+__all__ = ["MlflowRegistry", "is_mlflow_uri"]
+
+
+class MlflowRegistry:
+    """The Registry interface over ``tasks.registry.mlflow_server``: production is the registered model's alias."""
+
+    def __init__(self, tracking_uri: str):
+        self.mlflow = MlflowServer(tracking_uri)
+        self.location = self.mlflow.tracking_uri
+
+    def __repr__(self) -> str:
+        return f"MlflowRegistry({self.location})"
+
+    def lock(self, dataset: str):
+        # Without a Prefect server the lock is a file on this machine, as for a folder registry.
+        local = Path(tempfile.gettempdir()) / "train-mnist-locks" / f"{uuid.uuid5(uuid.NAMESPACE_URL, self.location)}"
+        return publish_lock(self.location, dataset, local / dataset)
+
+    def production(self, dataset: str) -> str | None:
+        return self.mlflow.production(dataset)
+
+    def champion_profile(self, dataset: str) -> Path | None:
+        """The data profile stored with the production version's run, downloaded to a temporary file."""
+        version = self.mlflow.production(dataset)
+        return self.mlflow.download_profile(dataset, version) if version else None
+
+    def load_version(self, dataset: str, version: str) -> tuple[str, Any]:
+        return self.mlflow.model_uri(dataset, version), self.mlflow.load_model(dataset, version)
+
+    def champion_predictions(self, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray:
+        uri = self.mlflow.model_uri(dataset, champion)
+        fix = champion_fix_hint(f"the {dataset!r} model's alias in {self.location}")
+        return scored_champion(dataset, champion, uri, pixels,
+                               lambda x: score(self.mlflow.load_model(dataset, champion), x).argmax(axis=1), fix)
+
+    def publish(self, candidate: Candidate, promotion: PromotionDecision, documents: dict[str, bytes]) -> Published:
+        record = self._record(candidate, promotion, "published", "gates and champion comparison passed", documents,
+                              promote=True)
+        return Published(candidate.dataset, candidate.version, None, promotion, location=record.run_url,
+                         registry_version=record.model_version)
+
+    def record_unpublished(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str,
+                           reason: str, documents: dict[str, bytes]) -> str | None:
+        return self._record(candidate, promotion, decision, reason, documents, promote=False).run_url
+
+    def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
+                       published: Published | None = None) -> None:
+        """The experiment's MLflow runs are the history (the MLflow UI charts them across runs)."""
+
+    def record_failure(self, dataset: str, version: str, stage: str, reason: str,
+                       validation_report: Path | None = None) -> None:
+        """A run that stopped before training: an MLflow run with nothing but why (no model, no metrics)."""
+        self.mlflow.record_failure(dataset, version, stage, reason,
+                                   {artifacts.VALIDATION_JSON: validation_report} if validation_report else {})
+
+    def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None:
+        """Registered versions are MLflow's to keep; nothing is deleted from the server."""
+
+    def _record(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str, reason: str,
+                documents: dict[str, bytes], promote: bool):
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = dict(candidate.files)
+            for name, data in documents.items():
+                paths[name] = storage.write_bytes(Path(tmp) / name, data)
+            return self.mlflow.record_run(
+                candidate.dataset, candidate.version, params=candidate.parameters,
+                metrics=mlflow_metrics(candidate.metrics, promotion), tags=lineage_tags(candidate.lineage),
+                artifacts=paths, decision=decision, reason=reason,
+                # A model that failed its gates is not a version anyone should load; the run keeps its numbers.
+                model_path=candidate.model_path if candidate.decision.passed else None, promote=promote)
+
+
+def mlflow_metrics(metrics: Metrics, promotion: PromotionDecision | None) -> dict[str, float]:
+    values: dict[str, float] = {"test_accuracy": metrics.test_accuracy, "test_loss": metrics.test_loss}
+    values.update({f"precision_{name}": v for name, v in metrics.precision.items()})
+    values.update({f"recall_{name}": v for name, v in metrics.recall.items()})
+    if promotion is not None:
+        values.update({
+            "challenger_accuracy": promotion.challenger_accuracy,
+            "champion_accuracy": promotion.champion_accuracy,
+            "discordant_challenger_only_right": promotion.challenger_only_right,
+            "discordant_champion_only_right": promotion.champion_only_right,
+            "mcnemar_p_value": promotion.p_value,
+            "promoted": float(promotion.promoted),
+        })
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def lineage_tags(lineage: Lineage) -> dict[str, str]:
+    """``data.<split>.location`` / ``.sha256`` / ``.rows`` tags: which bytes the model was trained and tested on."""
+    tags = {}
+    for split, info in lineage.data.items():
+        for key, value in info.as_document().items():
+            if value is not None:
+                tags[f"data.{split}.{key}"] = str(value)
+    return tags
