@@ -96,7 +96,9 @@ def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, tra
                   work: Path) -> dict[str, Any]:
     """Train the recipe for ``budget`` of its epochs, evaluate on the test split; accuracy, CPU and wall time."""
     from bench.fitclock import FitClock
-    from tasks.evaluate import evaluate_model, read_metrics
+    from tasks.artifacts import CURVES_JSON
+    from tasks.evaluate import evaluate_model
+    from tasks.results import read_metrics
     from tasks.train import train_config_for, train_model
 
     config = train_config_for(spec.recipe, epochs=epochs_for(budget, spec.recipe.epochs), seed=seed,
@@ -109,7 +111,7 @@ def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, tra
     cpu, wall = time.process_time(), time.perf_counter()
     metrics = read_metrics(evaluate_model(model_path, parquets["test"], list(spec.class_names), out_dir))
     eval_cpu, eval_wall = time.process_time() - cpu, time.perf_counter() - wall
-    curves = json.loads((out_dir / "history.json").read_text())
+    curves = json.loads((out_dir / CURVES_JSON).read_text())
     return {"dataset": spec.name, "model": config.model, "budget": budget, "epochs": config.epochs,
             "recipe": recipe_key(spec.recipe),
             "epochs_run": len(next(iter(curves.values()))), "seed": seed, "train_rows": train_rows or "all",

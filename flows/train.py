@@ -7,6 +7,7 @@ Wiring only: every stage lives in ``tasks/``, the command line in ``flows/cli.py
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, get_run_logger
@@ -42,7 +43,7 @@ from tasks.outcome import (
 from tasks.promote import DEFAULT_TOLERANCE, PromotionPolicy
 from tasks.publish import GateFailed, publish_task
 from tasks.registry import Candidate, ChampionUnreadable, open_registry
-from tasks.results import Lineage
+from tasks.results import Lineage, PreparedData
 from tasks.settings import Settings
 from tasks.train import train_task
 from tasks.validate import DataValidationError, report_in_run_dir, validate_task
@@ -83,32 +84,39 @@ def dataset_run_name() -> str:
     return f"{params['deployment']}: {name}" if params.get("deployment") else name
 
 
+def prepare_data(spec: DatasetSpec, settings: Settings, run_dir: Path) -> PreparedData:
+    """download -> validate -> convert for one dataset (the data stages; each is content-cached)."""
+    download = download_task.with_options(retries=settings.download_retries, retry_delay_seconds=retry_delays(
+        settings.download_retries, settings.download_retry_backoff_s))
+    limits = (settings.download_timeout_s, settings.download_deadline_s, settings.download_max_bytes)
+    train_raw = download(spec, "train", settings.source, settings.raw_dir, *limits)
+    test_raw = download(spec, "test", settings.source, settings.raw_dir, *limits)
+    champion_profile = open_registry(settings.registry_location).champion_profile(spec.name)
+    report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile), run_dir)
+    return PreparedData(
+        train_raw, test_raw, report,
+        train_parquet=convert_task(train_raw, report.train.has_header, settings.parquet_dir, spec.name, "train"),
+        test_parquet=convert_task(test_raw, report.test.has_header, settings.parquet_dir, spec.name, "test"))
+
+
 @flow(name="train-dataset", flow_run_name=dataset_run_name)
 def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, version: str,
                   policy: PromotionPolicy | None = None, deployment: str | None = None) -> DatasetOutcome | State:
     """One dataset through every stage; stops (and publishes nothing) at the first stage that fails."""
     run_dir = settings.runs_dir / spec.name / version
-    download = download_task.with_options(retries=settings.download_retries, retry_delay_seconds=retry_delays(
-        settings.download_retries, settings.download_retry_backoff_s))
-    limits = (settings.download_timeout_s, settings.download_deadline_s, settings.download_max_bytes)
     try:
-        train_raw = download(spec, "train", settings.source, settings.raw_dir, *limits)
-        test_raw = download(spec, "test", settings.source, settings.raw_dir, *limits)
-        champion_profile = open_registry(settings.registry_location).champion_profile(spec.name)
-        report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile),
-                                   run_dir)
+        data = prepare_data(spec, settings, run_dir)
     except EXPECTED_FAILURES as exc:
         outcome = stopped_outcome(spec.name, version, exc, settings.registry_location)
         return Failed(message=outcome.state_message(), data=outcome)
-    train_parquet = convert_task(train_raw, report.train.has_header, settings.parquet_dir, spec.name, "train")
-    test_parquet = convert_task(test_raw, report.test.has_header, settings.parquet_dir, spec.name, "test")
-    trained = train_task(train_parquet, spec.num_classes, config, run_dir, spec.name)
-    evaluation = evaluate_task(trained.model, test_parquet, list(spec.class_names), run_dir, spec.name)
+    trained = train_task(data.train_parquet, spec.num_classes, config, run_dir, spec.name)
+    evaluation = evaluate_task(trained.model, data.test_parquet, list(spec.class_names), run_dir, spec.name)
     decision = gate_task(evaluation.metrics, spec.gates, spec.name)
     parameters = applied_parameters({"dataset": spec.name, **config.model_dump()})
+    report = data.report
     candidate = Candidate(
         dataset=spec.name, version=version, model_path=trained.model, metrics=evaluation.metrics, decision=decision,
-        lineage=Lineage.of_run([train_raw, test_raw], report, parameters), test_parquet=test_parquet,
+        lineage=Lineage.of_run([data.train_raw, data.test_raw], report, parameters), test_parquet=data.test_parquet,
         predictions_path=evaluation.predictions_path, parameters=parameters,
         files={path.name: path for path in (trained.curves, report.report_path, report.profile_path) if path})
     outcome = publish_task(settings.registry_location, candidate, policy=policy,

@@ -68,6 +68,17 @@ class ValidationReport:
         return self.train if split == "train" else self.test
 
 
+@dataclass(frozen=True)
+class PreparedData:
+    """A dataset's data stages done: both raw files verified, validated, and converted to Parquet."""
+
+    train_raw: RawFile
+    test_raw: RawFile
+    report: ValidationReport
+    train_parquet: Path
+    test_parquet: Path
+
+
 # ---- train and evaluate ---------------------------------------------------------------------------
 
 

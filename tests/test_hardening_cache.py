@@ -83,7 +83,8 @@ def test_conversion_checks_the_raw_file_against_the_checksum_its_output_is_named
 
 def test_a_stage_depends_on_every_project_module_it_imports():
     deps = dependency_sources("tasks.convert")
-    assert {"tasks.convert", "tasks.datasets", "tasks.validation.csvfile", "tasks.caching", "tasks.download"} <= set(deps)
+    assert {"tasks.convert", "tasks.datasets", "tasks.validation.csvfile", "tasks.caching", "tasks.parquet",
+            "tasks.results", "tasks.storage"} <= set(deps)
     assert "tasks.datasets" in dependency_sources("tasks.validate")
 
 

@@ -51,7 +51,7 @@ def test_publish_writes_a_complete_version_and_moves_the_pointer(tmp_path, candi
     assert sorted(p.name for p in first.path.iterdir()) == sorted(VERSION_FILES)
     doc = json.loads((first.path / "metrics.json").read_text())
     assert doc["version"] == first.version and doc["gate"] == PASSED.model_dump()
-    assert doc["test_accuracy"] == candidate.metrics.test_accuracy and doc["data"] == LINEAGE["data"]
+    assert doc["test_accuracy"] == candidate.metrics.test_accuracy and doc["data"] == LINEAGE.as_document()["data"]
     assert doc["promotion"]["champion_version"] is None and doc["promotion"]["promoted"] is True
 
     second = publish_candidate(registry, DATASET, candidate, "20250102T000000Z-bbbbbb",
@@ -141,10 +141,10 @@ def test_model_card_states_data_parameters_metrics_gate_and_champion(candidate):
     promotion = first_version_decision(labels, np.load(candidate.predictions_path), PromotionPolicy())
     card = model_card(DATASET, "20250101T000000Z-aaaaaa", metrics, PASSED, promotion, LINEAGE)
     assert card.startswith("# unit model 20250101T000000Z-aaaaaa\n")
-    for split, info in LINEAGE["data"].items():
-        assert f"| {split} | {info['location']} | `{info['sha256']}` |" in card
+    for split, info in LINEAGE.data.items():
+        assert f"| {split} | {info.location} | `{info.sha256}` |" in card
     params = json.loads(card.split("## Parameters")[1].split("```json")[1].split("```")[0])
-    assert params == LINEAGE["parameters"]
+    assert params == LINEAGE.parameters
     assert f"test accuracy: **{metrics.test_accuracy:.4f}** on 80 rows" in card
     for name in CLASS_NAMES:
         assert f"| {name} | {metrics.precision[name]:.4f} | {metrics.recall[name]:.4f} |" in card

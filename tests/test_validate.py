@@ -32,7 +32,8 @@ def test_real_slices_pass_in_both_layouts(request, slice_mirror, tmp_path, fixtu
     spec = request.getfixturevalue(fixture)
     report = validate_dataset(spec, *paths(spec, slice_mirror), tmp_path)
     assert report.passed and report.failures == []
-    assert report.has_header == {"train": header, "test": header}
+    assert (report.train.has_header, report.test.has_header) == (header, header)
+    assert report.train.rows == spec.train.rows or report.train.rows > 0
     saved = json.loads(report.report_path.read_text())
     assert saved["passed"] is True and saved["dataset"] == spec.name
     suites = [r["suite_name"] for r in saved["great_expectations"]]
@@ -152,7 +153,7 @@ def test_pixel_mean_std_matches_numpy(dtype):
 def test_layout_is_detected_when_the_spec_does_not_say(request, slice_mirror, tmp_path, fixture):
     spec = request.getfixturevalue(fixture)
     report = validate_dataset(spec.model_copy(update={"header": None}), *paths(spec, slice_mirror), tmp_path)
-    assert report.has_header == {"train": bool(spec.header), "test": bool(spec.header)}
+    assert (report.train.has_header, report.test.has_header) == (bool(spec.header), bool(spec.header))
 
 
 def test_line_numbers_stay_right_after_skipped_malformed_rows(fashion_slice, slice_mirror, tmp_path):

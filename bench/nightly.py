@@ -1,0 +1,79 @@
+"""Benchmarks of whole flow runs: a short one for the overhead around ``fit``, or the default nightly run with
+its accuracies, once per seed."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.common import FULL, Mode, log, timed
+from bench.fitclock import FitClock
+from tasks.datasets import DEFAULT_SEED
+
+
+def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAULT_SEED
+               ) -> tuple[dict[str, Any], Path, FitClock]:
+    """One flow run, as a user starts it, timed whole and inside ``model.fit``.
+
+    By default mnist's mlp for ``mode``'s epochs; ``nightly``: the default run itself (every dataset,
+    its recipe, its gates), which is what a nightly retraining pays. Also returns the published test
+    accuracies and the fit calls (for the FLOPs utilization of the nightly recipes).
+    """
+    from flows.train import train_mnist
+    from tasks.settings import BUNDLED_MIRROR, Settings
+
+    data_dir, registry = work / f"flow-data-{seed}", work / f"flow-registry-{seed}"
+    where = {"source": str(BUNDLED_MIRROR), "registry": str(registry), "data_dir": str(data_dir), "seed": seed}
+    run = (dict(where) if nightly else
+           dict(where, dataset="mnist", model="mlp", epochs=mode.epochs, train_rows=mode.train_rows,
+                min_accuracy=0.0, min_class_recall=0.0))
+    with FitClock().installed() as clock:
+        wall, versions = timed(lambda: train_mnist(**run))
+    accuracy = published_accuracies(Settings(data_dir=data_dir).runs_dir, versions)
+    return {"overhead_fraction": (wall - clock.seconds) / wall, "accuracy": accuracy, "flow_wall_seconds": wall,
+            "details": {"run": "nightly default" if nightly else f"mnist mlp, {mode.epochs} epochs", "seed": seed,
+                        "wall_seconds": wall, "fit_seconds": clock.seconds, "samples": clock.samples,
+                        "fit_seconds_by_run": {label: sum(c.seconds for c in clock.calls if c.label == label)
+                                               for label in clock.labels()},
+                        "published": versions, "task_seconds": task_durations()}}, data_dir, clock
+
+
+def bench_more_seeds(work: Path, first: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """The default run again for each further seed: the accuracies' mean over all seeds, and every run.
+
+    Later runs find the first run's data stages in the result cache (training and evaluation are
+    per seed), so only the first run's wall time is a cold run's.
+    """
+    runs = [{"seed": first["details"]["seed"], "accuracy": first["accuracy"],
+             "wall_minutes": first["flow_wall_seconds"] / 60, "cold": True}]
+    for seed in seeds:
+        log(f"default run, seed {seed} ...")
+        out = bench_flow(work, FULL, nightly=True, seed=seed)[0]
+        runs.append({"seed": seed, "accuracy": out["accuracy"], "wall_minutes": out["flow_wall_seconds"] / 60,
+                     "cold": False})
+    names = list(first["accuracy"])
+    mean = {name: statistics.fmean(run["accuracy"][name] for run in runs) for name in names}
+    return {**{f"{name.replace('-', '_')}_accuracy": value for name, value in mean.items()},
+            "nightly_wall_minutes": runs[0]["wall_minutes"],
+            "details": {"runs": runs, "mean_accuracy": mean,
+                        "spread": {name: [min(r["accuracy"][name] for r in runs), max(r["accuracy"][name] for r in runs)]
+                                   for name in names}}}
+
+
+def published_accuracies(runs_dir: Path, versions: dict[str, str]) -> dict[str, float]:
+    """Test accuracy of each dataset's published run, from the metrics.json its evaluate stage wrote."""
+    from tasks.artifacts import METRICS_FILE
+    from tasks.results import read_metrics
+
+    return {name: read_metrics(runs_dir / name / version / METRICS_FILE).test_accuracy
+            for name, version in versions.items()}
+
+
+def task_durations() -> dict[str, float]:
+    """Run time of each task run the throwaway server has recorded (so far only the cold flow's)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs()
+    return {run.name: round(run.total_run_time.total_seconds(), 2) for run in sorted(runs, key=lambda r: r.name)}
