@@ -107,7 +107,7 @@ def bench_warm_data_stages(data_dir: Path) -> dict[str, Any]:
     from prefect.runtime import flow_run
 
     from flows.train import prepare_data
-    from tasks import caching
+    from tasks import storage
     from tasks.datasets import load_catalog
     from tasks.settings import Settings
 
@@ -128,7 +128,7 @@ def bench_warm_data_stages(data_dir: Path) -> dict[str, Any]:
     # The first pass fills the cache for stages whose records the cold run did not leave; the second is measured,
     # with the in-process digest memo cleared so the raw files are hashed as in a new process.
     first = data_stages("bench-warm-1")
-    caching._DIGESTS.clear()
+    storage.forget_digests()
     wall, warm = timed(lambda: data_stages("bench-warm-2"))
     return {"warm_data_stages_seconds": warm["seconds"],
             "details": {"states": task_states(warm["flow_run_id"]), "flow_call_seconds": wall,

@@ -68,7 +68,7 @@ def epochs_for(budget: float, nightly_epochs: int) -> int:
 
 def prepare_parquet(spec, work: Path) -> dict[str, Path]:
     """The bundled splits as Parquet, with the pipeline's converter (bytes checked against the catalog first)."""
-    from tasks.caching import file_sha256
+    from tasks import storage
     from tasks.convert import convert_to_parquet
     from tasks.settings import BUNDLED_MIRROR
 
@@ -76,7 +76,7 @@ def prepare_parquet(spec, work: Path) -> dict[str, Path]:
     for split in ("train", "test"):
         entry = spec.split(split)
         src = BUNDLED_MIRROR / entry.path
-        found = file_sha256(src)
+        found = storage.sha256_file(src)
         if found != entry.sha256:
             raise ValueError(f"{src}: sha256 {found}, expected {entry.sha256} (datasets.toml)")
         out[split] = convert_to_parquet(src, work / spec.name / f"{split}.parquet", bool(spec.header))

@@ -187,7 +187,7 @@ def train_mnist(
     return summarize_outcomes([outcome_of(name, version, state) for name, state in states.items()], version)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # ``python flows/train.py``: the command line of flows/cli.py
     from flows.cli import main
 
     sys.exit(main())

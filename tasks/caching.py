@@ -41,24 +41,8 @@ from tasks.datasets import DatasetSpec, Split
 from tasks.results import RawFile
 
 PROJECT_PACKAGES = ("tasks", "flows")
-OUTPUT_HASH_SUFFIX = ".sha256"
 HASHED_OUTPUT_SUFFIXES = (".parquet",)  # outputs whose bytes are recorded at write and checked before serving
 MAX_GENERATIONS = 64  # stale records skipped before a key gives up on caching altogether
-
-# (path, device, inode, size, mtime_ns, ctime_ns) -> sha256: only spares re-reading a file within a
-# process; the key itself is always the content hash. ctime changes on every write and cannot be set back.
-_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, memoized per process while the file's identity and times are unchanged."""
-    st = os.stat(path)
-    memo = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    digest = _DIGESTS.get(memo)
-    if digest is None:
-        digest = _DIGESTS[memo] = storage.sha256_file(path)
-    return digest
-
 
 def module_source(module_name: str) -> str:
     """The source text of a module (its name when it has no source file)."""
@@ -125,27 +109,6 @@ def code_version(task_ctx: TaskRunContext, libraries: tuple[str, ...] = ()) -> s
                         {name: library_version(name) for name in libraries}, raise_on_failure=True)
 
 
-# ---- files a stage writes and the next run finds --------------------------------------------------
-
-
-def _hash_record(path: Path) -> Path:
-    return path.with_name(f".{path.name}{OUTPUT_HASH_SUFFIX}")
-
-
-def record_output_sha256(path: Path) -> str:
-    """Record the SHA-256 of a file just written, beside it (atomically), for later cache hits to check."""
-    digest = file_sha256(path)
-    storage.write_text(_hash_record(path), digest + "\n")
-    return digest
-
-
-def recorded_output_sha256(path: Path) -> str | None:
-    try:
-        return _hash_record(path).read_text().strip() or None
-    except OSError:
-        return None
-
-
 # ---- what a returned value promises --------------------------------------------------------------
 
 
@@ -170,14 +133,14 @@ def missing_outputs(value: Any) -> list[str]:
     problems = [f"{p} is missing" for p in paths if not p.exists()]
     for p in paths:
         if p.suffix in HASHED_OUTPUT_SUFFIXES and p.is_file():
-            recorded, found = recorded_output_sha256(p), file_sha256(p)
+            recorded, found = storage.recorded_sha256(p), storage.sha256_file(p)
             if recorded != found:
                 problems.append(f"{p} changed: sha256 {found[:12]}..., recorded at write "
                                 f"{recorded[:12] + '...' if recorded else 'nothing'}")
     # A raw file (path + sha256) must still hold the bytes it was verified to hold.
     path, sha256 = getattr(value, "path", None), getattr(value, "sha256", None)
     if not problems and isinstance(path, Path) and isinstance(sha256, str) and path.is_file():
-        found = file_sha256(path)
+        found = storage.sha256_file(path)
         if found != sha256:
             problems.append(f"{path} changed: sha256 {found[:12]}..., recorded {sha256[:12]}...")
     return problems
@@ -268,9 +231,9 @@ def validate_identity(spec: DatasetSpec, train_path: Path, test_path: Path, cham
     if champion_profile is not None and not Path(champion_profile).is_file():
         return None
     return {
-        "train_sha256": file_sha256(Path(train_path)),
-        "test_sha256": file_sha256(Path(test_path)),
-        "champion_profile_sha256": file_sha256(Path(champion_profile)) if champion_profile is not None else None,
+        "train_sha256": storage.sha256_file(Path(train_path)),
+        "test_sha256": storage.sha256_file(Path(test_path)),
+        "champion_profile_sha256": storage.sha256_file(Path(champion_profile)) if champion_profile is not None else None,
         "spec": spec.model_dump_json(exclude=NOT_VALIDATED),
     }
 

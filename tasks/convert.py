@@ -7,7 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import task
 
-from tasks.caching import CONVERT_CACHE, file_sha256, record_output_sha256, recorded_output_sha256
+from tasks import storage
+from tasks.caching import CONVERT_CACHE
 from tasks.datasets import COLUMNS
 from tasks.parquet import SCHEMA, write_split
 from tasks.results import RawFile
@@ -31,10 +32,10 @@ def convert_to_parquet(csv_path: Path, dest: Path, has_header: bool, expected_sh
     checked against it. A ``dest`` that exists is reused only if it holds the bytes recorded when it
     was written; otherwise it is written again.
     """
-    if dest.is_file() and recorded_output_sha256(dest) == file_sha256(dest):
+    if dest.is_file() and storage.recorded_sha256(dest) == storage.sha256_file(dest):
         return dest
     write_split(read_csv_table(csv_path, has_header, expected_sha256), dest)
-    record_output_sha256(dest)
+    storage.record_sha256(dest)
     return dest
 
 

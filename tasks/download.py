@@ -193,8 +193,8 @@ def fetch_file(location: str, dest: Path, expected_sha256: str | None, timeout_s
     storage.remove_stale_temporaries(dest.parent, f".{dest.name}.", PARTIAL_SUFFIX)
     deadline = time.monotonic() + deadline_s
     fetched_at = datetime.now(UTC).isoformat(timespec="seconds")
-    with storage.atomic_path(dest, suffix=PARTIAL_SUFFIX) as partial, \
-            _open_location(location, min(timeout_s, deadline_s)) as (stream, length), open(partial, "wb") as out:
+    with _open_location(location, min(timeout_s, deadline_s)) as (stream, length), \
+            storage.atomic_path(dest, suffix=PARTIAL_SUFFIX) as partial, open(partial, "wb") as out:
         if length is not None and length > max_bytes:
             raise DownloadRefused(f"{shown}: announces {length} bytes, more than the size limit of "
                                   f"{max_bytes} bytes")

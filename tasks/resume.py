@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.caching import file_sha256
+from tasks import storage
 
 BACKUP_PREFIX = ".train-backup-"
 EPOCH_PREFIX = "epoch-"
@@ -49,7 +49,7 @@ def backup_key(train_parquet: Path, num_classes: int, config_json: str) -> str:
     code = hashlib.sha256()
     for module in (Path(__file__), Path(__file__).with_name("train.py")):
         code.update(module.read_bytes())
-    parts = [file_sha256(train_parquet), config_json, str(num_classes), code.hexdigest(), keras.__version__,
+    parts = [storage.sha256_file(train_parquet), config_json, str(num_classes), code.hexdigest(), keras.__version__,
              tf.__version__]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 

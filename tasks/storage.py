@@ -1,4 +1,4 @@
-"""The one file layer every stage writes and hashes through: atomic writes, SHA-256, leftover cleanup.
+"""The one file layer every stage writes and hashes through: atomic writes, SHA-256 (and its records), leftover cleanup.
 
 Every write goes to a temporary name in the destination's folder, is flushed and fsynced, renamed over
 the destination, and the folder is fsynced, so a crash leaves either the old file or the new one, never
@@ -22,15 +22,49 @@ from typing import Any
 
 CHUNK_BYTES = 1 << 20  # read and copy in 1 MiB pieces
 TMP_SUFFIX = ".tmp"
+SHA256_RECORD_SUFFIX = ".sha256"
+
+
+# (path, device, inode, size, mtime_ns, ctime_ns) -> sha256: only spares re-reading a file within a
+# process; ctime changes on every write and cannot be set back, so a changed file is always read again.
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
 
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """SHA-256 of a file's bytes, read in chunks; memoized per process while the file is unchanged."""
+    st = os.stat(path)
+    memo = (str(Path(path).resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if memo not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
+                digest.update(chunk)
+        _DIGESTS[memo] = digest.hexdigest()
+    return _DIGESTS[memo]
+
+
+def forget_digests() -> None:
+    """Drop the memo, so the next ``sha256_file`` reads every file again (for cold-cache benchmarks)."""
+    _DIGESTS.clear()
+
+
+def _sha256_record(path: Path) -> Path:
+    return path.with_name(f".{path.name}{SHA256_RECORD_SUFFIX}")
+
+
+def record_sha256(path: Path) -> str:
+    """Record the SHA-256 of a file just written, beside it (atomically), for later readers to check."""
+    digest = sha256_file(path)
+    write_text(_sha256_record(path), digest + "\n")
+    return digest
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The SHA-256 recorded by ``record_sha256`` for ``path`` (None when there is no record)."""
+    try:
+        return _sha256_record(path).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def fsync_dir(path: Path) -> None:

@@ -123,6 +123,7 @@ def test_frontier_drops_points_of_a_changed_recipe(tmp_path):
 
 
 def test_nightly_seeds_average_the_accuracies_and_keep_the_cold_runs_wall(monkeypatch, tmp_path):
+    import bench.nightly as nightly
     import bench.run as bench_run
 
     later = {43: {"mnist": 0.9950, "fashion-mnist": 0.9390}, 44: {"mnist": 0.9970, "fashion-mnist": 0.9420}}
@@ -131,10 +132,10 @@ def test_nightly_seeds_average_the_accuracies_and_keep_the_cold_runs_wall(monkey
         assert nightly
         return {"accuracy": later[seed], "flow_wall_seconds": 900.0}, tmp_path, None
 
-    monkeypatch.setattr(bench_run, "bench_flow", fake_flow)
+    monkeypatch.setattr(nightly, "bench_flow", fake_flow)
     first = {"accuracy": {"mnist": 0.9960, "fashion-mnist": 0.9410}, "flow_wall_seconds": 1200.0,
              "details": {"seed": 42}}
-    out = bench_run.bench_more_seeds(tmp_path, first, [43, 44])
+    out = nightly.bench_more_seeds(tmp_path, first, [43, 44])
     assert out["mnist_accuracy"] == pytest.approx(0.996)
     assert out["fashion_mnist_accuracy"] == pytest.approx(0.94066666)
     assert out["nightly_wall_minutes"] == 20.0  # the first, cold run's; later runs reuse its cached data stages

@@ -17,13 +17,13 @@ import pytest
 from prefect import flow, task
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
+from tasks import storage
 from tasks.caching import (
     CONVERT_CACHE,
     DOWNLOAD_CACHE,
     VALIDATE_CACHE,
     ContentCache,
     download_identity,
-    file_sha256,
     missing_outputs,
 )
 from tasks.convert import convert_task
@@ -146,7 +146,7 @@ def test_changed_source_bytes_under_the_same_name_are_never_served_from_cache(ha
 
     assert rerun["states"] == {"download-train": "Completed", "download-test": "Cached", "validate": "Completed",
                                "convert-train": "Completed", "convert-test": "Cached"}
-    assert rerun["raws"]["train"].sha256 == changed.train.sha256 == file_sha256(rerun["raws"]["train"].path)
+    assert rerun["raws"]["train"].sha256 == changed.train.sha256 == storage.sha256_file(rerun["raws"]["train"].path)
     assert rerun["parquet"]["train"] != cold["parquet"]["train"]
     first_label = pq.read_table(rerun["parquet"]["train"], columns=["label"]).column(0)[0].as_py()
     with gzip.open(mirror / mnist_slice.train.path, "rt") as fh:

@@ -1,6 +1,6 @@
-"""Issue 9 section 7: drift that keeps global statistics unchanged (mirrored images) is caught, against the
-reference profile kept in the catalog and against the champion's stored profile; the distances are in every
-report, passed or failed."""
+"""Drift that keeps global statistics unchanged (mirrored images) is caught, against the reference profile
+kept in the catalog and against the champion's stored profile; the distances are in every report, passed or
+failed."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Issue 9 sections 1-2 and issue 12 section 4: nothing outside the source is read, nothing secret is written,
-downloads have a deadline and size limits, permanent failures are not retried, killed runs leave no litter,
-and a cache hit says where its bytes really came from."""
+"""Downloads read nothing outside the source and write nothing secret; they have a deadline and size limits,
+permanent failures are not retried, killed runs leave no litter, and a cache hit says where its bytes came from."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Issue 9 section 4 and issue 12's cache-key bullet: a cache never serves bytes it has not checked, a stage's
-code version covers its project modules and the libraries that shape its output, and gates are not part of
-validation's key."""
+"""A cache never serves bytes it has not checked; a stage's code version covers the project modules it
+imports and the libraries that shape its output; gates are not part of validation's key."""
 
 from __future__ import annotations
 
@@ -14,13 +13,11 @@ from prefect import flow
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from tasks import caching
+from tasks import caching, storage
 from tasks.caching import (
     code_version,
     dependency_sources,
-    file_sha256,
     missing_outputs,
-    recorded_output_sha256,
     validate_identity,
 )
 from tasks.convert import convert_task, convert_to_parquet, parquet_path
@@ -53,7 +50,7 @@ def test_a_corrupted_parquet_file_is_never_served_from_cache(harness, mnist_slic
     raw = download_split(mnist_slice, "train", str(slice_mirror), tmp_path / "raw")
     name, path = convert_once(raw, tmp_path / "parquet")
     good = path.read_bytes()
-    assert name == "Completed" and recorded_output_sha256(path) == file_sha256(path)
+    assert name == "Completed" and storage.recorded_sha256(path) == storage.sha256_file(path)
     assert convert_once(raw, tmp_path / "parquet")[0] == "Cached"
     path.write_bytes(good[:100] + bytes(b ^ 0xFF for b in good[100:164]) + good[164:])  # same size, other bytes
     assert missing_outputs(path) and "changed" in missing_outputs(path)[0]

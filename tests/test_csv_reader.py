@@ -1,6 +1,6 @@
-"""Issue 9 section 3: one reader decides, for validation and conversion alike, what a file is and which
-values are legal. A file that passes validation converts to exactly the matrix it holds; one that cannot
-convert fails validation with the problem named."""
+"""One reader decides, for validation and conversion alike, what a file is and which values are legal. A file
+that passes validation converts to exactly the matrix it holds; one that cannot convert fails validation
+with the problem named."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tasks.convert import convert_to_parquet
 from tasks.datasets import COLUMNS, NUM_PIXELS, DatasetSpec, Gates, SplitFile, Tolerances
 from tasks.validate import DataValidationError, validate_dataset
-from tasks.validation import csvfile
+from tasks.validation import decoding
 from tasks.validation.csvfile import CsvFileError, decode_bytes
 
 ROWS = {"train": 12, "test": 6}
@@ -101,7 +101,7 @@ def test_a_gzip_bomb_fails_at_the_limit_naming_it(tmp_path, monkeypatch):
     limit = 1 << 20
     with pytest.raises(CsvFileError, match=f"exceeds the limit of {limit} bytes"):
         decode_bytes(bomb, "bomb.csv.gz", max_text_bytes=limit)
-    monkeypatch.setattr(csvfile, "MAX_TEXT_BYTES", limit)
+    monkeypatch.setattr(decoding, "MAX_TEXT_BYTES", limit)
     passed, message = validate_then_convert(tmp_path, {"train": ("train.csv.gz", bomb),
                                                        "test": ("test.csv", csv_text(matrix(ROWS["test"], 6)))})
     assert not passed and f"exceeds the limit of {limit} bytes" in message
