@@ -24,7 +24,8 @@ PIXEL_COLUMNS = tuple(f"pixel{i}" for i in range(1, NUM_PIXELS + 1))
 COLUMNS = (LABEL_COLUMN, *PIXEL_COLUMNS)
 SPLITS: tuple[Literal["train", "test"], ...] = ("train", "test")
 Split = Literal["train", "test"]
-ModelKind = Literal["mlp", "cnn", "cnn-bn"]
+ModelKind = Literal["mlp", "cnn", "cnn-bn", "cnn7", "vgg"]
+OptimizerKind = Literal["adam", "sgd"]
 
 BUILTIN_DATASETS_FILE = Path(__file__).with_name("datasets.toml")
 
@@ -110,11 +111,22 @@ class RecipeOptions(_Strict):
         description="Train rows held out for early stopping; 0: fit on every row for exactly the given epochs")
 
 
+class OptimizerOptions(_Strict):
+    """How the weights are updated: a recipe's choice for its architecture (a run's other model gets the defaults)."""
+
+    optimizer: OptimizerKind = Field(default="adam", description="adam, or sgd (Nesterov momentum 0.9)")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Peak rate; cosine decay to 0 over the epochs")
+    warmup_epochs: float = Field(default=0.0, ge=0, description="Linear warm-up from 0 to the peak rate")
+    weight_decay: float = Field(default=0.0, ge=0, lt=1, description="Decoupled weight decay (per unit learning rate)")
+    ema: float = Field(default=0.0, ge=0, lt=1, description="The saved weights are their moving average with this "
+                       "decay per step (0: the last weights)")
+
+
 # Options that act through the convnets' augmentation layers: an mlp has none.
 AUGMENTATION_FIELDS = ("horizontal_flip", "translate", "rotate", "zoom", "erase")
 
 
-class Recipe(RecipeOptions):
+class Recipe(RecipeOptions, OptimizerOptions):
     """The dataset's default training recipe: what the nightly run trains when no model is given."""
 
     model: ModelKind = "mlp"
@@ -123,16 +135,15 @@ class Recipe(RecipeOptions):
 
 DEFAULT_SEED = 42
 # Epochs when a model other than the dataset's recipe is asked for without --epochs.
-DEFAULT_EPOCHS: dict[str, int] = {"mlp": 12, "cnn": 15, "cnn-bn": 16}
+DEFAULT_EPOCHS: dict[str, int] = {"mlp": 12, "cnn": 15, "cnn-bn": 16, "cnn7": 15, "vgg": 15}
 
 
-class TrainConfig(RecipeOptions):
+class TrainConfig(RecipeOptions, OptimizerOptions):
     """Everything that decides the trained weights (with the data)."""
 
     model: ModelKind = "mlp"
     epochs: int = Field(default=DEFAULT_EPOCHS["mlp"], gt=0)
     batch_size: int = Field(default=128, gt=0)
-    learning_rate: float = Field(default=1e-3, gt=0, description="Peak rate; cosine decay to 0 over the epochs")
     seed: int = DEFAULT_SEED
     patience: int = Field(default=4, ge=1, description="Early stopping on validation loss")
     train_rows: int | None = Field(default=None, gt=0, description="Use only the first N train rows")
@@ -142,9 +153,11 @@ def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int
                      train_rows: int | None = None) -> TrainConfig:
     """The dataset's recipe, with the run's overrides applied."""
     chosen = model or recipe.model
-    default_epochs = recipe.epochs if chosen == recipe.model else DEFAULT_EPOCHS[chosen]
-    augmentation = recipe.model_dump(exclude={"model", "epochs"})
-    return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows, **augmentation)
+    own = chosen == recipe.model
+    default_epochs = recipe.epochs if own else DEFAULT_EPOCHS[chosen]
+    # Augmentation suits the data, whatever the model; the optimizer suits the recipe's architecture only.
+    kept = recipe.model_dump(exclude={"model", "epochs"} | (set() if own else set(OptimizerOptions.model_fields)))
+    return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows, **kept)
 
 
 def applied_parameters(parameters: dict[str, Any]) -> dict[str, Any]:

@@ -12,12 +12,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from prefect import task
 
 from tasks import artifacts, storage
 from tasks.architectures import build_model, with_test_time_views
 from tasks.datasets import DEFAULT_EPOCHS, DEFAULT_SEED, TrainConfig, applied_parameters, train_config_for
+from tasks.fitting import split_rows, training_targets, training_weights_keeper
 from tasks.model_io import import_keras, save_model
 from tasks.parquet import load_xy
 from tasks.results import TrainedModel
@@ -30,17 +30,6 @@ EpochCallback = Callable[[int, int, dict[str, float]], None]
 # (epoch, epochs, batch, batches, running logs), called inside an epoch at most every PROGRESS_EVERY_S
 BatchCallback = Callable[[int, int, int, int, dict[str, float]], None]
 PROGRESS_EVERY_S = 5.0
-
-def training_targets(config: TrainConfig, labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """What ``build_model``'s loss takes: the labels, or one-hot rows when labels are smoothed."""
-    return np.eye(num_classes, dtype=np.float32)[labels] if config.label_smoothing else labels
-
-
-def split_rows(config: TrainConfig, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(held-out, fit) row indices: a seeded ``validation_fraction`` of the rows, at least one (none at 0)."""
-    order = np.random.default_rng(config.seed).permutation(rows)
-    n_val = max(1, int(rows * config.validation_fraction)) if config.validation_fraction else 0
-    return order[:n_val], order[n_val:]
 
 
 def seed_everything(seed: int) -> None:
@@ -88,18 +77,22 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
     state = backup.restore(model, config.patience)
     x_fit, y_fit = pixels[fit_idx], targets[fit_idx]
     validation = (pixels[val_idx], targets[val_idx]) if n_val else None
+    training_weights = training_weights_keeper()
     while state.epochs_done < config.epochs and not state.early_stopping.stopped:
         epoch = state.epochs_done
         perm = epoch_permutation(config.seed, epoch, len(fit_idx))
         history = model.fit(x_fit[perm], y_fit[perm], validation_data=validation, initial_epoch=epoch,
                             epochs=epoch + 1, batch_size=config.batch_size, shuffle=False, verbose=0,
-                            callbacks=callbacks)
+                            callbacks=[*callbacks, training_weights])
+        training_weights.restore(model)
         logs = {k: vs[-1] for k, vs in history.history.items()}
         if validation is not None:
             state.early_stopping.update(epoch, float(logs["val_loss"]), model.get_weights())
         state.record(logs)
         backup.save(model, state)
-    if state.early_stopping.best_weights is not None:
+    if config.ema:  # the moving average is the model; early stopping only decided when to stop
+        model.optimizer.finalize_variable_values(model.trainable_variables)
+    elif state.early_stopping.best_weights is not None:
         model.set_weights(state.early_stopping.best_weights)
     storage.write_json(out_dir / artifacts.CURVES_JSON, state.curves)
     storage.write_json(out_dir / artifacts.RESUME_FILE, {"resumed_after_epoch": state.resumed_after,

@@ -1,0 +1,134 @@
+"""Screen training recipes fast: several seeds of each candidate, in parallel processes, on any Keras backend.
+
+A candidate is a dataset and ``TrainConfig`` fields (``bench/candidates.toml``). Each run builds the model
+with ``tasks.architectures.build_model`` (the pipeline's own networks and optimizers), fits it on the
+bundled train split (a seeded hold-out with early stopping when ``validation_fraction`` > 0, as
+``tasks.train`` does) and scores the test split. Made for a GPU machine with JAX and no TensorFlow:
+
+    KERAS_BACKEND=jax python bench/screen.py --seeds 42,43,44 --jobs 6 --out screen.jsonl
+
+The numbers rank recipes; they are not the pipeline's numbers (another backend, another device, one
+``fit`` call instead of one per epoch): confirm a recipe with ``python bench/run.py --nightly --seeds``.
+Each finished run is one JSON line in ``--out``, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CANDIDATES = Path(__file__).with_name("candidates.toml")
+MIRROR = ROOT / "data" / "mirror"
+# The budget of issue 19: each dataset's nightly recipe of 2026-12 (cnn-bn, 54,000 fit rows) and its epochs.
+BASELINE = {"mnist": 12, "fashion-mnist": 25}
+BASELINE_ROWS = 54_000
+
+
+def load_split(dataset: str, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels uint8 (N, 784), labels) of a bundled split, parsed once and kept as .npz in ``cache``."""
+    saved = cache / f"{dataset}-{split}.npz"
+    if not saved.is_file():
+        from tasks.datasets import load_catalog
+
+        spec = load_catalog()[dataset]
+        rows = pd.read_csv(MIRROR / spec.split(split).path, header=0 if spec.header else None, dtype=np.uint8)
+        rows = rows.to_numpy()
+        np.savez(saved, x=rows[:, 1:], y=rows[:, 0])
+    with np.load(saved) as arrays:
+        return arrays["x"], arrays["y"]
+
+
+def run_one(job: dict) -> dict:
+    """Train one candidate at one seed; its test accuracy, cost and time."""
+    import keras
+
+    from bench.flops import TRAIN_STEP_FORWARD_MULTIPLE, model_forward_flops
+    from tasks.architectures import build_model, with_test_time_views
+    from tasks.datasets import TrainConfig
+    from tasks.fitting import split_rows, training_targets
+
+    config = TrainConfig(**job["config"], seed=job["seed"])
+    keras.utils.set_random_seed(config.seed)
+    x, y = load_split(job["dataset"], "train", Path(job["cache"]))
+    x, y = x[:config.train_rows], y[:config.train_rows]
+    x_test, y_test = load_split(job["dataset"], "test", Path(job["cache"]))
+    num_classes = int(y.max()) + 1
+    targets = training_targets(config, y, num_classes)
+    val_idx, fit_idx = split_rows(config, len(y))
+    steps = math.ceil(len(fit_idx) / config.batch_size)
+    model = build_model(config, num_classes, steps_per_epoch=steps)
+    callbacks = []
+    validation = None
+    if len(val_idx):
+        validation = (x[val_idx].astype(np.float32), targets[val_idx])
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
+                                                       restore_best_weights=not config.ema))
+    start = time.perf_counter()
+    history = model.fit(x[fit_idx].astype(np.float32), targets[fit_idx], validation_data=validation,
+                        epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=0,
+                        callbacks=callbacks)
+    seconds = time.perf_counter() - start
+    scored = with_test_time_views(model, config.test_time_views)
+    probabilities = scored.predict(x_test.astype(np.float32), batch_size=2048, verbose=0)
+    flops = TRAIN_STEP_FORWARD_MULTIPLE * model_forward_flops(model) * len(fit_idx) * len(history.epoch)
+    baseline = build_model(TrainConfig(model="cnn-bn"), num_classes)
+    budget = TRAIN_STEP_FORWARD_MULTIPLE * model_forward_flops(baseline) * BASELINE_ROWS * BASELINE[job["dataset"]]
+    return {"name": job["name"], "dataset": job["dataset"], "seed": config.seed,
+            "test_accuracy": float((probabilities.argmax(axis=1) == y_test).mean()),
+            "epochs_run": len(history.epoch), "fit_seconds": round(seconds, 1), "training_flops": flops,
+            "budget_ratio": round(flops / budget, 3), "config": job["config"],
+            "backend": keras.backend.backend()}
+
+
+def _worker(job: dict) -> dict:
+    try:
+        return run_one(job)
+    except Exception as exc:  # noqa: BLE001 - one broken candidate must not end the screen
+        return {"name": job["name"], "seed": job["seed"], "error": f"{type(exc).__name__}: {exc}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--candidates", type=Path, default=CANDIDATES)
+    parser.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/train-mnist-screen"))
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    candidates = tomllib.loads(args.candidates.read_text())["candidate"]
+    if args.only:
+        wanted = set(args.only.split(","))
+        candidates = [c for c in candidates if c["name"] in wanted]
+    args.cache.mkdir(parents=True, exist_ok=True)
+    for dataset in sorted({c["dataset"] for c in candidates}):  # parse each split once, before the workers start
+        for split in ("train", "test"):
+            load_split(dataset, split, args.cache)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    # Every candidate's first seed before any second seed: a screen cut short still ranks all of them.
+    jobs = [{"name": c["name"], "dataset": c["dataset"], "config": {k: v for k, v in c.items() if k not in
+             ("name", "dataset")}, "seed": seed, "cache": str(args.cache)} for seed in seeds for c in candidates]
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several processes share one GPU
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool, open(args.out, "a") as out:
+        for result in pool.imap_unordered(_worker, jobs):
+            out.write(json.dumps(result) + "\n")
+            out.flush()
+            print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
