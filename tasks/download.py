@@ -7,17 +7,11 @@ TLS certificate errors, a file over the size limit, wrong bytes) are not. Locati
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.client
 import json
-import ssl
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +22,7 @@ from prefect import task
 from tasks import storage
 from tasks.caching import DOWNLOAD_CACHE
 from tasks.datasets import DatasetSpec, Split
-from tasks.locations import URL_SCHEMES, redact, resolve, scheme_of
+from tasks.locations import redact, resolve
 from tasks.results import RawFile
 from tasks.settings import (
     DOWNLOAD_DEADLINE_S,
@@ -36,28 +30,19 @@ from tasks.settings import (
     DOWNLOAD_RETRIES,
     DOWNLOAD_RETRY_BACKOFF_S,
     DOWNLOAD_TIMEOUT_S,
+    DOWNLOAD_TOTAL_DEADLINE_S,
 )
+from tasks.transport import DeadlinePassed, DownloadError, DownloadRefused, SourceNotFound, open_location
+
+__all__ = ["ChecksumMismatch", "DownloadError", "DownloadRefused", "SourceNotFound", "download_split",
+           "download_task", "fetch_file", "retry_delays"]
 
 PARTIAL_SUFFIX = ".partial"
 ORIGIN_SUFFIX = ".origin.json"
-MAX_REDIRECTS = 5
-PERMANENT_HTTP = (400, 401, 403)
-
-
-class DownloadError(Exception):
-    """A transient failure (network, short read, deadline): worth retrying."""
 
 
 class ChecksumMismatch(Exception):
     """The bytes are not the pinned ones: retrying will not help."""
-
-
-class SourceNotFound(Exception):
-    """The mirror has no such file (HTTP 404, missing path): retrying will not help."""
-
-
-class DownloadRefused(Exception):
-    """A permanent refusal: 400/401/403, a refused or looping redirect, a bad TLS certificate, a size limit."""
 
 
 def resolve_location(source: str, relative: str, dataset: str = "?") -> str:
@@ -68,73 +53,6 @@ def resolve_location(source: str, relative: str, dataset: str = "?") -> str:
 def raw_path(raw_dir: Path, spec: DatasetSpec, split: Split) -> Path:
     name = Path(urllib.parse.urlparse(spec.split(split).path).path).name
     return raw_dir / spec.name / split / name
-
-
-class _SafeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects only to http(s), never from https down to http, at most ``MAX_REDIRECTS`` times."""
-
-    max_redirections = MAX_REDIRECTS
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - stdlib signature
-        old, new = scheme_of(req.full_url), scheme_of(newurl)
-        if new not in URL_SCHEMES:
-            raise DownloadRefused(f"{redact(req.full_url)}: HTTP {code} redirect to {redact(newurl)} refused: "
-                                  f"scheme {new or 'none'!r} is not {' or '.join(URL_SCHEMES)}")
-        if old == "https" and new == "http":
-            raise DownloadRefused(f"{redact(req.full_url)}: HTTP {code} redirect from https to plain http "
-                                  f"({redact(newurl)}) refused")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _request(location: str) -> urllib.request.Request:
-    """The request, with credentials of the URL (``user:password@``) sent as Basic auth, not in the URL."""
-    parts = urllib.parse.urlsplit(location)
-    headers = {"User-Agent": "train-mnist"}
-    if parts.username is not None:
-        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-        location = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-    return urllib.request.Request(location, headers=headers)
-
-
-@contextmanager
-def _open_location(location: str, timeout_s: float) -> Iterator[tuple[BinaryIO, int | None]]:
-    """Yield a byte stream and its announced length (None when unknown)."""
-    shown = redact(location)
-    scheme = scheme_of(location)
-    if scheme in URL_SCHEMES:
-        opener = urllib.request.build_opener(_SafeRedirects())
-        try:
-            response = opener.open(_request(location), timeout=timeout_s)
-        except urllib.error.HTTPError as exc:
-            if exc.code in (404, 410):
-                raise SourceNotFound(f"{shown}: HTTP {exc.code} {exc.reason}") from None
-            if exc.code in PERMANENT_HTTP:
-                raise DownloadRefused(f"{shown}: HTTP {exc.code} {exc.reason} (not retried)") from None
-            if 300 <= exc.code < 400:  # a loop, too many hops, or a target urllib itself refuses
-                raise DownloadRefused(f"{shown}: HTTP {exc.code} redirect refused or looping "
-                                      f"(at most {MAX_REDIRECTS} redirects, to http(s) only)") from None
-            raise DownloadError(f"{shown}: HTTP {exc.code} {exc.reason}") from None
-        except TimeoutError as exc:
-            raise DownloadError(f"{shown}: no response within {timeout_s} s") from exc
-        except ssl.SSLCertVerificationError as exc:
-            raise DownloadRefused(f"{shown}: TLS certificate not trusted: {exc.verify_message}") from None
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, ssl.SSLCertVerificationError):
-                raise DownloadRefused(f"{shown}: TLS certificate not trusted: {exc.reason.verify_message}") from None
-            raise DownloadError(f"{shown}: {exc.reason!r}") from None
-        except (OSError, http.client.HTTPException) as exc:  # refused, reset, bad reply
-            raise DownloadError(f"{shown}: {exc!r}") from None
-        with response:
-            length = response.headers.get("Content-Length")
-            yield response, int(length) if length is not None and length.isdigit() else None
-        return
-    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path)) if scheme == "file" else Path(location)
-    if not path.is_file():
-        raise SourceNotFound(f"{shown}: no such file")
-    with open(path, "rb") as fh:
-        yield fh, path.stat().st_size
 
 
 def _stream_to(stream: BinaryIO, dest: BinaryIO, shown: str, length: int | None, deadline: float,
@@ -152,6 +70,10 @@ def _stream_to(stream: BinaryIO, dest: BinaryIO, shown: str, length: int | None,
                 of = f" of {length}" if length is not None else ""
                 raise DownloadError(f"{shown}: not complete within the deadline of {deadline_s:g} s "
                                     f"({size}{of} bytes received)")
+    except DeadlinePassed:
+        of = f" of {length}" if length is not None else ""
+        raise DownloadError(f"{shown}: not complete within the deadline of {deadline_s:g} s "
+                            f"({size}{of} bytes received)") from None
     except (OSError, ValueError, http.client.HTTPException) as exc:  # timeouts, resets, cut chunked bodies
         of = f" of {length}" if length is not None else ""
         raise DownloadError(f"{shown}: transfer broke after {size}{of} bytes: {exc!r}") from None
@@ -193,8 +115,9 @@ def fetch_file(location: str, dest: Path, expected_sha256: str | None, timeout_s
     storage.remove_stale_temporaries(dest.parent, f".{dest.name}.", PARTIAL_SUFFIX)
     deadline = time.monotonic() + deadline_s
     fetched_at = datetime.now(UTC).isoformat(timespec="seconds")
-    with _open_location(location, min(timeout_s, deadline_s)) as (stream, length), \
+    with open_location(location, deadline, deadline_s, min(timeout_s, deadline_s)) as opened, \
             storage.atomic_path(dest, suffix=PARTIAL_SUFFIX) as partial, open(partial, "wb") as out:
+        stream, length, came_from = opened.stream, opened.length, opened.final_location
         if length is not None and length > max_bytes:
             raise DownloadRefused(f"{shown}: announces {length} bytes, more than the size limit of "
                                   f"{max_bytes} bytes")
@@ -206,8 +129,8 @@ def fetch_file(location: str, dest: Path, expected_sha256: str | None, timeout_s
             hint = "" if length is not None else "; the server announced no length, so it may have been cut short"
             raise ChecksumMismatch(f"{shown}: SHA-256 mismatch: expected {expected_sha256}, found "
                                    f"{found_sha256} ({size} bytes{hint})")
-        _write_origin(dest, shown, found_sha256, fetched_at)
-    return RawFile(dest, found_sha256, size, shown, True, fetched_at, shown)
+        _write_origin(dest, came_from, found_sha256, fetched_at)
+    return RawFile(dest, found_sha256, size, came_from, True, fetched_at, shown)
 
 
 def download_split(spec: DatasetSpec, split: Split, source: str, raw_dir: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S,
@@ -240,15 +163,50 @@ def _retry_on_network_errors(task_, task_run, state) -> bool:
     return False
 
 
+class FileDeadline:
+    """One file's total deadline across all its attempts (retries and the waits between them included).
+
+    Prefect retries a task in the process that ran it, so the first attempt's start is kept per task run.
+    """
+
+    _first_attempt: dict[str, float] = {}
+
+    def __init__(self, key: str, total_s: float):
+        self.total_s = total_s
+        self.started = self._first_attempt.setdefault(key, time.monotonic())
+
+    def remaining(self) -> float:
+        return self.total_s - (time.monotonic() - self.started)
+
+    def spent(self, shown: str, attempts: int, last: BaseException | None = None) -> DownloadRefused:
+        why = f"; last attempt: {last}" if last is not None else ""
+        return DownloadRefused(f"{shown}: not downloaded within its total deadline of {self.total_s:g} s "
+                               f"(TRAIN_MNIST_DOWNLOAD_TOTAL_DEADLINE_S) after {attempts} attempt(s); "
+                               f"gave up{why}")
+
+
 @task(name="download", retries=DOWNLOAD_RETRIES,
       retry_delay_seconds=retry_delays(DOWNLOAD_RETRIES, DOWNLOAD_RETRY_BACKOFF_S),
       retry_condition_fn=_retry_on_network_errors, task_run_name="download-{spec.name}-{split}",
       cache_policy=DOWNLOAD_CACHE, persist_result=True)
 def download_task(spec: DatasetSpec, split: Split, source: str, raw_dir: Path, timeout_s: float,
-                  deadline_s: float = DOWNLOAD_DEADLINE_S, max_bytes: int = DOWNLOAD_MAX_BYTES) -> RawFile:
+                  deadline_s: float = DOWNLOAD_DEADLINE_S, max_bytes: int = DOWNLOAD_MAX_BYTES,
+                  total_deadline_s: float = DOWNLOAD_TOTAL_DEADLINE_S) -> RawFile:
+    """``download_split`` with retries on network errors, each attempt inside what is left of the file's total
+    deadline; once that is spent, the download fails for good, naming the file and the limit."""
     from prefect import get_run_logger
+    from prefect.runtime import task_run
 
-    raw = download_split(spec, split, source, raw_dir, timeout_s, deadline_s, max_bytes)
+    budget = FileDeadline(str(task_run.id), total_deadline_s)
+    shown = redact(resolve(spec.name, source, spec.split(split).path))
+    if budget.remaining() <= 0:
+        raise budget.spent(shown, task_run.run_count - 1)
+    try:
+        raw = download_split(spec, split, source, raw_dir, timeout_s, min(deadline_s, budget.remaining()), max_bytes)
+    except DownloadError as exc:
+        if budget.remaining() <= 0:
+            raise budget.spent(shown, task_run.run_count, exc) from None
+        raise
     pinned = "verified against pin" if spec.split(split).sha256 else "recorded (no pin)"
     logger = get_run_logger()
     if raw.fetched:

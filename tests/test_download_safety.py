@@ -18,7 +18,6 @@ from tasks.datasets import DatasetConfigError, SplitFile, load_datasets_file
 from tasks.download import (
     DownloadError,
     DownloadRefused,
-    _SafeRedirects,
     download_split,
     fetch_file,
     is_retryable,
@@ -26,6 +25,7 @@ from tasks.download import (
 )
 from tasks.locations import LocationError, redact, resolve
 from tasks.settings import BUNDLED_MIRROR, Settings
+from tasks.transport import _SafeRedirects
 from tests.support.fault_server import FaultServer, Redirect, Status, Trickle, partial_files
 from tests.support.slices import cut_slice
 

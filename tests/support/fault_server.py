@@ -114,12 +114,20 @@ class Trickle(Fault):
 
 
 @dataclass(frozen=True)
+class TrickleHeaders(Fault):
+    """Send the status line and headers one byte every ``interval`` seconds, then the file."""
+
+    interval: float = 0.5
+
+
+@dataclass(frozen=True)
 class Hit:
     """One request as the server saw it."""
 
     path: str
     at: float  # time.monotonic()
     fault: str
+    authorization: str | None = None  # the Authorization header it carried
 
 
 @dataclass
@@ -194,11 +202,11 @@ class FaultServer:
         with self._lock:
             return list(self._errors)
 
-    def _next_fault(self, path: str) -> Fault:
+    def _next_fault(self, path: str, authorization: str | None = None) -> Fault:
         with self._lock:
             plan = self._plans.get(path)
             fault = (plan.queue.popleft() if plan.queue else plan.then) if plan else Serve()
-            self._hits.append(Hit(path, time.monotonic(), fault.kind))
+            self._hits.append(Hit(path, time.monotonic(), fault.kind, authorization))
             return fault
 
 
@@ -229,7 +237,7 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         path = _norm(self.path)
-        fault = self.owner._next_fault(path)
+        fault = self.owner._next_fault(path, self.headers.get("Authorization"))
         self._observe("request", fault)
         self.close_connection = True  # one request per connection keeps faults independent
         if isinstance(fault, Status):
@@ -243,6 +251,8 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
         if isinstance(fault, Stall) and not fault.mid_body:
             self.owner._stopping.wait(fault.seconds)
             return None
+        if isinstance(fault, TrickleHeaders):
+            return self._trickle_headers(path, fault.interval)
         body = self._file_bytes(path)
         if body is None:
             return self._send_status(404)
@@ -285,6 +295,17 @@ class _FaultHandler(http.server.BaseHTTPRequestHandler):
             self.connection.close()
         # ShortBody, UnannouncedShortBody: the handler returns and the connection is closed cleanly (FIN).
         return None
+
+    def _trickle_headers(self, path: str, interval: float) -> None:
+        body = self._file_bytes(path) or b""
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: {len(body)}\r\n"
+                "X-Padding: " + "." * 64 + "\r\n\r\n").encode()
+        for i in range(len(head)):
+            self.wfile.write(head[i:i + 1])
+            self.wfile.flush()
+            if self.owner._stopping.wait(interval):
+                return
+        self.wfile.write(body)
 
     def _observe(self, moment: str, fault: Fault) -> None:
         if self.owner.observe is not None:
