@@ -41,7 +41,7 @@ from tasks.outcome import (
     summarize_outcomes,
 )
 from tasks.promote import DEFAULT_TOLERANCE, PromotionPolicy
-from tasks.publish import GateFailed, publish_task
+from tasks.publish import PUBLISH_REFUSALS, publish_task
 from tasks.registry import Candidate, ChampionUnreadable, open_registry
 from tasks.results import Lineage, PreparedData
 from tasks.settings import Settings
@@ -54,8 +54,8 @@ SEED_MAX = 2**32 - 1  # numpy's (and so Keras') seed range
 DATASET_NAMES = r"^\s*[a-z0-9][a-z0-9_-]*\s*(,\s*[a-z0-9][a-z0-9_-]*\s*)*$"
 # Expected failures end a dataset's run Failed with one clean message; anything else is a bug and keeps its traceback.
 EXPECTED_FAILURES: tuple[type[BaseException], ...] = (
-    DownloadError, ChecksumMismatch, SourceNotFound, DownloadRefused, LocationError, DataValidationError, GateFailed,
-    ChampionUnreadable)
+    DownloadError, ChecksumMismatch, SourceNotFound, DownloadRefused, LocationError, DataValidationError,
+    ChampionUnreadable, *PUBLISH_REFUSALS)
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Text = Annotated[str, Field(min_length=1)]
@@ -92,7 +92,7 @@ def prepare_data(spec: DatasetSpec, settings: Settings, run_dir: Path) -> Prepar
               settings.download_total_deadline_s)
     train_raw = download(spec, "train", settings.source, settings.raw_dir, *limits)
     test_raw = download(spec, "test", settings.source, settings.raw_dir, *limits)
-    champion_profile = open_registry(settings.registry_location).champion_profile(spec.name)
+    champion_profile = open_registry(settings.registry_location).champion_profile(spec.name, run_dir)
     report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile), run_dir)
     return PreparedData(
         train_raw, test_raw, report,

@@ -39,6 +39,8 @@ from tasks.promote import (
     refusal_message,
 )
 from tasks.registry import Candidate, ChampionUnreadable, Published, Registry, open_registry
+from tasks.registry.interface import PublishConflict
+from tasks.registry.lock import PublishLockUnsafe
 from tasks.registry.retention import RetentionPolicy
 from tasks.results import Metrics
 
@@ -180,12 +182,18 @@ def _create_artifacts(outcome: DatasetOutcome, metrics: Metrics, run_dir: Path |
                              description=f"{outcome.dataset} {outcome.version}: {state}")
 
 
+# Why publishing may refuse a model that passed training: each is told as one clean message, not a traceback.
+PUBLISH_REFUSALS = (GateFailed, ChampionUnreadable, PublishConflict, PublishLockUnsafe)
+
+
 def publish_stage_of(exc: BaseException) -> str:
-    """Which check stopped a model at publishing: its gate, the champion, the comparison or the canary."""
+    """Which check stopped a model at publishing: its gate, the champion, the comparison, the canary or the lock."""
     if isinstance(exc, CanaryRefused):
         return "canary"
     if isinstance(exc, PromotionRefused):
         return "promotion"
+    if isinstance(exc, (PublishConflict, PublishLockUnsafe)):
+        return "publish"
     return "champion" if isinstance(exc, ChampionUnreadable) else "gate"
 
 
@@ -201,7 +209,7 @@ def publish_task(registry: str, candidate: Candidate, policy: PromotionPolicy | 
              "validation_report": str(validation_report) if validation_report else None}
     try:
         published = publish_version(open_registry(registry), candidate, policy=policy)
-    except (GateFailed, ChampionUnreadable) as exc:
+    except PUBLISH_REFUSALS as exc:
         if decision.passed:  # a failed gate was logged by the gate task
             logger.error("%s", exc)
         outcome = DatasetOutcome.from_exception(dataset, version, exc, promotion=getattr(exc, "promotion", None),

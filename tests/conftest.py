@@ -25,6 +25,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from tasks.datasets import DatasetSpec, load_catalog  # noqa: E402
+from tests.support.mlflow_server import MlflowServer  # noqa: E402
+from tests.support.mlflow_server import mlflow_server as start_mlflow_server  # noqa: E402
 from tests.support.prefect_server import Server  # noqa: E402
 from tests.support.prefect_server import prefect_server as start_prefect_server  # noqa: E402
 from tests.support.slices import SLICE_ROWS, build_slice_mirror, slice_spec  # noqa: E402
@@ -36,6 +38,14 @@ def prefect_server(tmp_path_factory) -> Iterator[Server]:
     """The one real Prefect server of the test run (started on first use)."""
     with start_prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow(tmp_path_factory) -> Iterator[MlflowServer]:
+    """The one real ``mlflow server`` of the test run (of each xdist worker), started on first use; tests keep
+    apart by registering models and experiments of their own names."""
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from prefect.client.schemas.objects import FlowRun
 
 from tasks.registry.mlflow_server import MlflowServer
 from tasks.settings import PROJECT_ROOT
-from tests.support.mlflow_server import mlflow_server
 from tests.support.prefect_server import PREFECT, Server
 from tests.support.processes import spawn, stop, tail
 
@@ -75,12 +74,6 @@ def set_gates(machine: Machine, gates: dict[str, str]) -> None:
         text = text[:block.start()] + block.group(0).replace(
             re.search(r"^gates = .*$", block.group(0), re.M).group(0), line) + text[block.end():]
     catalog.write_text(text)
-
-
-@pytest.fixture(scope="module")
-def mlflow(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("fanout-mlflow")) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

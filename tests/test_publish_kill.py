@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tasks import publish
 from tasks.registry import folder as registry_module
 from tasks.registry.folder import read_production
@@ -76,25 +78,40 @@ def test_sigkill_at_random_points_never_tears_the_registry(tmp_path, monkeypatch
     assert len(killed_in) >= 4, f"kills landed in too few distinct steps: {killed_in}"
 
 
-def test_two_publishers_at_once_are_serialised_and_the_last_one_wins(tmp_path):
+@pytest.mark.parametrize("modes", [("local", "local"), ("server", "local")], ids=["two-local", "server-and-local"])
+def test_two_publishers_at_once_are_serialised_and_the_last_one_wins(tmp_path, request, modes):
+    """With a Prefect server one publisher takes the server's limit, without one another takes only the file
+    lock: on a folder registry they still never overlap (before: both were inside at once)."""
+    api_url = request.getfixturevalue("prefect_server").url if "server" in modes else None
     rounds = 4
     candidate = dummy_candidate(tmp_path / "candidate")
     registry, log = tmp_path / "registry", tmp_path / "steps.log"
     ctx = forkserver_context()
     start = ctx.Event()
     workers = [ctx.Process(target=publish_loop, args=(str(registry), DATASET, candidate, str(log), 0.02, rounds,
-                                                      start)) for _ in range(2)]
+                                                      start, api_url if mode == "server" else None))
+               for mode in modes]
     for worker in workers:
         worker.start()
     start.set()  # both were waiting: they start publishing together
     for worker in workers:
-        worker.join(60)
+        worker.join(120)
         assert worker.exitcode == 0, f"publisher {worker.pid} ended with {worker.exitcode}"
 
-    # The log is in real time order (one O_APPEND write per line). Replay it.
+    published = assert_serialised(_steps(log))
+    assert len(published) == 2 * rounds and len(set(published)) == 2 * rounds, "versions collided"
+    assert {pid for pid, step, _ in _steps(log) if step == "exit"} == {w.pid for w in workers}
+    assert assert_registry_consistent(registry, DATASET) == sorted(published)
+    assert read_production(registry, DATASET) == published[-1], "the pointer is not the last publisher's version"
+    assert leftovers(registry, DATASET) == []
+
+
+def assert_serialised(steps: list[tuple[int, str, str]]) -> list[str]:
+    """Replay the step log (real time order: one O_APPEND write per line): no two holders at once, and the two
+    publishers did contend. The published versions, in order."""
     holder: tuple[int, str] | None = None
     contended = False
-    for pid, step, version in _steps(log):
+    for pid, step, version in steps:
         if step == "want":
             contended |= holder is not None and holder[0] != pid
         elif step == "enter":
@@ -105,10 +122,4 @@ def test_two_publishers_at_once_are_serialised_and_the_last_one_wins(tmp_path):
             holder = None if step == "release" else holder
     assert holder is None
     assert contended, "the two publishers never asked for the lock at the same time; the test proved nothing"
-
-    published = [version for _, step, version in _steps(log) if step == "exit"]
-    assert len(published) == 2 * rounds and len(set(published)) == 2 * rounds, "versions collided"
-    assert {pid for pid, step, _ in _steps(log) if step == "exit"} == {w.pid for w in workers}
-    assert assert_registry_consistent(registry, DATASET) == sorted(published)
-    assert read_production(registry, DATASET) == published[-1], "the pointer is not the last publisher's version"
-    assert leftovers(registry, DATASET) == []
+    return [version for _, step, version in steps if step == "exit"]

@@ -21,7 +21,6 @@ from tasks.promote import PromotionPolicy
 from tasks.publish import GateFailed, PromotionRefused, publish_version
 from tasks.registry import ChampionUnreadable, MlflowRegistry, open_registry
 from tasks.registry.mlflow_server import DECISION_TAG, REASON_TAG
-from tests.support.mlflow_server import mlflow_server
 from tests.support.publish_worker import LINEAGE, PASSED, registry_candidate
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -30,9 +29,8 @@ FAILED = GateDecision(passed=False, reasons=["FAIL min_accuracy: test_accuracy 0
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as running:
-        yield running
+def server(mlflow):
+    return mlflow
 
 
 @pytest.fixture
@@ -183,3 +181,57 @@ def test_load_production_model_reads_the_alias(server, dataset, trained_models):
     assert (production.version, production.path) == ("1", f"models:/{dataset}/1")
     probabilities = production.model.predict(np.zeros((2, 784), np.float32), verbose=0)
     assert probabilities.shape == (2, 10)
+
+
+def test_credentials_in_the_tracking_uri_never_reach_locations_messages_or_the_run(server, dataset, trained_models,
+                                                                                   tmp_path, monkeypatch):
+    """Before: ``http://user:pw@host`` reached logs, the summary's "Registry folder", run URLs and errors."""
+    with_credentials = server.url.replace("http://", "http://alice:s3cret@")
+    registry = open_registry(with_credentials)
+    published = publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-secret", tmp=tmp_path))
+    assert "s3cret" not in registry.location and "s3cret" not in repr(registry)
+    assert "s3cret" not in published.location and published.location.startswith("http://***@127.0.0.1:")
+    run = runs_of(registry, dataset)["v-secret"]
+    assert "s3cret" not in json.dumps([run.data.tags, run.data.params])
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    closed = open_registry("http://alice:s3cret@127.0.0.1:9")  # nothing listens on port 9
+    with pytest.raises(Exception) as info:  # noqa: B017 - whatever it raises must not quote the password
+        closed.production(dataset)
+    assert "s3cret" not in str(info.value)
+
+
+def test_the_alias_moves_only_if_it_still_names_the_compared_champion(server, dataset, trained_models, monkeypatch):
+    """A publisher whose lock lapsed (paused) must not move the alias past another run's publish."""
+    from tasks.registry.interface import PublishConflict
+    from tasks.registry.mlflow_server import PRODUCTION_ALIAS
+
+    registry = open_registry(server.url)
+    publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-one"))
+    publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-two"))
+    log_model = registry.mlflow._log_model
+
+    def another_run_moves_the_alias_meanwhile(*args, **kwargs):
+        version = log_model(*args, **kwargs)
+        registry.mlflow.client.set_registered_model_alias(dataset, PRODUCTION_ALIAS, "1")
+        return version
+
+    monkeypatch.setattr(registry.mlflow, "_log_model", another_run_moves_the_alias_meanwhile)
+    with pytest.raises(PublishConflict, match="moved from 2 to 1"):
+        publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-late"))
+    assert registry.production(dataset) == "1"
+    assert runs_of(registry, dataset)["v-late"].info.status == "FAILED"
+
+
+def test_champion_comparisons_leave_no_temporary_copies_behind(server, dataset, trained_models, tmp_path,
+                                                               monkeypatch):
+    """Before: every champion load (and profile download) left a model copy in the temporary folder."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    registry = open_registry(server.url)
+    publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-first", tmp=tmp_path / "first"))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-second", tmp=tmp_path / "second"))
+    registry.champion_profile(dataset, tmp_path / "run")
+    assert sorted(p.name for p in scratch.iterdir() if p.name != "train-mnist-locks") == []  # the lock stays

@@ -24,7 +24,15 @@ from tasks import artifacts, storage
 from tasks.model_io import load_model, predict_classes
 from tasks.promote import PromotionDecision
 from tasks.registry import history
-from tasks.registry.interface import Candidate, ChampionUnreadable, Published, champion_fix_hint, scored_champion
+from tasks.registry.interface import (
+    Candidate,
+    ChampionUnreadable,
+    PublishConflict,
+    Published,
+    champion_fix_hint,
+    check_fence,
+    scored_champion,
+)
 from tasks.registry.lock import publish_lock
 from tasks.registry.retention import RetentionPolicy, prune_versions
 
@@ -105,8 +113,8 @@ class FolderRegistry:
     def production(self, dataset: str) -> str | None:
         return read_production(self.root, dataset)
 
-    def champion_profile(self, dataset: str) -> Path | None:
-        """The production version's stored data profile, if there is a production version with one."""
+    def champion_profile(self, dataset: str, dest_dir: Path | None = None) -> Path | None:
+        """The production version's stored data profile (in place), if there is a production version with one."""
         version = read_production(self.root, dataset)
         path = self.root / dataset / version / artifacts.PROFILE_FILE if version else None
         return path if path is not None and path.is_file() else None
@@ -127,9 +135,11 @@ class FolderRegistry:
                                lambda x: predict_classes(model_path, x), fix)
 
     def publish(self, candidate: Candidate, promotion: PromotionDecision, documents: dict[str, bytes]) -> Published:
-        """Write the complete version folder, then move the pointer to it (caller holds the lock)."""
-        remove_stale_staging(self.root, candidate.dataset)
-        root = self.root / candidate.dataset
+        """Write the complete version folder, then move the pointer to it (caller holds the lock), fenced: the
+        pointer must still name the champion ``promotion`` compared against, or nothing becomes visible."""
+        dataset = candidate.dataset
+        remove_stale_staging(self.root, dataset)
+        root = self.root / dataset
         final = root / candidate.version
         if final.exists():
             raise FileExistsError(f"{final} already exists; versions are never overwritten")
@@ -142,13 +152,28 @@ class FolderRegistry:
         for name, data in documents.items():
             storage.write_bytes(staging / name, data)
         storage.fsync_dir(staging)
-        first = not list_versions(self.root, candidate.dataset)
+        first = not list_versions(self.root, dataset)
+        self._fence(candidate, promotion, hide=staging)
         staging.rename(final)
         storage.fsync_dir(root)
         if first:  # the dataset folder's own entry in the registry must survive a power cut too
             storage.fsync_dir(self.root)
-        set_production(self.root, candidate.dataset, candidate.version)
-        return Published(candidate.dataset, candidate.version, final, promotion, location=str(final))
+        self._fence(candidate, promotion, hide=final)
+        set_production(self.root, dataset, candidate.version)
+        return Published(dataset, candidate.version, final, promotion, location=str(final))
+
+    def _fence(self, candidate: Candidate, promotion: PromotionDecision, hide: Path) -> None:
+        """Refuse (and take ``hide`` out of sight: a staging name first, so no torn version is ever visible) if
+        the pointer moved since the champion comparison."""
+        pointer = self.root / candidate.dataset / POINTER
+        try:
+            check_fence(candidate.dataset, candidate.version, promotion.champion_version,
+                        read_production(self.root, candidate.dataset), str(pointer))
+        except (PublishConflict, ChampionUnreadable):
+            if not hide.name.startswith(STAGING_PREFIX):  # already visible: out of sight first, then removed
+                hide = hide.rename(hide.with_name(f"{STAGING_PREFIX}{hide.name}-refused"))
+            shutil.rmtree(hide, ignore_errors=True)
+            raise
 
     def record_unpublished(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str,
                            reason: str, documents: dict[str, bytes]) -> str | None:

@@ -22,6 +22,20 @@ class ChampionUnreadable(RuntimeError):
     """The production model cannot be loaded or scored, so no challenger can be compared with it."""
 
 
+class PublishConflict(RuntimeError):
+    """Production moved while this run published (its lock lapsed): the fence refused to move it again."""
+
+
+def check_fence(dataset: str, version: str, compared: str | None, current: str | None, where: str) -> None:
+    """Compare-and-swap's compare: production must still name the champion ``version`` was compared against."""
+    if current != compared:
+        raise PublishConflict(
+            f"{dataset}: {version} not published: production ({where}) moved from {compared or 'nothing'} to "
+            f"{current or 'nothing'} after this run compared against it; another run published meanwhile (this "
+            "run's lock had lapsed, e.g. while it was paused), so this comparison is stale and production was left "
+            "as the other run set it")
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One trained and evaluated model on its way to the registry: everything publishing needs, typed."""
@@ -57,7 +71,7 @@ class Registry(Protocol):
 
     def production(self, dataset: str) -> str | None: ...
 
-    def champion_profile(self, dataset: str) -> Path | None: ...
+    def champion_profile(self, dataset: str, dest_dir: Path) -> Path | None: ...
 
     def load_version(self, dataset: str, version: str) -> tuple[str, Any]: ...
 

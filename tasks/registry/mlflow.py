@@ -6,6 +6,7 @@ run, and those runs are the dataset's history (the MLflow UI charts them).
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import uuid
 from pathlib import Path
@@ -25,12 +26,21 @@ from tasks.results import Lineage, Metrics
 __all__ = ["MlflowRegistry", "is_mlflow_uri"]
 
 
+def _credentials_kept_out(method):
+    """Run a registry method with MLflow's errors stripped of the tracking URI's credentials."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with self.mlflow.credentials_kept_out():
+            return method(self, *args, **kwargs)
+    return wrapped
+
+
 class MlflowRegistry:
     """The Registry interface over ``tasks.registry.mlflow_server``: production is the registered model's alias."""
 
     def __init__(self, tracking_uri: str):
         self.mlflow = MlflowServer(tracking_uri)
-        self.location = self.mlflow.tracking_uri
+        self.location = self.mlflow.shown  # credentials in the URI reach MLflow's client only
 
     def __repr__(self) -> str:
         return f"MlflowRegistry({self.location})"
@@ -40,29 +50,37 @@ class MlflowRegistry:
         local = Path(tempfile.gettempdir()) / "train-mnist-locks" / f"{uuid.uuid5(uuid.NAMESPACE_URL, self.location)}"
         return publish_lock(self.location, dataset, local / dataset)
 
+    @_credentials_kept_out
     def production(self, dataset: str) -> str | None:
         return self.mlflow.production(dataset)
 
-    def champion_profile(self, dataset: str) -> Path | None:
-        """The data profile stored with the production version's run, downloaded to a temporary file."""
+    @_credentials_kept_out
+    def champion_profile(self, dataset: str, dest_dir: Path) -> Path | None:
+        """The data profile stored with the production version's run, downloaded into ``dest_dir``."""
         version = self.mlflow.production(dataset)
-        return self.mlflow.download_profile(dataset, version) if version else None
+        return self.mlflow.download_profile(dataset, version, dest_dir / "champion") if version else None
 
+    @_credentials_kept_out
     def load_version(self, dataset: str, version: str) -> tuple[str, Any]:
         return self.mlflow.model_uri(dataset, version), self.mlflow.load_model(dataset, version)
 
     def champion_predictions(self, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray:
         uri = self.mlflow.model_uri(dataset, champion)
         fix = champion_fix_hint(f"the {dataset!r} model's alias in {self.location}")
-        return scored_champion(dataset, champion, uri, pixels,
-                               lambda x: score(self.mlflow.load_model(dataset, champion), x).argmax(axis=1), fix)
+        def predict(x: np.ndarray) -> np.ndarray:
+            with self.mlflow.credentials_kept_out():
+                return score(self.mlflow.load_model(dataset, champion), x).argmax(axis=1)
 
+        return scored_champion(dataset, champion, uri, pixels, predict, fix)
+
+    @_credentials_kept_out
     def publish(self, candidate: Candidate, promotion: PromotionDecision, documents: dict[str, bytes]) -> Published:
         record = self._record(candidate, promotion, "published", "gates and champion comparison passed", documents,
-                              promote=True)
+                              promote=True, compared=promotion.champion_version)
         return Published(candidate.dataset, candidate.version, None, promotion, location=record.run_url,
                          registry_version=record.model_version)
 
+    @_credentials_kept_out
     def record_unpublished(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str,
                            reason: str, documents: dict[str, bytes]) -> str | None:
         return self._record(candidate, promotion, decision, reason, documents, promote=False).run_url
@@ -71,6 +89,7 @@ class MlflowRegistry:
                        published: Published | None = None) -> None:
         """The experiment's MLflow runs are the history (the MLflow UI charts them across runs)."""
 
+    @_credentials_kept_out
     def record_failure(self, dataset: str, version: str, stage: str, reason: str,
                        validation_report: Path | None = None) -> None:
         """A run that stopped before training: an MLflow run with nothing but why (no model, no metrics)."""
@@ -81,7 +100,7 @@ class MlflowRegistry:
         """Registered versions are MLflow's to keep; nothing is deleted from the server."""
 
     def _record(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str, reason: str,
-                documents: dict[str, bytes], promote: bool):
+                documents: dict[str, bytes], promote: bool, compared: str | None = None):
         with tempfile.TemporaryDirectory() as tmp:
             paths = dict(candidate.files)
             for name, data in documents.items():
@@ -91,7 +110,8 @@ class MlflowRegistry:
                 metrics=mlflow_metrics(candidate.metrics, promotion), tags=lineage_tags(candidate.lineage),
                 artifacts=paths, decision=decision, reason=reason,
                 # A model that failed its gates is not a version anyone should load; the run keeps its numbers.
-                model_path=candidate.model_path if candidate.decision.passed else None, promote=promote)
+                model_path=candidate.model_path if candidate.decision.passed else None, promote=promote,
+                compared=compared)
 
 
 def mlflow_metrics(metrics: Metrics, promotion: PromotionDecision | None) -> dict[str, float]:

@@ -17,9 +17,12 @@ A failed gate, a refused challenger or an unreadable champion leaves the alias w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tempfile
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ import numpy as np
 
 from tasks import artifacts
 from tasks.datasets import NUM_PIXELS
+from tasks.locations import redact
+from tasks.registry.interface import check_fence
 
 PRODUCTION_ALIAS = "production"
 EXPERIMENT_PREFIX = "train-mnist"
@@ -69,12 +74,27 @@ class MlflowServer:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        self.tracking_uri = tracking_uri.rstrip("/")
+        self.tracking_uri = tracking_uri.rstrip("/")  # for MLflow's client only: it may hold credentials
+        self.shown = redact(self.tracking_uri)  # for everything a person or another host sees
+        netloc = urllib.parse.urlsplit(self.tracking_uri).netloc
+        self._secret = netloc.rsplit("@", 1)[0] + "@" if "@" in netloc else None
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
     def __repr__(self) -> str:
-        return f"MlflowServer({self.tracking_uri})"
+        return f"MlflowServer({self.shown})"
+
+    @contextlib.contextmanager
+    def credentials_kept_out(self) -> Iterator[None]:
+        """MLflow's own errors quote the tracking URI, credentials included: such an error is raised again
+        without them, and without the original chained to it (a traceback would print it)."""
+        try:
+            yield
+        except Exception as exc:
+            if self._secret is None or self._secret not in str(exc):
+                raise
+            text = str(exc).replace(self._secret, "***@")
+            raise MlflowRegistryError(f"{self.shown}: {type(exc).__name__}: {text}") from None
 
     # ---- reading the champion ------------------------------------------------------------------
 
@@ -87,8 +107,8 @@ class MlflowServer:
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
                 return None  # no registered model, or no alias yet: the first version decides by its gates
-            raise MlflowRegistryError(f"{self.tracking_uri}: cannot read alias {PRODUCTION_ALIAS!r} of "
-                                      f"registered model {dataset!r}: {exc}") from exc
+            raise MlflowRegistryError(f"{self.shown}: cannot read alias {PRODUCTION_ALIAS!r} of "
+                                      f"registered model {dataset!r}: {exc}") from None
 
     def model_uri(self, dataset: str, version: str) -> str:
         return f"models:/{dataset}/{version}"
@@ -99,27 +119,30 @@ class MlflowServer:
 
         import_keras()
         self._use_server()
-        return self._mlflow.keras.load_model(self.model_uri(dataset, version), dst_path=tempfile.mkdtemp(),
-                                             load_model_kwargs={"safe_mode": True, "compile": False})
+        with tempfile.TemporaryDirectory(prefix="train-mnist-champion-") as copy:  # the loaded model needs no file
+            return self._mlflow.keras.load_model(self.model_uri(dataset, version), dst_path=copy,
+                                                 load_model_kwargs={"safe_mode": True, "compile": False})
 
     def version_tag(self, dataset: str, version: str, tag: str) -> str | None:
         return self.client.get_model_version(dataset, version).tags.get(tag)
 
-    def download_profile(self, dataset: str, version: str) -> Path | None:
-        """The data profile stored with a registered version's run (a local copy), if it has one."""
+    def download_profile(self, dataset: str, version: str, dest_dir: Path) -> Path | None:
+        """The data profile stored with a registered version's run, copied into ``dest_dir``, if it has one."""
         run_id = self.client.get_model_version(dataset, version).run_id
         names = {a.path for a in self.client.list_artifacts(run_id)}
         if PROFILE_ARTIFACT not in names:
             return None
-        return Path(self.client.download_artifacts(run_id, PROFILE_ARTIFACT, tempfile.mkdtemp()))
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, PROFILE_ARTIFACT, str(dest_dir)))
 
     # ---- recording a run -------------------------------------------------------------------------
 
     def record_run(self, dataset: str, version: str, *, params: dict[str, Any], metrics: dict[str, float],
                    tags: dict[str, str], artifacts: dict[str, Path], decision: Decision, reason: str,
-                   model_path: Path | None = None, promote: bool = False) -> MlflowRecord:
-        """One MLflow run for one dataset; the model logged as a new registered version when given,
-        and the production alias moved to it when ``promote``."""
+                   model_path: Path | None = None, promote: bool = False, compared: str | None = None) -> MlflowRecord:
+        """One MLflow run for one dataset; the model logged as a new registered version when given, and the
+        production alias moved to it when ``promote``, fenced: only if it still names ``compared`` (the champion
+        the run was compared against; None: no alias yet)."""
         experiment_id = self._experiment(dataset)
         run = self.client.create_run(experiment_id, run_name=version, tags={
             VERSION_TAG: version, DECISION_TAG: decision, REASON_TAG: reason[:MAX_TAG_CHARS],
@@ -132,15 +155,22 @@ class MlflowServer:
                 if path.is_file():
                     self.client.log_artifact(run_id, str(path), artifact_path=_artifact_folder(name))
             if model_path is not None:
+                if promote:
+                    self._fence(dataset, version, compared)
                 model_version = self._log_model(run_id, dataset, version, model_path)
                 self.client.set_model_version_tag(dataset, model_version, DECISION_TAG, decision)
                 if promote:
+                    self._fence(dataset, version, compared)
                     self.client.set_registered_model_alias(dataset, PRODUCTION_ALIAS, model_version)
         except BaseException:
             self.client.set_terminated(run_id, status="FAILED")
             raise
         self.client.set_terminated(run_id, status="FINISHED")
-        return MlflowRecord(run_id, model_version, f"{self.tracking_uri}/#/experiments/{experiment_id}/runs/{run_id}")
+        return MlflowRecord(run_id, model_version, f"{self.shown}/#/experiments/{experiment_id}/runs/{run_id}")
+
+    def _fence(self, dataset: str, version: str, compared: str | None) -> None:
+        where = f"alias {PRODUCTION_ALIAS!r} of registered model {dataset!r} in {self.shown}"
+        check_fence(dataset, version, compared, self.production(dataset), where)
 
     def record_failure(self, dataset: str, version: str, stage: str, reason: str,
                        artifacts: dict[str, Path]) -> MlflowRecord:
@@ -194,7 +224,7 @@ class MlflowServer:
             )
         registered = info.registered_model_version
         if registered is None:
-            raise MlflowRegistryError(f"{self.tracking_uri}: model of run {run_id} was not registered as {dataset!r}")
+            raise MlflowRegistryError(f"{self.shown}: model of run {run_id} was not registered as {dataset!r}")
         self.client.set_model_version_tag(dataset, str(registered), VERSION_TAG, version)
         return str(registered)
 

@@ -29,6 +29,7 @@ def mlflow_server(root: Path) -> Iterator[MlflowServer]:
     port = free_port()
     log = root / "mlflow-server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job consumers: tests run no MLflow jobs
     proc = spawn([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                   "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                   "--artifacts-destination", str(root / "artifacts")], env, root, log)

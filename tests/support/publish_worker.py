@@ -235,8 +235,14 @@ def _install_hooks(log_fd: int, delay: float, current: dict[str, str]) -> None:
 
 
 def publish_loop(registry: str, dataset: str, candidate: Candidate, step_log: str, delay: float,
-                 count: int | None = None, start=None) -> None:
-    """Publish ``count`` new versions (forever if None), logging each step to ``step_log``."""
+                 count: int | None = None, start=None, api_url: str | None = None) -> None:
+    """Publish ``count`` new versions (forever if None), logging each step to ``step_log``; with ``api_url``, as a
+    run reporting to that Prefect server does (its publish lock includes the server's concurrency limit)."""
+    if api_url is not None:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            return publish_loop(registry, dataset, candidate, step_log, delay, count, start)
     current = {"version": "-"}
     log_fd = os.open(step_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     _install_hooks(log_fd, delay, current)
