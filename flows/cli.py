@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     kinds: dict[str, dict[str, Any]] = {
         "model": {"choices": list(get_args(ModelKind))}, "epochs": {"type": int}, "min_accuracy": {"type": float},
         "min_class_recall": {"type": float}, "train_rows": {"type": int}, "seed": {"type": int},
-        "promotion_tolerance": {"type": float}, "fan_out": {"action": "store_true", "default": None}}
+        "promotion_tolerance": {"type": float}, "fan_out": {"action": "store_true", "default": None},
+        "child_timeout_minutes": {"type": float}}
     for name, help_text in parameter_help().items():
         parser.add_argument(f"--{name.replace('_', '-')}", help=help_text, **kinds.get(name, {}))
     return parser.parse_args(argv)

@@ -29,7 +29,7 @@ from tasks.datasets import (
 )
 from tasks.download import ChecksumMismatch, DownloadError, DownloadRefused, SourceNotFound, download_task, retry_delays
 from tasks.evaluate import evaluate_task
-from tasks.fanout import DATASET_DEPLOYMENT, child_outcome, run_child_task
+from tasks.fanout import CHILD_TIMEOUT_MINUTES, DATASET_DEPLOYMENT, child_outcome, run_child_task
 from tasks.gate import gate_task
 from tasks.locations import SOURCE_PATTERN, LocationError
 from tasks.outcome import (
@@ -140,6 +140,7 @@ def train_mnist(
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = DEFAULT_SEED,
     promotion_tolerance: Fraction = DEFAULT_TOLERANCE,
     fan_out: bool = False,
+    child_timeout_minutes: Annotated[float, Field(gt=0)] = CHILD_TIMEOUT_MINUTES,
 ) -> dict[str, str] | State:
     """Retrain and publish each requested dataset (``all``, one name, or names separated by commas).
 
@@ -164,6 +165,8 @@ def train_mnist(
         promotion_tolerance: Largest accuracy drop accepted against the production model.
         fan_out: Run each dataset as its own flow run of the train-mnist/dataset deployment, on whichever
             worker is free, and wait for all of them (default: one after the other, in this process).
+        child_timeout_minutes: With fan_out, how long to wait for each dataset's run; one still not finished
+            is cancelled and named in the failure (with no worker on the train queue it would wait forever).
     """
     from prefect.runtime import deployment, flow_run
 
@@ -178,8 +181,8 @@ def train_mnist(
     specs = [with_gate_overrides(s, min_accuracy, min_class_recall) for s in specs]
     version = run_version()
     if fan_out:
-        children = [run_child_task.submit(DATASET_DEPLOYMENT, spec.name, dict(flow_run.parameters))
-                    for spec in specs]
+        children = [run_child_task.submit(DATASET_DEPLOYMENT, spec.name, dict(flow_run.parameters),
+                                          child_timeout_minutes) for spec in specs]
         return summarize_outcomes([child_outcome(child.result()) for child in children], version)
     states = {spec.name: train_dataset(spec, settings, train_config_for(spec.recipe, model, epochs, seed, train_rows),
                                        version, PromotionPolicy(tolerance=promotion_tolerance), deployment.name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -164,3 +165,58 @@ def test_a_child_failing_its_gate_fails_the_parent_naming_it_and_the_other_still
     assert children["fashion-mnist"].state_type.value == "FAILED"
     assert registry.production("fashion-mnist") == before
     assert registry.production("mnist") != mnist_before
+
+
+# ---- no run waits forever ----------------------------------------------------------------------------
+
+
+def parent_run(monkeypatch, deployment: str, **params):
+    """The nightly parent in this process (reporting to the test server), fanning out to ``deployment``."""
+    import flows.train as flow_module
+
+    monkeypatch.setattr(flow_module, "DATASET_DEPLOYMENT", deployment)
+    return flow_module.train_mnist(dataset="mnist,fashion-mnist", fan_out=True, **SHORT, **params, return_state=True)
+
+
+def summary_of(server: Server, flow_run_id: UUID) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with server.client() as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["train-mnist-summary"]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    assert found, "the parent wrote no summary"
+    return found[0].data
+
+
+def test_children_nobody_picks_up_are_cancelled_at_their_deadline_and_named(prefect_api, monkeypatch):
+    """Before: with no worker on the train queue the parent stayed Running for good (timeout=None)."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with prefect_api.client() as client:
+        client.create_work_pool(WorkPoolCreate(name="no-train-worker", type="process"), overwrite=True)
+        flow_id = client.create_flow_from_name("train-mnist")
+        client.create_deployment(flow_id=flow_id, name="nobody-picks-up", work_pool_name="no-train-worker",
+                                 work_queue_name="train", entrypoint="flows/train.py:train_mnist")
+    started = time.monotonic()
+    state = parent_run(monkeypatch, "train-mnist/nobody-picks-up", child_timeout_minutes=0.1)
+    assert time.monotonic() - started < 120
+    assert state.is_failed()
+    message = state.message
+    assert "2 of 2 dataset(s) not published: mnist, fashion-mnist" in message, message
+    assert message.count("Cancelled while Scheduled") == 2 and "child deadline of 0.1 min" in message, message
+    with prefect_api.client() as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert sorted(c.state_type.value for c in children) == ["CANCELLED", "CANCELLED"]
+    assert "Cancelled while Scheduled" in summary_of(prefect_api, state.state_details.flow_run_id)
+
+
+def test_a_child_that_cannot_be_created_fails_but_every_child_is_collected_and_summarised(prefect_api, monkeypatch):
+    """Before: the first child's error was re-raised at its .result(); no other child was collected, no summary."""
+    state = parent_run(monkeypatch, "train-mnist/no-such-deployment")
+    assert state.is_failed()
+    message = state.message
+    assert "2 of 2 dataset(s) not published: mnist, fashion-mnist" in message, message
+    assert message.count("could not be created or followed: ObjectNotFound") == 2, message
+    summary = summary_of(prefect_api, state.state_details.flow_run_id)
+    assert "mnist" in summary and "fashion-mnist" in summary and "NotRun" in summary
