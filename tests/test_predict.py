@@ -104,3 +104,49 @@ def test_input_is_validated_like_training_data(registry, rows, tmp_path):
     short = write_csv(tmp_path / "short.csv", rows[:, :100])
     result = predict("--dataset", "mnist", str(short), "--registry", str(registry))
     assert result.returncode == 1 and "short.csv" in result.stderr and "column layout" in result.stderr, result.stderr
+
+
+def test_a_headerless_file_of_784_fields_is_refused_as_ambiguous(registry, rows, tmp_path):
+    """Before: the training layout with its last column lost was read as pixels only, every pixel shifted by one."""
+    lost_column = write_csv(tmp_path / "lost.csv", rows[:, :-1])
+    result = predict("--dataset", "mnist", str(lost_column), "--registry", str(registry))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "lost.csv: rows of 784 fields and no header" in result.stderr and "--pixels-only" in result.stderr
+    assert not (tmp_path / "lost.predictions.csv").exists()
+
+
+def test_pixels_only_without_a_header_is_scored_when_the_option_says_so(registry, rows, tmp_path):
+    source = write_csv(tmp_path / "pixels.csv", rows[:, 1:])
+    result = predict("--dataset", "mnist", str(source), "--registry", str(registry), "--pixels-only")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "pixels.predictions.csv", newline="") as fh:
+        predicted = [int(r[1]) for r in list(csv.reader(fh))[1:]]
+    expected = load_production_model("mnist", registry).model.predict(rows[:, 1:], verbose=0).argmax(axis=1)
+    assert predicted == expected.tolist()
+    training = write_csv(tmp_path / "training.csv", rows)  # the option refuses what is not pixels only
+    result = predict("--dataset", "mnist", str(training), "--registry", str(registry), "--pixels-only")
+    assert result.returncode == 1 and "--pixels-only, but its first line has 785 fields" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["pointer names no version", "model file gone", "mlflow unreachable"])
+def test_an_unreadable_production_model_is_one_line_not_a_traceback(registry, rows, tmp_path, damage):
+    import shutil
+
+    source = write_csv(tmp_path / "rows.csv", rows)
+    env = None
+    if damage == "mlflow unreachable":
+        where = "http://127.0.0.1:9"  # nothing listens there
+        env = {**__import__("os").environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    else:
+        where = str(shutil.copytree(registry, tmp_path / "registry"))
+        version = (tmp_path / "registry" / "mnist" / "production").read_text().strip()
+        if damage == "pointer names no version":
+            (tmp_path / "registry" / "mnist" / "production").write_text("no-such-version\n")
+        else:
+            (tmp_path / "registry" / "mnist" / version / "model.keras").unlink()
+    result = subprocess.run([TRAIN_MNIST, "predict", "--dataset", "mnist", str(source), "--registry", where],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train-mnist predict:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "mnist" in lines[0]
