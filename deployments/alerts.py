@@ -6,16 +6,18 @@ made, so it can be rerun after changing the URL or the deadline:
 * a webhook notification block (``CustomWebhookNotificationBlock``, named ``train-mnist-alerts``)
   that POSTs ``{"subject": ..., "body": ...}`` as JSON to the URL;
 * automation ``train-mnist nightly failed``: a ``train-mnist/nightly`` flow run entering Failed or
-  Crashed sends one notification naming the dataset, the stage, the reason (the run's state
-  message) and a link to the run. Only the deployment's own run matches (its per-dataset subflow
+  Crashed sends one notification naming each dataset that was not published, the stage it stopped
+  at and why, and a link to the run. Only the deployment's own run matches (its per-dataset subflow
   runs carry no deployment), so a failed night sends exactly one message. A failed stage, a failed
   gate, a refused challenger or canary, failed validation or drift all fail the run; a crash (the
   process killed) is reported by the runner or worker as Crashed;
 * automation ``train-mnist nightly overdue``: a nightly run that has been Running for the deadline
   (``--deadline-minutes``, default ``DEADLINE_MINUTES``) without reaching a final state.
 
-The stage is read from the state message, whose lines each stage writes in a known form
-(``STAGE_PHRASES``); a message matching none is reported as stage ``unknown`` with the message in full.
+Which datasets failed, where and why is data, not words: before a run ends Failed it labels itself with each
+unpublished dataset's stage and reason (``tasks.outcome.failure_labels``), and the notification lists those
+labels. A run that ended without them (a crash, or a bug before the outcomes were known) is reported as such,
+with its state message.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from datetime import timedelta
 
 from prefect.automations import Automation, EventTrigger, Posture, SendNotification
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+from tasks.outcome import FAILED_LABEL
 
 BLOCK_NAME = "train-mnist-alerts"
 FLOW_NAME = "train-mnist"
@@ -44,40 +48,31 @@ FAILED_EVENTS = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
 FINAL_EVENTS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Crashed",
                 "prefect.flow-run.Cancelled"}
 
-# (phrase in the state message, stage), first match wins; the messages come from tasks/*.py.
-STAGE_PHRASES: tuple[tuple[str, str], ...] = (
-    ("gate failed", "gate"),
-    ("canary failed", "publish (canary)"),
-    ("not promoted over champion", "publish (champion comparison)"),
-    ("champion", "publish (champion comparison)"),
-    ("failed validation", "validate"),
-    ("checksum", "download"),
-    ("unknown dataset", "configuration"),
-    ("download", "download"),
-    ("convert", "convert"),
-    ("evaluat", "evaluate"),
-    ("train", "train"),
-    ("publish", "publish"),
-)
+def _label(name: str) -> str:
+    """Jinja for one of the run's labels (``name`` is Jinja text that evaluates to the label's key)."""
+    return f"flow_run.labels.get({name}, '')"
 
 
-def _stage_template() -> str:
-    """Jinja that names the stage from ``flow_run.state.message`` (lower-cased) with ``STAGE_PHRASES``."""
-    branches = "".join(f"{'{% if' if i == 0 else '{% elif'} {phrase!r} in message %}}{stage}"
-                       for i, (phrase, stage) in enumerate(STAGE_PHRASES))
-    crashed = "{% elif flow_run.state.type.value == 'CRASHED' %}crashed (the process died; see the run's logs)"
-    return "{% set message = (flow_run.state.message or '') | lower %}" + branches + crashed + \
-        "{% else %}unknown{% endif %}"
-
-
-FAILED_SUBJECT = "train-mnist nightly {{ flow_run.state.name }}: {{ flow_run.parameters.get('dataset', 'all') }}"
+FAILED_DATASETS = "{% set failed = (" + _label(repr(FAILED_LABEL)) + " or '').split(',') | select | list %}"
+FAILED_SUBJECT = (FAILED_DATASETS + "train-mnist nightly {{ flow_run.state.name }}: "
+                  "{{ failed | join(', ') if failed else flow_run.parameters.get('dataset', 'all') }}")
 FAILED_BODY = (
+    FAILED_DATASETS +
     "train-mnist nightly run {{ flow_run.name }} ended {{ flow_run.state.name }}.\n"
+    "{% for name in failed %}\n"
+    "dataset: {{ name }}\n"
+    "stage: {{ " + _label("'train-mnist.' ~ name ~ '.stage'") + " }}\n"
+    "reason: {{ " + _label("'train-mnist.' ~ name ~ '.reason'") + " }}\n"
+    "{% else %}\n"
     "dataset: {{ flow_run.parameters.get('dataset', 'all') }}\n"
-    "stage: " + _stage_template() + "\n"
+    "stage: {{ 'crashed (the process died; see the logs of the run)' if flow_run.state.type.value == 'CRASHED' "
+    "else 'unknown (stopped before the outcome of any dataset was known; see the logs of the run)' }}\n"
     "reason: {{ flow_run.state.message }}\n"
+    "{% endfor %}\n"
     "flow run: {{ flow_run|ui_url }}\n"
 )
+
+
 OVERDUE_SUBJECT = "train-mnist nightly overdue: {{ labels['prefect.resource.name'] }}"
 OVERDUE_BODY = (
     "train-mnist nightly run {{ labels['prefect.resource.name'] }} has been running for more than {minutes} "

@@ -29,6 +29,7 @@ from tasks.datasets import (
 )
 from tasks.download import ChecksumMismatch, DownloadError, DownloadRefused, SourceNotFound, download_task, retry_delays
 from tasks.evaluate import evaluate_task
+from tasks.expected_failures import quiet_expected_failures
 from tasks.fanout import CHILD_TIMEOUT_MINUTES, DATASET_DEPLOYMENT, child_outcome, run_child_task
 from tasks.gate import gate_task
 from tasks.locations import SOURCE_PATTERN, LocationError
@@ -36,7 +37,6 @@ from tasks.outcome import (
     DatasetOutcome,
     NotPublished,
     outcome_of,
-    quiet_expected_failures,
     stopped_outcome,
     summarize_outcomes,
 )
@@ -118,7 +118,8 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
     candidate = Candidate(
         dataset=spec.name, version=version, model_path=trained.model, metrics=evaluation.metrics, decision=decision,
         lineage=Lineage.of_run([data.train_raw, data.test_raw], report, parameters), test_parquet=data.test_parquet,
-        predictions_path=evaluation.predictions_path, parameters=parameters,
+        predictions_path=evaluation.predictions_path, probabilities_path=evaluation.probabilities_path,
+        parameters=parameters,
         files={path.name: path for path in (trained.curves, report.report_path, report.profile_path) if path})
     outcome = publish_task(settings.registry_location, candidate, policy=policy,
                            validation_report=write_validation_html(report.report_path))

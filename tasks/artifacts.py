@@ -20,6 +20,7 @@ RESUME_FILE = "resume.json"  # whether this training resumed from a backup, and 
 TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.json"  # in a version: also the gate, lineage, promotion and canary
 PREDICTIONS_FILE = "predictions.npy"  # the predicted class of every test row
+PROBABILITIES_FILE = "probabilities.npy"  # the class probabilities of every test row (float32)
 
 # ---- a published version -------------------------------------------------------------------------
 CONFUSION_CSV = "confusion_matrix.csv"

@@ -3,13 +3,17 @@
 This is what a user does (``keras.saving.load_model(path, safe_mode=True)``, raw 0..255 pixel rows
 in, probabilities out), done in a new interpreter so nothing from the training process (imported
 custom objects, warm graphs, loaded weights) can hide a model that does not load on its own. The
-canary batch is the first ``CANARY_ROWS`` test rows; the predicted classes there must equal the ones
-the evaluation stage recorded (``predictions.npy``). The batch and those classes are kept beside the
-model in the registry (``canary.npz``), so the check can be repeated on any version later:
-``python -m tasks.canary <version>/model.keras <version>/canary.npz``.
+canary batch is the first batch the evaluation stage scored, whole (``CANARY_ROWS`` = ``PREDICT_BATCH``
+test rows), and it is scored the same way, so the numbers are the evaluation's: the predicted classes
+must equal the ones it recorded (``predictions.npy``), and every probability must be within
+``PROBABILITY_TOLERANCE`` of its ``probabilities.npy``. (Scored in batches of another size, a model's
+float32 sums come out in another order, and a near-tie could flip a class of a good model.) The batch and
+what was recorded are kept beside the model in the registry (``canary.npz``), so the check can be repeated
+on any version later: ``python -m tasks.canary <version>/model.keras <version>/canary.npz``.
 
-Refused when the model does not load (or the process fails or hangs), any prediction differs, or
-the warm batch latency exceeds ``LATENCY_BUDGET_S``. Load time and latency are recorded either way.
+Refused when the model does not load (or the process fails or hangs), any prediction differs, or the warm
+latency of a ``LATENCY_ROWS``-row batch exceeds ``LATENCY_BUDGET_S``. Load time and latency are recorded
+either way.
 """
 
 from __future__ import annotations
@@ -26,9 +30,14 @@ import numpy as np
 from pydantic import BaseModel
 
 from tasks import artifacts
+from tasks.model_io import PREDICT_BATCH
 
-CANARY_ROWS = 256
+CANARY_ROWS = PREDICT_BATCH
 CANARY_FILE = artifacts.CANARY_FILE
+# The same rows in the same batch on the same machine give the same float32 numbers; the tolerance only
+# absorbs what a fresh process may order differently, far below any margin that decides a class.
+PROBABILITY_TOLERANCE = 1e-4
+LATENCY_ROWS = 256
 # Warm latency of one 256-row batch. Measured on the 2-core CI machine: ~0.03-0.1 s for every model
 # kind; the budget leaves room for a busy machine and catches a model that is pathologically slow.
 LATENCY_BUDGET_S = 2.0
@@ -44,6 +53,7 @@ class CanaryResult(BaseModel):
     matched: bool
     rows: int
     mismatched_rows: int | None = None
+    max_probability_difference: float | None = None  # against the evaluation's probabilities, when recorded
     import_s: float | None = None  # importing Keras/TensorFlow in the fresh process
     load_s: float | None = None  # keras.saving.load_model, safe mode
     first_batch_s: float | None = None  # first call, includes graph tracing
@@ -52,20 +62,25 @@ class CanaryResult(BaseModel):
     reasons: list[str]
 
 
-def write_canary_batch(pixels: np.ndarray, expected: np.ndarray, dest: Path) -> Path:
-    """The first ``CANARY_ROWS`` rows and the classes the evaluation predicted for them, as ``canary.npz``."""
+def write_canary_batch(pixels: np.ndarray, expected: np.ndarray, dest: Path,
+                       probabilities: np.ndarray | None = None) -> Path:
+    """The first ``CANARY_ROWS`` rows, the classes the evaluation predicted for them and (when given) its
+    probabilities, as ``canary.npz``."""
     n = min(CANARY_ROWS, len(pixels))
-    if n == 0 or len(expected) != len(pixels):
-        raise ValueError(f"canary batch: {len(pixels)} test rows and {len(expected)} predictions; expected the "
-                         "same, non-zero number")
+    if n == 0 or len(expected) != len(pixels) or probabilities is not None and len(probabilities) != len(pixels):
+        raise ValueError(f"canary batch: {len(pixels)} test rows, {len(expected)} predictions"
+                         f"{'' if probabilities is None else f' and {len(probabilities)} probability rows'}; "
+                         "expected the same, non-zero number")
+    recorded = {} if probabilities is None else {"probabilities": np.asarray(probabilities[:n], dtype=np.float32)}
     with open(dest, "wb") as fh:
-        np.savez(fh, pixels=pixels[:n], expected=np.asarray(expected[:n], dtype=np.int64))
+        np.savez(fh, pixels=pixels[:n], expected=np.asarray(expected[:n], dtype=np.int64), **recorded)
         fh.flush()
         os.fsync(fh.fileno())
     return dest
 
 
-def decide(measured: dict, expected: np.ndarray, budget_s: float) -> CanaryResult:
+def decide(measured: dict, expected: np.ndarray, budget_s: float,
+           expected_probabilities: np.ndarray | None = None) -> CanaryResult:
     """The verdict on what the fresh process reported (``measured``, see ``score_in_this_process``)."""
     rows = len(expected)
     timings = {k: measured.get(k) for k in ("import_s", "load_s", "first_batch_s", "latency_s")}
@@ -83,19 +98,30 @@ def decide(measured: dict, expected: np.ndarray, budget_s: float) -> CanaryResul
         reasons.append(f"PASS predictions: all {rows} canary rows predicted as the evaluation recorded" if not mismatched
                        else f"FAIL predictions: {mismatched} of {rows} canary rows differ from the evaluation's "
                             f"predictions (first rows {first})")
+    difference = None
+    if expected_probabilities is not None and not mismatched:
+        found = np.asarray(measured["probabilities"], dtype=np.float64)
+        if found.shape != expected_probabilities.shape:
+            difference, mismatched = float("inf"), rows
+        else:
+            gaps = np.abs(found - expected_probabilities).max(axis=1)
+            difference, mismatched = float(gaps.max()), int(np.sum(gaps > PROBABILITY_TOLERANCE))
+        close = mismatched == 0
+        reasons.append(f"{'PASS' if close else 'FAIL'} probabilities: largest difference from the evaluation's "
+                       f"{difference:.2e} {'<=' if close else '>'} tolerance {PROBABILITY_TOLERANCE:.0e}")
     fast = measured["latency_s"] <= budget_s
-    reasons.append(f"{'PASS' if fast else 'FAIL'} latency: {measured['latency_s']:.4f} s per {rows}-row batch "
-                   f"{'<=' if fast else '>'} budget {budget_s:.4f} s (load {measured['load_s']:.2f} s)")
+    reasons.append(f"{'PASS' if fast else 'FAIL'} latency: {measured['latency_s']:.4f} s per "
+                   f"{measured.get('latency_rows', rows)}-row batch {'<=' if fast else '>'} budget {budget_s:.4f} s "
+                   f"(load {measured['load_s']:.2f} s)")
     matched = mismatched == 0
     return CanaryResult(passed=matched and fast, loaded=True, matched=matched, rows=rows, mismatched_rows=mismatched,
-                        latency_budget_s=budget_s, reasons=reasons, **timings)
+                        max_probability_difference=difference, latency_budget_s=budget_s, reasons=reasons, **timings)
 
 
 def run_canary(model_path: Path, batch_path: Path, budget_s: float = LATENCY_BUDGET_S,
                timeout_s: float = PROCESS_TIMEOUT_S) -> CanaryResult:
     """Score ``batch_path`` with ``model_path`` in a fresh ``python -m tasks.canary`` process and decide."""
-    with np.load(batch_path, allow_pickle=False) as batch:
-        expected = batch["expected"]
+    expected, probabilities = recorded(batch_path)
     with tempfile.TemporaryDirectory(prefix="canary-") as tmp:
         out = Path(tmp) / "result.json"
         try:
@@ -110,7 +136,13 @@ def run_canary(model_path: Path, batch_path: Path, budget_s: float = LATENCY_BUD
             else:
                 measured = {"error": f"the canary process for {model_path} exited with {proc.returncode} and no "
                                      f"result: {proc.stderr.strip()[-2000:]}"}
-    return decide(measured, expected, budget_s)
+    return decide(measured, expected, budget_s, probabilities)
+
+
+def recorded(batch_path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """What ``canary.npz`` says the evaluation found: the classes, and the probabilities if it kept them."""
+    with np.load(batch_path, allow_pickle=False) as batch:
+        return batch["expected"], batch["probabilities"].astype(np.float64) if "probabilities" in batch else None
 
 
 def score_in_this_process(model_path: Path, batch_path: Path) -> dict:
@@ -127,15 +159,15 @@ def score_in_this_process(model_path: Path, batch_path: Path) -> dict:
         model = load_model(model_path)
         measured |= {"load_s": time.perf_counter() - started, "loaded": True}
         started = time.perf_counter()
-        probabilities = score(model, pixels)  # batched as evaluation scored these rows
+        probabilities = score(model, pixels)  # one batch, as evaluation scored these rows
         measured["first_batch_s"] = time.perf_counter() - started
         calls = []
         for _ in range(TIMED_CALLS):
             started = time.perf_counter()
-            score(model, pixels)
+            score(model, pixels[:LATENCY_ROWS])
             calls.append(time.perf_counter() - started)
-        measured["latency_s"] = float(np.median(calls))
-        measured["predictions"] = probabilities.argmax(axis=1).tolist()
+        measured |= {"latency_s": float(np.median(calls)), "latency_rows": min(LATENCY_ROWS, len(pixels)),
+                     "predictions": probabilities.argmax(axis=1).tolist(), "probabilities": probabilities.tolist()}
     except Exception as exc:  # noqa: BLE001 - any failure is the canary's finding, reported in full
         stage = "score" if measured["loaded"] else "load"
         measured["error"] = f"{model_path} failed to {stage} in a fresh process ({type(exc).__name__}: {exc})"
@@ -155,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(measured))
         return 0
-    with np.load(args.batch, allow_pickle=False) as batch:
-        result = decide(measured, batch["expected"], LATENCY_BUDGET_S)
+    expected, probabilities = recorded(args.batch)
+    result = decide(measured, expected, LATENCY_BUDGET_S, probabilities)
     print(result.model_dump_json(indent=2))
     return 0 if result.passed else 1
 

@@ -12,7 +12,8 @@ from tasks.model_io import predict_probabilities
 from tasks.parquet import load_xy
 from tasks.results import ConfusedPair, Evaluation, Metrics, read_metrics
 
-METRICS_FILE, PREDICTIONS_FILE = artifacts.METRICS_FILE, artifacts.PREDICTIONS_FILE
+METRICS_FILE, PREDICTIONS_FILE, PROBABILITIES_FILE = (artifacts.METRICS_FILE, artifacts.PREDICTIONS_FILE,
+                                                      artifacts.PROBABILITIES_FILE)
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -46,12 +47,14 @@ def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: 
 
 
 def evaluate_model(model_path: Path, test_parquet: Path, class_names: list[str], out_dir: Path) -> Path:
-    """Score ``model_path`` on the test split; write ``metrics.json`` and ``predictions.npy`` to ``out_dir``."""
+    """Score ``model_path`` on the test split; write ``metrics.json``, ``predictions.npy`` (classes) and
+    ``probabilities.npy`` to ``out_dir``."""
     pixels, labels = load_xy(test_parquet)
     probabilities = predict_probabilities(model_path, pixels)
     metrics = compute_metrics(labels, probabilities, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / PREDICTIONS_FILE, probabilities.argmax(axis=1).astype(np.int16))
+    np.save(out_dir / PROBABILITIES_FILE, probabilities.astype(np.float32))
     return storage.write_text(out_dir / METRICS_FILE, metrics.model_dump_json(indent=2))
 
 
@@ -67,4 +70,5 @@ def evaluate_task(model_path: Path, test_parquet: Path, class_names: list[str], 
     metrics = read_metrics(path)
     get_run_logger().info("%s test accuracy %.4f, loss %.4f; most confused %s", dataset, metrics.test_accuracy,
                           metrics.test_loss, [(p.true, p.predicted, p.count) for p in metrics.most_confused[:3]])
-    return Evaluation(metrics_path=path, predictions_path=path.with_name(PREDICTIONS_FILE), metrics=metrics)
+    return Evaluation(metrics_path=path, predictions_path=path.with_name(PREDICTIONS_FILE), metrics=metrics,
+                      probabilities_path=path.with_name(PROBABILITIES_FILE))

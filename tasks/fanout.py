@@ -17,7 +17,7 @@ from uuid import UUID
 
 from prefect import task
 
-from tasks.outcome import DatasetOutcome
+from tasks.outcome import DatasetOutcome, stage_label
 from tasks.versions import run_version_name
 
 DATASET_DEPLOYMENT = "train-mnist/dataset"
@@ -39,6 +39,7 @@ class ChildRun:
     state: str  # Prefect state name: Completed, Failed, Crashed, Cancelled, ...
     message: str
     completed: bool
+    stage: str | None = None  # where the child's dataset stopped, as the child run's labels say
 
 
 def child_parameters(parameters: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -68,7 +69,15 @@ def run_child(deployment: str, dataset: str, parameters: dict[str, Any], timeout
                                                             in NOT_STARTED else ""))
     return ChildRun(dataset=dataset, flow_run_id=run.id, name=run.name,
                     version=run_version_name(run.expected_start_time, run.id), state=name, message=message,
-                    completed=bool(state and state.is_completed()))
+                    completed=bool(state and state.is_completed()), stage=child_stage(run.id, dataset))
+
+
+def child_stage(run_id: UUID, dataset: str) -> str | None:
+    """The stage the child run's dataset stopped at, from the labels it set before it ended."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return (client.read_flow_run(run_id).labels or {}).get(stage_label(dataset))
 
 
 def cancel_run(run_id: UUID, state_type: str) -> None:
@@ -94,6 +103,6 @@ def child_outcome(child: ChildRun) -> DatasetOutcome:
     headline = f"{child.dataset}: child run {child.name} {child.state}" + (f": {lines[0]}" if lines else "")
     return DatasetOutcome(dataset=child.dataset, version=child.version, published=child.completed,
                           headline=headline, reasons=[line.lstrip("- ") for line in lines[1:]],
-                          stage=None if child.completed else "child run",
+                          stage=None if child.completed else child.stage or "child run",
                           flow_run_id=str(child.flow_run_id) if child.flow_run_id else None)
 

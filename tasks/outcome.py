@@ -9,7 +9,6 @@ messages as Markdown). Only a real bug shows a traceback.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,7 +18,18 @@ from tasks.promote import PromotionDecision
 from tasks.results import GateDecision
 
 NOT_PUBLISHED = "NOT PUBLISHED"
-ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
+# Flow-run labels that say, as data, which datasets a run did not publish, where each stopped and why: the
+# failure alert (deployments/alerts.py) and a fanned-out parent read these, never the words of a message.
+FAILED_LABEL = "train-mnist.failed"
+MAX_LABEL_CHARS = 1000
+
+
+def stage_label(dataset: str) -> str:
+    return f"train-mnist.{dataset}.stage"
+
+
+def reason_label(dataset: str) -> str:
+    return f"train-mnist.{dataset}.reason"
 
 
 class NotPublished(Exception):
@@ -158,9 +168,32 @@ def summarize_outcomes(outcomes: list[DatasetOutcome], version: str):
     except Exception as exc:  # noqa: BLE001 - a view; the outcome must not depend on it
         logger.warning("could not create the run's summary artifact: %s: %s", type(exc).__name__, exc)
     if published < len(outcomes):
+        try:
+            label_failures(outcomes)
+        except Exception as exc:  # noqa: BLE001 - the alert falls back to the state message
+            logger.warning("could not label the run with its failures: %s: %s", type(exc).__name__, exc)
         message = run_failure_message(outcomes)
         return Failed(message=message, data=NotPublished(message))
     return {o.dataset: o.version for o in outcomes}
+
+
+def failure_labels(outcomes: list[DatasetOutcome]) -> dict[str, str]:
+    """Each unpublished dataset, the stage it stopped at and why, as flow-run labels."""
+    failed = [o for o in outcomes if not o.published]
+    labels = {FAILED_LABEL: ",".join(o.dataset for o in failed)}
+    for o in failed:
+        labels[stage_label(o.dataset)] = o.stage or "unknown"
+        labels[reason_label(o.dataset)] = "; ".join([o.headline, *o.reasons])[:MAX_LABEL_CHARS]
+    return labels
+
+
+def label_failures(outcomes: list[DatasetOutcome]) -> None:
+    """Put ``failure_labels`` on the current flow run (before it ends, so its Failed event carries them)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run_labels(flow_run.id, failure_labels(outcomes))
 
 
 # ---- the parent run's summary ---------------------------------------------------------------------
@@ -225,43 +258,3 @@ def run_summary_markdown(outcomes: list[DatasetOutcome], run_urls: dict[str, str
         if o.validation_report:
             lines.append(f"Validation report (self-contained HTML, opens offline): `{o.validation_report}`")
     return "\n".join(lines) + "\n"
-
-
-# ---- the log: one clean line per expected failure -------------------------------------------------
-
-
-class ExpectedFailureLogFilter(logging.Filter):
-    """Keeps Prefect's engines from repeating an expected failure with tracebacks.
-
-    Prefect 3.8 logs a task's exception with its traceback ("Task run failed with exception"), its
-    final state at ERROR with the whole message, and, for a deployment run that ends Failed, "Engine
-    execution exited with unexpected exception" with another traceback. For the expected failures
-    (``expected``) the run already logs the reasons once and its state message holds them, so records
-    carrying such an exception are dropped and the task's final-state line becomes one short INFO
-    line. Any other exception is logged by Prefect as usual, traceback included.
-    """
-
-    def __init__(self, expected: tuple[type[BaseException], ...]):
-        super().__init__("train-mnist-expected-failures")
-        self.expected = (*expected, NotPublished)
-        self._markers = tuple(f"encountered an exception {cls.__name__}:" for cls in self.expected)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and isinstance(exc, self.expected):
-            return False
-        if record.levelno >= logging.ERROR and isinstance(record.msg, str) \
-                and record.msg.startswith("Finished in state Failed(") and any(m in record.msg for m in self._markers):
-            first = record.msg.split("\\n", 1)[0].split("\n", 1)[0]
-            record.msg, record.args = "%s", (first.replace("Finished in state Failed('Task run encountered an "
-                                                          "exception ", "Finished in state Failed: ", 1),)
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-def quiet_expected_failures(expected: tuple[type[BaseException], ...]) -> None:
-    """Install the filter on Prefect's engine loggers once per process (a flow calls this when it starts)."""
-    for name in ENGINE_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.filters = [f for f in logger.filters if not isinstance(f, ExpectedFailureLogFilter)]
-        logger.addFilter(ExpectedFailureLogFilter(expected))

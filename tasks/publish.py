@@ -99,7 +99,8 @@ def version_documents(candidate: Candidate, promotion: PromotionDecision | None,
 
 def check_canary(candidate: Candidate, pixels: np.ndarray, challenger: np.ndarray, batch: Path) -> CanaryResult:
     """Score the candidate's model on its canary batch in a fresh process; refuse the promotion if it fails."""
-    result = run_canary(candidate.model_path, write_canary_batch(pixels, challenger, batch))
+    probabilities = np.load(candidate.probabilities_path) if candidate.probabilities_path else None
+    result = run_canary(candidate.model_path, write_canary_batch(pixels, challenger, batch, probabilities))
     if not result.passed:
         raise CanaryRefused(f"{candidate.dataset}: {candidate.version} not promoted, its canary failed in a fresh "
                             "Python process (nothing published):\n- " + "\n- ".join(result.reasons))

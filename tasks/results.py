@@ -125,6 +125,7 @@ class Evaluation:
     metrics_path: Path
     predictions_path: Path
     metrics: Metrics
+    probabilities_path: Path | None = None  # each test row's class probabilities, as evaluation scored them
 
 
 class GateDecision(BaseModel):

@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from tasks.canary import CANARY_FILE, CANARY_ROWS, LATENCY_BUDGET_S, run_canary, write_canary_batch
+from tasks.canary import (
+    CANARY_FILE,
+    CANARY_ROWS,
+    LATENCY_BUDGET_S,
+    PROBABILITY_TOLERANCE,
+    run_canary,
+    write_canary_batch,
+)
 from tasks.convert import convert_to_parquet
 from tasks.evaluate import evaluate_model, read_metrics
 from tasks.publish import CanaryRefused
@@ -29,14 +36,22 @@ def evaluated(mnist_slice, slice_mirror, tmp_path_factory):
     metrics = evaluate_model(model, parquet["test"], list(mnist_slice.class_names), run)
     pixels, _ = load_xy(parquet["test"])
     return {"model": model, "metrics": metrics, "test": parquet["test"], "pixels": pixels,
-            "predictions": np.load(run / "predictions.npy"), "run": run}
+            "predictions": np.load(run / "predictions.npy"), "probabilities": np.load(run / "probabilities.npy"),
+            "run": run}
+
+
+def canary_rows(evaluated) -> int:
+    return min(CANARY_ROWS, len(evaluated["pixels"]))
 
 
 def test_a_good_model_passes_and_its_times_are_recorded(evaluated, tmp_path):
-    batch = write_canary_batch(evaluated["pixels"], evaluated["predictions"], tmp_path / CANARY_FILE)
+    batch = write_canary_batch(evaluated["pixels"], evaluated["predictions"], tmp_path / CANARY_FILE,
+                               evaluated["probabilities"])
     result = run_canary(evaluated["model"], batch)
     assert result.passed and result.loaded and result.matched, result.reasons
-    assert result.rows == CANARY_ROWS and result.mismatched_rows == 0
+    assert result.rows == canary_rows(evaluated) and result.mismatched_rows == 0
+    # Scored as the evaluation scored them (the same rows in one batch): the same numbers.
+    assert result.max_probability_difference is not None and result.max_probability_difference <= PROBABILITY_TOLERANCE
     assert 0 < result.load_s and 0 < result.latency_s <= LATENCY_BUDGET_S and result.first_batch_s > 0
     print(f"\ncanary (cnn-bn, fresh process): import {result.import_s:.2f} s, load {result.load_s:.3f} s, "
           f"first batch {result.first_batch_s:.3f} s, latency {result.latency_s:.4f} s per {result.rows} rows")
@@ -48,7 +63,17 @@ def test_a_prediction_that_differs_is_refused(evaluated, tmp_path):
     result = run_canary(evaluated["model"], write_canary_batch(evaluated["pixels"], expected, tmp_path / CANARY_FILE))
     assert not result.passed and result.loaded and not result.matched
     assert result.mismatched_rows == 1
-    assert any("FAIL predictions: 1 of 256 canary rows differ" in r and "[7]" in r for r in result.reasons)
+    assert any(f"FAIL predictions: 1 of {canary_rows(evaluated)} canary rows differ" in r and "[7]" in r
+               for r in result.reasons)
+
+
+def test_probabilities_that_differ_beyond_the_tolerance_are_refused_even_with_the_same_classes(evaluated, tmp_path):
+    recorded = evaluated["probabilities"].astype(np.float64)
+    recorded[3] += 10 * PROBABILITY_TOLERANCE * np.sign(0.5 - recorded[3])  # each value moved, the order kept
+    batch = write_canary_batch(evaluated["pixels"], evaluated["predictions"], tmp_path / CANARY_FILE, recorded)
+    result = run_canary(evaluated["model"], batch)
+    assert not result.passed and not result.matched and result.mismatched_rows == 1
+    assert any(r.startswith("FAIL probabilities: largest difference") for r in result.reasons), result.reasons
 
 
 def test_latency_over_the_budget_is_refused(evaluated, tmp_path):
@@ -69,7 +94,8 @@ def test_a_model_that_does_not_load_is_refused_naming_the_file(evaluated, tmp_pa
 
 def test_publish_records_the_canary_and_a_failing_one_publishes_nothing(evaluated, tmp_path):
     registry = tmp_path / "registry"
-    kwargs = {"test_parquet": evaluated["test"], "predictions_path": evaluated["run"] / "predictions.npy"}
+    kwargs = {"test_parquet": evaluated["test"], "predictions_path": evaluated["run"] / "predictions.npy",
+              "probabilities_path": evaluated["run"] / "probabilities.npy"}
     metrics = read_metrics(evaluated["metrics"])
     good = publish_model(registry, DATASET, "20250101T000000Z-good00", evaluated["model"], metrics, PASSED, LINEAGE,
                          **kwargs)
@@ -78,6 +104,8 @@ def test_publish_records_the_canary_and_a_failing_one_publishes_nothing(evaluate
     assert "## Canary" in (good.path / "model_card.md").read_text()
     with np.load(good.path / CANARY_FILE) as saved:
         assert np.array_equal(saved["expected"], evaluated["predictions"][:CANARY_ROWS])
+        assert np.array_equal(saved["probabilities"], evaluated["probabilities"][:CANARY_ROWS])
+    assert doc["canary"]["max_probability_difference"] <= PROBABILITY_TOLERANCE
 
     broken = tmp_path / "broken" / "model.keras"
     broken.parent.mkdir()

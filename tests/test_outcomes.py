@@ -200,3 +200,20 @@ def test_artifacts_failing_after_publish_is_a_warning_and_the_version_is_publish
     warnings = [log.message for log in logs_of(parent, child.id) if log.level == 30]
     assert any("is published (production points at it), but its Prefect artifacts could not be created" in w
                and "artifact API unavailable" in w for w in warnings), warnings
+
+
+def test_a_damaged_production_pointer_stops_the_run_before_training_as_stage_champion(prefect_api, mirror,
+                                                                                   datasets_file, tmp_path):
+    """Before: a ChampionUnreadable raised before training was recorded in the history as stage download."""
+    pointer = tmp_path / "registry" / "tiny" / "production"
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text("no-such-version\n")
+    state = run(tmp_path, mirror, datasets_file, dataset="tiny")
+    assert state.is_failed()
+    assert "production pointer" in state.message and "no-such-version" in state.message
+    [entry] = read_history(tmp_path / "registry", "tiny")
+    assert (entry.outcome, entry.stage) == ("failed", "champion"), entry
+    parent, _ = family(state)
+    with get_client(sync_client=True) as client:
+        labels = client.read_flow_run(parent).labels
+    assert labels["train-mnist.failed"] == "tiny" and labels["train-mnist.tiny.stage"] == "champion"

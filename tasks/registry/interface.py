@@ -49,6 +49,7 @@ class Candidate:
     test_parquet: Path
     predictions_path: Path
     files: dict[str, Path] = field(default_factory=dict)  # stored with the version: curves, reports, profile
+    probabilities_path: Path | None = None  # evaluation's probabilities: the canary compares them too
     parameters: dict[str, Any] = field(default_factory=dict)  # recipe and run parameters
 
 

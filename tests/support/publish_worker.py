@@ -96,13 +96,14 @@ def registry_candidate(dataset: str, candidate: Candidate, version: str | None =
 
 def publish_model(registry_dir: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
                   decision: GateDecision, lineage: Lineage | dict, *, test_parquet: Path, predictions_path: Path,
-                  files: dict[str, Path] | None = None, **kwargs) -> registry_module.Published:
+                  files: dict[str, Path] | None = None, probabilities_path: Path | None = None,
+                  **kwargs) -> registry_module.Published:
     """Publish a real model file to a folder registry, as the flow's publish task does."""
     lineage = Lineage.model_validate(lineage)
     candidate = registry_module.Candidate(dataset=dataset, version=version, model_path=model_path, metrics=metrics,
                                           decision=decision, lineage=lineage, test_parquet=test_parquet,
                                           predictions_path=predictions_path, files=files or {},
-                                          parameters=lineage.parameters)
+                                          parameters=lineage.parameters, probabilities_path=probabilities_path)
     return publish_version(FolderRegistry(registry_dir), candidate, **kwargs)
 
 
