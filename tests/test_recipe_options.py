@@ -1,0 +1,73 @@
+"""The recipe options of issue 19: the new architectures, the optimizers, and the moving average of the weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.flops import model_forward_flops
+from tasks.architectures import build_model
+from tasks.datasets import Recipe, TrainConfig, train_config_for
+from tasks.fitting import training_weights_keeper
+from tasks.model_io import load_model
+from tasks.parquet import load_xy
+from tasks.train import train_model
+
+
+@pytest.fixture(scope="module")
+def tiny_parquet(mnist_slice, slice_mirror, tmp_path_factory):
+    from tasks.convert import convert_to_parquet
+
+    root = tmp_path_factory.mktemp("recipes")
+    return convert_to_parquet(slice_mirror / mnist_slice.train.path, root / "train.parquet", bool(mnist_slice.header))
+
+
+@pytest.mark.parametrize(("model", "low", "high"), [("cnn7", 0.75, 0.85), ("vgg", 1.45, 1.65)])
+def test_the_new_architectures_take_raw_rows_and_cost_what_their_docstrings_say(model, low, high):
+    built = build_model(TrainConfig(model=model), 10)
+    baseline = build_model(TrainConfig(model="cnn-bn"), 10)
+    assert tuple(built.output_shape) == (None, 10) and tuple(built.input_shape) == (None, 784)
+    ratio = model_forward_flops(built) / model_forward_flops(baseline)
+    assert low <= ratio <= high, ratio
+    probabilities = built.predict(np.full((3, 784), 255, np.float32), verbose=0)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_sgd_with_warm_up_rises_to_the_peak_rate_then_decays_to_zero():
+    config = TrainConfig(model="mlp", optimizer="sgd", learning_rate=0.05, warmup_epochs=1, epochs=4,
+                         weight_decay=5e-4)
+    optimizer = build_model(config, 10, steps_per_epoch=10).optimizer
+    schedule = optimizer._learning_rate  # the schedule itself (``learning_rate`` is its value now)
+    assert type(optimizer).__name__ == "SGD" and optimizer.nesterov and optimizer.weight_decay == 5e-4
+    assert float(schedule(0)) == 0.0 and float(schedule(10)) == pytest.approx(0.05)
+    assert float(schedule(5)) == pytest.approx(0.025) and float(schedule(40)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_a_run_with_another_model_keeps_the_augmentation_but_not_the_recipes_optimizer():
+    recipe = Recipe(model="vgg", epochs=14, optimizer="sgd", learning_rate=0.05, ema=0.999, horizontal_flip=True)
+    own = train_config_for(recipe)
+    other = train_config_for(recipe, model="cnn-bn")
+    assert (own.optimizer, own.learning_rate, own.ema) == ("sgd", 0.05, 0.999)
+    assert (other.optimizer, other.learning_rate, other.ema) == ("adam", 1e-3, 0.0) and other.horizontal_flip
+
+
+def test_keras_writes_the_average_at_the_end_of_fit_and_the_keeper_puts_the_training_weights_back(tiny_parquet):
+    pixels, labels = load_xy(tiny_parquet, 256)
+    model = build_model(TrainConfig(model="mlp", ema=0.5, epochs=1), 10, steps_per_epoch=4)
+    keeper = training_weights_keeper()
+    model.fit(pixels.astype(np.float32), labels, epochs=1, batch_size=64, verbose=0, callbacks=[keeper])
+    averaged = [np.array(v) for v in model.trainable_variables]
+    keeper.restore(model)
+    trained = [np.array(v) for v in model.trainable_variables]
+    assert any(not np.allclose(a, t) for a, t in zip(averaged, trained, strict=True))
+    moving = [np.array(v) for v in model.optimizer._model_variables_moving_average]
+    assert all(np.allclose(m, a) for m, a in zip(moving, averaged, strict=True))
+
+
+def test_the_saved_model_holds_the_average_and_the_same_seed_gives_the_same_one(tiny_parquet, tmp_path):
+    config = TrainConfig(model="mlp", epochs=2, train_rows=640, validation_fraction=0, batch_size=64, ema=0.9)
+    first = load_model(train_model(tiny_parquet, 10, config, tmp_path / "a")).get_weights()
+    again = load_model(train_model(tiny_parquet, 10, config, tmp_path / "b")).get_weights()
+    plain = load_model(train_model(tiny_parquet, 10, config.model_copy(update={"ema": 0.0}), tmp_path / "c"))
+    assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
+    assert any(not np.allclose(x, y) for x, y in zip(first, plain.get_weights(), strict=True))
