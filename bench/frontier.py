@@ -97,9 +97,10 @@ def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, tra
     """Train the recipe for ``budget`` of its epochs, evaluate on the test split; accuracy, CPU and wall time."""
     from bench.fitclock import FitClock
     from tasks.artifacts import CURVES_JSON
+    from tasks.datasets import train_config_for
     from tasks.evaluate import evaluate_model
     from tasks.results import read_metrics
-    from tasks.train import train_config_for, train_model
+    from tasks.train import train_model
 
     config = train_config_for(spec.recipe, epochs=epochs_for(budget, spec.recipe.epochs), seed=seed,
                               train_rows=train_rows)

@@ -20,8 +20,7 @@ BARE_FIT_SCRIPT = Path(__file__).with_name("run.py")
 
 def training_config(mode: Mode):
     """The config the flow trains mnist's mlp with, for ``mode``'s epochs and rows."""
-    from tasks.datasets import load_catalog
-    from tasks.train import train_config_for
+    from tasks.datasets import load_catalog, train_config_for
 
     return train_config_for(load_catalog()["mnist"].recipe, "mlp", mode.epochs, 42, mode.train_rows)
 
@@ -33,8 +32,9 @@ def bare_fit(parquet: Path, config_json: str, deterministic: bool = False) -> di
     import numpy as np
 
     from tasks.architectures import build_model
+    from tasks.datasets import TrainConfig
+    from tasks.fitting import split_rows, training_targets
     from tasks.model_io import import_keras
-    from tasks.train import TrainConfig, split_rows, training_targets
 
     config = TrainConfig.model_validate_json(config_json)
     import_seconds, keras = timed(import_keras)
@@ -111,8 +111,8 @@ def rows_for_steps(steps: int, batch_size: int, validation_fraction: float) -> i
 
 def bench_recipe_fits(work: Path, parquets: dict[str, Path], steps: int) -> FitClock:
     """Each dataset's nightly recipe through train_model for 2 epochs of ``steps`` full batches (utilization only)."""
-    from tasks.datasets import load_catalog
-    from tasks.train import TrainConfig, train_config_for, train_model
+    from tasks.datasets import TrainConfig, load_catalog, train_config_for
+    from tasks.train import train_model
 
     batch = TrainConfig.model_fields["batch_size"].default
     with FitClock().installed() as clock:

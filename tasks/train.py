@@ -16,15 +16,12 @@ from prefect import task
 
 from tasks import artifacts, storage
 from tasks.architectures import build_model, with_test_time_views
-from tasks.datasets import DEFAULT_EPOCHS, DEFAULT_SEED, TrainConfig, applied_parameters, train_config_for
+from tasks.datasets import TrainConfig
 from tasks.fitting import split_rows, training_targets, training_weights_keeper
 from tasks.model_io import import_keras, save_model
 from tasks.parquet import load_xy
 from tasks.results import TrainedModel
 from tasks.resume import TrainingBackup, backup_key, epoch_permutation
-
-__all__ = ["DEFAULT_EPOCHS", "DEFAULT_SEED", "TrainConfig", "applied_parameters", "train_config_for", "train_model",
-           "train_task"]
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]
 # (epoch, epochs, batch, batches, running logs), called inside an epoch at most every PROGRESS_EVERY_S

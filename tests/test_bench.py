@@ -14,8 +14,8 @@ import pytest
 from bench import flops, frontier
 from bench.fitclock import FitClock
 from bench.run import PROJECT_ROOT, rows_for_steps
-from tasks.datasets import load_catalog
-from tasks.train import TrainConfig, build_model, train_config_for
+from tasks.architectures import build_model
+from tasks.datasets import TrainConfig, load_catalog, train_config_for
 
 
 def test_forward_flops_follow_the_layer_formulas():

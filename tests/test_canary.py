@@ -16,10 +16,13 @@ from tasks.canary import (
     write_canary_batch,
 )
 from tasks.convert import convert_to_parquet
-from tasks.evaluate import evaluate_model, read_metrics
+from tasks.datasets import TrainConfig
+from tasks.evaluate import evaluate_model
+from tasks.parquet import load_xy
 from tasks.publish import CanaryRefused
 from tasks.registry.folder import STAGING_PREFIX, list_versions, read_production
-from tasks.train import TrainConfig, load_xy, train_model
+from tasks.results import read_metrics
+from tasks.train import train_model
 from tests.support.publish_worker import LINEAGE, PASSED, publish_model
 
 DATASET = "canary-test"

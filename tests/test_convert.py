@@ -7,7 +7,7 @@ import pytest
 
 from tasks.convert import convert_to_parquet, parquet_path
 from tasks.datasets import COLUMNS
-from tasks.train import load_xy
+from tasks.parquet import load_xy
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])

@@ -7,7 +7,6 @@ import json
 import pytest
 
 from tasks import publish
-from tasks.gate import GateDecision
 from tasks.publish import GateFailed
 from tasks.registry import folder as registry_module
 from tasks.registry.history import (
@@ -20,6 +19,7 @@ from tasks.registry.history import (
     read_history,
     render_trend,
 )
+from tasks.results import GateDecision
 from tests.support.publish_worker import (
     LINEAGE,
     PASSED,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tasks.evaluate import read_metrics
+from tasks.parquet import load_xy
 from tasks.promote import (
     PromotionPolicy,
     decide_promotion,
@@ -25,7 +25,7 @@ from tasks.publish import GateFailed, PromotionRefused
 from tasks.registry import ChampionUnreadable
 from tasks.registry.folder import dataset_lock, list_versions, read_production, set_production
 from tasks.registry.history import HISTORY_FILE, TREND_FILE
-from tasks.train import load_xy
+from tasks.results import read_metrics
 from tests.support.publish_worker import Candidate, make_candidate, publish_candidate
 
 DATASET = "mnist"

@@ -11,12 +11,12 @@ import pytest
 
 from tasks import publish
 from tasks.artifacts import VERSION_FILES
-from tasks.gate import GateDecision
 from tasks.model_card import confusion_matrix_csv, confusion_matrix_png, model_card
 from tasks.promote import PromotionPolicy, first_version_decision
 from tasks.publish import GateFailed
 from tasks.registry import folder as registry_module
 from tasks.registry.folder import STAGING_PREFIX, list_versions, read_production
+from tasks.results import GateDecision
 from tests.support.publish_worker import (
     CLASS_NAMES,
     DUMMY_MODEL,

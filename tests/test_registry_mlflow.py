@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.gate import GateDecision
 from tasks.promote import PromotionPolicy
 from tasks.publish import GateFailed, PromotionRefused, publish_version
 from tasks.registry import ChampionUnreadable, MlflowRegistry, open_registry
 from tasks.registry.mlflow_server import DECISION_TAG, REASON_TAG
+from tasks.results import GateDecision
 from tests.support.publish_worker import LINEAGE, PASSED, registry_candidate
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]

@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.convert import convert_to_parquet
-from tasks.evaluate import evaluate_model, read_metrics
+from tasks.datasets import TrainConfig
+from tasks.evaluate import evaluate_model
+from tasks.results import read_metrics
 from tasks.resume import BACKUP_PREFIX, EPOCH_PREFIX, STATE_FILE, backup_key
 from tasks.settings import PROJECT_ROOT
-from tasks.train import TrainConfig
 
 pytestmark = pytest.mark.slow
 

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 
 from tasks.convert import convert_to_parquet
-from tasks.datasets import NUM_PIXELS, Gates
-from tasks.evaluate import compute_metrics, evaluate_model, read_metrics
+from tasks.datasets import DEFAULT_EPOCHS, NUM_PIXELS, Gates, TrainConfig, train_config_for
+from tasks.evaluate import compute_metrics, evaluate_model
 from tasks.gate import check_gates
 from tasks.model_io import load_model
-from tasks.train import DEFAULT_EPOCHS, TrainConfig, load_xy, train_config_for, train_model
+from tasks.parquet import load_xy
+from tasks.results import read_metrics
+from tasks.train import train_model
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +183,8 @@ def test_label_smoothing_and_erasing_train_from_plain_labels_and_save_a_fixed_sc
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_label_smoothing_spreads_that_share_of_each_target_over_the_classes(smoothing):
-    from tasks.train import build_model, training_targets
+    from tasks.architectures import build_model
+    from tasks.fitting import training_targets
 
     config = TrainConfig(model="mlp", label_smoothing=smoothing)
     model = build_model(config, 10)

@@ -24,14 +24,13 @@ import pyarrow.parquet as pq
 
 from tasks import publish, storage
 from tasks.canary import LATENCY_BUDGET_S, CanaryResult
-from tasks.convert import SCHEMA
-from tasks.evaluate import Metrics, compute_metrics
-from tasks.gate import GateDecision
+from tasks.evaluate import compute_metrics
+from tasks.parquet import SCHEMA
 from tasks.publish import publish_version
 from tasks.registry import FolderRegistry
 from tasks.registry import folder as registry_module
 from tasks.registry.folder import POINTER, STAGING_PREFIX, is_complete_version, list_versions, read_production
-from tasks.results import Lineage
+from tasks.results import GateDecision, Lineage, Metrics
 from tasks.versions import new_version_name
 
 CLASS_NAMES = [f"class-{i}" for i in range(10)]

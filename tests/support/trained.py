@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from tasks.architectures import build_model
 from tasks.convert import convert_to_parquet
-from tasks.evaluate import evaluate_model, read_metrics
+from tasks.datasets import TrainConfig
+from tasks.evaluate import evaluate_model
 from tasks.model_io import import_keras, save_model
-from tasks.train import TrainConfig, build_model, load_xy
+from tasks.parquet import load_xy
+from tasks.results import read_metrics
 from tests.support.publish_worker import Candidate
 
 
