@@ -56,17 +56,43 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def machine() -> dict[str, Any]:
-    model = "unknown"
+# The CPU features that decide how fast (and, through oneDNN's kernels, how exactly) a model trains here.
+CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+
+
+def cpu_description() -> dict[str, Any]:
+    """Model name, family/model numbers and the flags that matter, from /proc/cpuinfo (``unknown`` elsewhere)."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor is enough
+            fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name", "unknown"), "cpu_vendor": fields.get("vendor_id", "unknown"),
+            "cpu_family": fields.get("cpu family"), "cpu_model_number": fields.get("model"),
+            "cpu_flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags]}
+
+
+def machine() -> dict[str, Any]:
     import pandas
     import prefect
     import pyarrow
 
-    return {"cpus": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+    return {"cpus": os.cpu_count(), **cpu_description(), "platform": platform.platform(),
             "python": platform.python_version(), "pyarrow": pyarrow.__version__, "pandas": pandas.__version__,
             "prefect": prefect.__version__, "load_average_at_start": list(os.getloadavg())}
+
+
+def keep_record(kind: str, record: dict[str, Any], folder: Path = RESULTS_DIR) -> Path:
+    """One file per benchmark run, meant to be committed: ``<UTC time>-<kind>.json`` with the command, the
+    machine and the date inside, so a number quoted in a README can be checked against what measured it."""
+    import json
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stamp}-{kind}.json"
+    path.write_text(json.dumps({"date": stamp, **record}, indent=2, default=str) + "\n")
+    return path

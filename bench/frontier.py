@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import keep_record
+
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGETS = "0.25,0.5,1.0"
 DEFAULT_SEEDS = "42"
@@ -266,5 +268,7 @@ def main(args: argparse.Namespace, machine: dict[str, Any]) -> int:
         print("no frontier points measured or kept", file=sys.stderr)
         return 1
     print(markdown(report["summary"], report))
-    print("wrote " + ", ".join(str(args.frontier_dir / name) for name in OUTPUT_NAMES.values()))
+    kept = keep_record("frontier", report) if args.frontier_dir == BENCH_DIR else None  # not a test's tiny run
+    print("wrote " + ", ".join(str(args.frontier_dir / name) for name in OUTPUT_NAMES.values())
+          + (f" and {kept}" if kept else ""))
     return 0

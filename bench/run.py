@@ -23,7 +23,7 @@ if str(PROJECT_ROOT) not in sys.path:  # run as a script, bench/ is on the path 
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench import flops, frontier  # noqa: E402
-from bench.common import FULL, QUICK, log, machine  # noqa: E402
+from bench.common import FULL, QUICK, keep_record, log, machine  # noqa: E402
 from bench.data_stages import (  # noqa: E402
     bench_conversion,
     bench_layouts,
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     results["total_seconds"] = time.perf_counter() - started
     results["targets_met"] = {m: verdict(m, results[m]) for m in TARGETS if m in results}
     args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    kept = keep_record("nightly" if args.nightly else results["mode"], results)
     print(f"{command}  ({results['mode']}, {results['machine']['cpus']} CPUs {results['machine']['cpu_model']}, "
           f"load {results['machine']['load_average_at_start'][0]:.1f})")
     print(table(results))
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nParquet layouts, {dataset} train (size / .csv.gz, write s, read to (N,784) s):")
         for name, r in layouts.items():
             print(f"  {name:62} {r['ratio']:6.3f} {r['write_s']:7.2f} {r['read_s']:7.3f}")
-    print(f"\nwrote {args.output}")
+    print(f"\nwrote {args.output} and {kept.relative_to(PROJECT_ROOT)}")
     return 0
 
 

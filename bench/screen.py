@@ -30,6 +30,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_description, keep_record  # noqa: E402
+
 CANDIDATES = Path(__file__).with_name("candidates.toml")
 MIRROR = ROOT / "data" / "mirror"
 # The budget of issue 19: each dataset's nightly recipe of 2026-12 (cnn-bn, 54,000 fit rows) and its epochs.
@@ -122,12 +124,34 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [{"name": c["name"], "dataset": c["dataset"], "config": {k: v for k, v in c.items() if k not in
              ("name", "dataset")}, "seed": seed, "cache": str(args.cache)} for seed in seeds for c in candidates]
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several processes share one GPU
+    runs = []
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool, open(args.out, "a") as out:
         for result in pool.imap_unordered(_worker, jobs):
             out.write(json.dumps(result) + "\n")
             out.flush()
             print(json.dumps(result), flush=True)
+            runs.append(result)
+    means = summary(runs)
+    for name, row in means.items():
+        print(f"{name:32} {row['mean_accuracy']:.4f} over seeds {row['seeds']} (budget ratio {row['budget_ratio']})")
+    kept = keep_record("screen", {"command": " ".join(["python bench/screen.py", *sys.argv[1:]]),
+                                  "machine": {"cpus": os.cpu_count(), **cpu_description()}, "means": means,
+                                  "runs": runs})
+    print(f"wrote {args.out} and {kept}")
     return 0
+
+
+def summary(runs: list[dict]) -> dict[str, dict]:
+    """Each candidate's mean test accuracy over the seeds that finished."""
+    out: dict[str, dict] = {}
+    for run in runs:
+        if "test_accuracy" in run:
+            row = out.setdefault(run["name"], {"accuracies": [], "seeds": [], "budget_ratio": run["budget_ratio"]})
+            row["accuracies"].append(run["test_accuracy"])
+            row["seeds"].append(run["seed"])
+    for row in out.values():
+        row["mean_accuracy"] = sum(row["accuracies"]) / len(row["accuracies"])
+    return out
 
 
 if __name__ == "__main__":
