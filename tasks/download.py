@@ -1,8 +1,10 @@
 """Stage 1: fetch a split's file from a mirror into the raw cache, verified and atomically renamed.
 
-Each file has a total deadline (not only a per-read socket timeout) and a maximum size. Network
-trouble is retried; answers that will not change (404/410, 400/401/403, refused or looping redirects,
-TLS certificate errors, a file over the size limit, wrong bytes) are not. Locations are shown redacted.
+Each attempt has a deadline covering the whole request (``tasks.transport`` opens locations: redirects,
+credentials, the deadline on every read), each file a total deadline across its attempts, and a maximum
+size. Network trouble is retried; answers that will not change (404/410, 400/401/403, refused or looping
+redirects, TLS certificate errors, a file over the size limit, wrong bytes) are not. Locations are shown
+redacted.
 """
 
 from __future__ import annotations
@@ -67,9 +69,7 @@ def _stream_to(stream: BinaryIO, dest: BinaryIO, shown: str, length: int | None,
             if size > max_bytes:
                 raise DownloadRefused(f"{shown}: more than the size limit of {max_bytes} bytes; stopped")
             if time.monotonic() > deadline:
-                of = f" of {length}" if length is not None else ""
-                raise DownloadError(f"{shown}: not complete within the deadline of {deadline_s:g} s "
-                                    f"({size}{of} bytes received)")
+                raise DeadlinePassed
     except DeadlinePassed:
         of = f" of {length}" if length is not None else ""
         raise DownloadError(f"{shown}: not complete within the deadline of {deadline_s:g} s "

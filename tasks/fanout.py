@@ -62,14 +62,16 @@ def run_child(deployment: str, dataset: str, parameters: dict[str, Any], timeout
     state = run.state
     name, message = (state.name, state.message or "") if state else ("Unknown", "")
     if not (state and state.is_final()):
-        cancel_run(run.id, state.type.value if state else "")
+        stuck = state.type.value if state else ""
+        cancel_run(run.id, stuck)
         name = f"Cancelled while {name}"
         message = (f"no final state within the child deadline of {timeout_minutes:g} min (parameter "
-                   f"child_timeout_minutes); cancelled" + (", no worker picked it up" if state and state.type.value
-                                                            in NOT_STARTED else ""))
+                   "child_timeout_minutes); cancelled")
+        message += ", no worker picked it up" if stuck in NOT_STARTED else ""
+    completed = bool(state and state.is_completed())
     return ChildRun(dataset=dataset, flow_run_id=run.id, name=run.name,
                     version=run_version_name(run.expected_start_time, run.id), state=name, message=message,
-                    completed=bool(state and state.is_completed()), stage=child_stage(run.id, dataset))
+                    completed=completed, stage=None if completed else child_stage(run.id, dataset))
 
 
 def child_stage(run_id: UUID, dataset: str) -> str | None:

@@ -4,34 +4,16 @@ waits past its deadline: not on trickled headers, and not across retries (one to
 from __future__ import annotations
 
 import base64
-import hashlib
 import time
-from pathlib import Path
 
 import pytest
 
-from tasks.datasets import SplitFile
 from tasks.download import DownloadError, DownloadRefused, download_task, fetch_file, raw_path
-from tasks.settings import BUNDLED_MIRROR
 from tests.support.fault_server import FaultServer, Redirect, Trickle, TrickleHeaders, partial_files
-from tests.support.slices import cut_slice
+from tests.support.slices import TINY_TRAIN
 
-PATH = "mnist/mnist_train.csv.gz"
-ROWS = 40
+PATH = TINY_TRAIN
 BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()
-
-
-@pytest.fixture(scope="module")
-def tiny_mirror(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny-mirror")
-    cut_slice(BUNDLED_MIRROR / PATH, root / PATH, ROWS, keep_header=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_spec(catalog, tiny_mirror):
-    sha = hashlib.sha256((tiny_mirror / PATH).read_bytes()).hexdigest()
-    return catalog["mnist"].model_copy(update={"train": SplitFile(path=PATH, rows=ROWS, sha256=sha)})
 
 
 @pytest.fixture

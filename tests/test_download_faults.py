@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from tasks.datasets import DatasetSpec, SplitFile
+from tasks.datasets import DatasetSpec
 from tasks.download import (
     ChecksumMismatch,
     DownloadError,
@@ -28,7 +28,6 @@ from tasks.download import (
     is_retryable,
     raw_path,
 )
-from tasks.settings import BUNDLED_MIRROR
 from tests.support.fault_server import (
     ChunkedCut,
     Fault,
@@ -42,30 +41,14 @@ from tests.support.fault_server import (
     WrongBytes,
     partial_files,
 )
-from tests.support.slices import cut_slice
+from tests.support.slices import TINY_TRAIN
 
-TINY_ROWS = 40  # ~10 KB of gzip: enough to cut in half, small enough to refetch many times
-PATH = "mnist/mnist_train.csv.gz"
+PATH = TINY_TRAIN
 DELAYS = [0.1, 0.2, 0.4]  # the doubling backoff flows/train.py configures, scaled down
 TIMEOUT_S = 0.5
 
 
 # ---- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_mirror(tmp_path_factory) -> Path:
-    """A mirror with the MNIST layout whose train file is the first rows of the real file."""
-    root = tmp_path_factory.mktemp("tiny-mirror")
-    cut_slice(BUNDLED_MIRROR / PATH, root / PATH, TINY_ROWS, keep_header=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_spec(catalog, tiny_mirror) -> DatasetSpec:
-    data = (tiny_mirror / PATH).read_bytes()
-    train = SplitFile(path=PATH, rows=TINY_ROWS, sha256=hashlib.sha256(data).hexdigest())
-    return catalog["mnist"].model_copy(update={"train": train})
 
 
 @pytest.fixture

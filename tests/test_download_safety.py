@@ -4,7 +4,6 @@ permanent failures are not retried, killed runs leave no litter, and a cache hit
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import ssl
 import subprocess
 import threading
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.datasets import DatasetConfigError, SplitFile, load_datasets_file
+from tasks.datasets import DatasetConfigError, load_datasets_file
 from tasks.download import (
     DownloadError,
     DownloadRefused,
@@ -24,26 +23,12 @@ from tasks.download import (
     raw_path,
 )
 from tasks.locations import LocationError, redact, resolve
-from tasks.settings import BUNDLED_MIRROR, Settings
+from tasks.settings import Settings
 from tasks.transport import _SafeRedirects
 from tests.support.fault_server import FaultServer, Redirect, Status, Trickle, partial_files
-from tests.support.slices import cut_slice
+from tests.support.slices import TINY_TRAIN
 
-PATH = "mnist/mnist_train.csv.gz"
-ROWS = 40
-
-
-@pytest.fixture(scope="module")
-def tiny_mirror(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny-mirror")
-    cut_slice(BUNDLED_MIRROR / PATH, root / PATH, ROWS, keep_header=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_spec(catalog, tiny_mirror):
-    sha = hashlib.sha256((tiny_mirror / PATH).read_bytes()).hexdigest()
-    return catalog["mnist"].model_copy(update={"train": SplitFile(path=PATH, rows=ROWS, sha256=sha)})
+PATH = TINY_TRAIN
 
 
 @pytest.fixture

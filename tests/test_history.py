@@ -6,9 +6,7 @@ import json
 
 import pytest
 
-from tasks import publish
 from tasks.publish import GateFailed
-from tasks.registry import folder as registry_module
 from tasks.registry.history import (
     HISTORY_FILE,
     TREND_FILE,
@@ -23,23 +21,12 @@ from tasks.results import GateDecision
 from tests.support.publish_worker import (
     LINEAGE,
     PASSED,
-    dummy_candidate,
-    fake_champion_scoring,
     publish_candidate,
     publish_model,
-    stand_in_canary,
 )
 
 DATASET = "history-test"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def candidate(tmp_path, monkeypatch):
-    cand = dummy_candidate(tmp_path / "candidate")
-    monkeypatch.setattr(registry_module, "predict_classes", fake_champion_scoring(cand))
-    monkeypatch.setattr(publish, "run_canary", stand_in_canary)
-    return cand
 
 
 def validation_report(path, kl: float):

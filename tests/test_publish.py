@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 
-from tasks import publish
 from tasks.artifacts import VERSION_FILES
 from tasks.model_card import confusion_matrix_csv, confusion_matrix_png, model_card
 from tasks.promote import PromotionPolicy, first_version_decision
@@ -23,25 +22,13 @@ from tests.support.publish_worker import (
     LINEAGE,
     PASSED,
     assert_registry_consistent,
-    dummy_candidate,
-    fake_champion_scoring,
     leftovers,
     make_candidate,
     publish_candidate,
-    stand_in_canary,
 )
 
 DATASET = "unit"
 FAILED = GateDecision(passed=False, reasons=["FAIL min_accuracy: test_accuracy 0.4000 < threshold 0.9000"])
-
-
-@pytest.fixture
-def candidate(tmp_path, monkeypatch):
-    """A consistent dummy candidate; the champion is scored as predicting what it predicts (a tie)."""
-    cand = dummy_candidate(tmp_path / "candidate")
-    monkeypatch.setattr(registry_module, "predict_classes", fake_champion_scoring(cand))
-    monkeypatch.setattr(publish, "run_canary", stand_in_canary)
-    return cand
 
 
 def test_publish_writes_a_complete_version_and_moves_the_pointer(tmp_path, candidate):

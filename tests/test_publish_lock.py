@@ -8,27 +8,15 @@ from pathlib import Path
 import pytest
 
 from tasks import publish, storage
-from tasks.registry import folder as registry_module
 from tasks.registry.folder import list_versions, read_production, set_production
 from tasks.registry.interface import PublishConflict
 from tasks.registry.lock import PublishLockUnsafe, limit_name
 from tests.support.publish_worker import (
-    dummy_candidate,
-    fake_champion_scoring,
     leftovers,
     publish_candidate,
-    stand_in_canary,
 )
 
 DATASET = "lock-test"
-
-
-@pytest.fixture
-def candidate(tmp_path, monkeypatch):
-    cand = dummy_candidate(tmp_path / "candidate")
-    monkeypatch.setattr(registry_module, "predict_classes", fake_champion_scoring(cand))
-    monkeypatch.setattr(publish, "run_canary", stand_in_canary)
-    return cand
 
 
 def set_limit(server, name: str, *, active: bool, limit: int) -> None:

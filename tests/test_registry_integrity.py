@@ -12,31 +12,19 @@ from scipy.stats import binomtest
 
 from flows import cli
 from flows import train as train_flow
-from tasks import publish, storage
+from tasks import storage
 from tasks.artifacts import PROFILE_FILE
 from tasks.promote import PromotionPolicy, decide_promotion
 from tasks.registry import ChampionUnreadable, FolderRegistry
-from tasks.registry import folder as registry_module
 from tasks.registry.folder import POINTER, list_versions, read_production
 from tests.support.publish_worker import (
     LINEAGE,
     PASSED,
-    dummy_candidate,
-    fake_champion_scoring,
     publish_candidate,
     publish_model,
-    stand_in_canary,
 )
 
 DATASET = "unit"
-
-
-@pytest.fixture
-def candidate(tmp_path, monkeypatch):
-    cand = dummy_candidate(tmp_path / "candidate")
-    monkeypatch.setattr(registry_module, "predict_classes", fake_champion_scoring(cand))
-    monkeypatch.setattr(publish, "run_canary", stand_in_canary)
-    return cand
 
 
 def damage(registry, how: str) -> None:

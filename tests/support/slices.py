@@ -10,6 +10,7 @@ from tasks.settings import BUNDLED_MIRROR
 from tasks.storage import sha256_file
 
 SLICE_ROWS = {"train": 3000, "test": 600}
+TINY_TRAIN, TINY_ROWS = "mnist/mnist_train.csv.gz", 40  # the download tests' mirror (conftest's tiny_mirror)
 
 
 def cut_slice(src: Path, dest: Path, rows: int, keep_header: bool) -> Path:
