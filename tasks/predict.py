@@ -109,12 +109,12 @@ def _with_label_column(csv_path: Path, tmp: Path, pixels_only: bool = False) -> 
         raise AmbiguousLayout(f"{csv_path}: --pixels-only, but its first line has {len(fields)} fields"
                               f"{' and is a header' if header else ''}; expected {NUM_PIXELS} pixel values per row "
                               "and no header")
-    if header and tuple(fields) != PIXEL_COLUMNS or not header and not pixels_only:
-        if not header and len(fields) == NUM_PIXELS:
-            raise AmbiguousLayout(
-                f"{csv_path}: rows of {NUM_PIXELS} fields and no header: pixels only, or the training layout "
-                f"({LABEL_COLUMN} + {NUM_PIXELS} pixels) with a column lost? Not scored. Add a header naming "
-                f"{PIXEL_COLUMNS[0]}..{PIXEL_COLUMNS[-1]}, or pass --pixels-only if the rows hold pixels only")
+    if not header and not pixels_only and len(fields) == NUM_PIXELS:
+        raise AmbiguousLayout(
+            f"{csv_path}: rows of {NUM_PIXELS} fields and no header: pixels only, or the training layout "
+            f"({LABEL_COLUMN} + {NUM_PIXELS} pixels) with a column lost? Not scored. Add a header naming "
+            f"{PIXEL_COLUMNS[0]}..{PIXEL_COLUMNS[-1]}, or pass --pixels-only if the rows hold pixels only")
+    if not (pixels_only or header and tuple(fields) == PIXEL_COLUMNS):
         return csv_path  # the training layout; validation names whatever else is wrong with it
     lines = data.splitlines(keepends=True)
     prefixed = [(f"{LABEL_COLUMN}," if header and i == 0 else "0,").encode() + line if line.strip() else line

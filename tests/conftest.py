@@ -35,16 +35,6 @@ from tests.support.publish_worker import dummy_candidate, fake_champion_scoring,
 from tests.support.slices import SLICE_ROWS, TINY_ROWS, TINY_TRAIN, build_slice_mirror, cut_slice, slice_spec  # noqa: E402
 from tests.support.trained import trained_models  # noqa: E402, F401 - a fixture for every test module
 
-# The test files that take longest (measured on 2 xdist workers: 170 s down to 55 s each) go first, so that
-# no long file starts last and holds one worker while the other idles (longest-processing-time first).
-LONGEST_FIRST = ("test_alerts", "test_readme", "test_fanout", "test_deployments", "test_flow", "test_registry_mlflow",
-                 "test_predict", "test_validate_bad_inputs", "test_resume")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(Path(item.fspath).stem, len(rank)))  # stable: the rest keep their order
-
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory) -> Iterator[Server]:
