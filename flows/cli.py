@@ -1,4 +1,5 @@
-"""The command line: ``python flows/train.py [options]``, ``train-mnist [options]`` and ``train-mnist predict``.
+"""The command line: ``python flows/train.py [options]``, ``train-mnist [options]``, ``train-mnist predict`` and
+``train-mnist serve``.
 
 The options are the flow's own parameters, described as the flow's docstring describes them (the
 Prefect UI's run form shows the same text), so the CLI and the UI cannot drift apart. Exit codes: 0 when
@@ -31,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python flows/train.py",
         description="Download, validate, convert, train, evaluate, gate and publish MNIST-like datasets.",
-        epilog="`train-mnist predict --help`: score a CSV with a dataset's production model.",
+        epilog="`train-mnist predict --help`: score a CSV with a dataset's production model; "
+               "`train-mnist serve --help`: serve the production models over HTTP.",
     )
     kinds: dict[str, dict[str, Any]] = {
         "model": {"choices": list(get_args(ModelKind))}, "epochs": {"type": int}, "min_accuracy": {"type": float},
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.predict import main as predict_main
 
         return predict_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        from tasks.serving.app import main as serve_main
+
+        return serve_main(argv[1:])
     args = parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors in the log
     from flows.train import train_mnist

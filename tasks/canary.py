@@ -148,7 +148,7 @@ def recorded(batch_path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 def score_in_this_process(model_path: Path, batch_path: Path) -> dict:
     """Load and score as a user would; timings and predicted classes, or the error that stopped it."""
     started = time.perf_counter()
-    from tasks.model_io import import_keras, load_model, score
+    from tasks.model_io import import_keras, load_model
 
     import_keras()
     measured: dict = {"import_s": time.perf_counter() - started, "loaded": False}
@@ -158,20 +158,41 @@ def score_in_this_process(model_path: Path, batch_path: Path) -> dict:
         started = time.perf_counter()
         model = load_model(model_path)
         measured |= {"load_s": time.perf_counter() - started, "loaded": True}
-        started = time.perf_counter()
-        probabilities = score(model, pixels)  # one batch, as evaluation scored these rows
-        measured["first_batch_s"] = time.perf_counter() - started
-        calls = []
-        for _ in range(TIMED_CALLS):
-            started = time.perf_counter()
-            score(model, pixels[:LATENCY_ROWS])
-            calls.append(time.perf_counter() - started)
-        measured |= {"latency_s": float(np.median(calls)), "latency_rows": min(LATENCY_ROWS, len(pixels)),
-                     "predictions": probabilities.argmax(axis=1).tolist(), "probabilities": probabilities.tolist()}
+        measured |= measure(model, pixels)
     except Exception as exc:  # noqa: BLE001 - any failure is the canary's finding, reported in full
         stage = "score" if measured["loaded"] else "load"
         measured["error"] = f"{model_path} failed to {stage} in a fresh process ({type(exc).__name__}: {exc})"
     return measured
+
+
+def measure(model, pixels: np.ndarray) -> dict:
+    """Score the canary batch with a loaded model, as evaluation scored it; the first call's time, the warm
+    latency of a ``LATENCY_ROWS``-row batch, and the classes and probabilities."""
+    from tasks.model_io import score
+
+    started = time.perf_counter()
+    probabilities = score(model, pixels)  # one batch, as evaluation scored these rows
+    measured = {"first_batch_s": time.perf_counter() - started}
+    calls = []
+    for _ in range(TIMED_CALLS):
+        started = time.perf_counter()
+        score(model, pixels[:LATENCY_ROWS])
+        calls.append(time.perf_counter() - started)
+    return measured | {"latency_s": float(np.median(calls)), "latency_rows": min(LATENCY_ROWS, len(pixels)),
+                       "predictions": probabilities.argmax(axis=1).tolist(), "probabilities": probabilities.tolist()}
+
+
+def check_loaded(model, batch_path: Path, load_s: float, budget_s: float = LATENCY_BUDGET_S) -> CanaryResult:
+    """The canary's verdict on a model already loaded in this process (the model server's check before it
+    swaps a new version in): the same predictions and probabilities as recorded at publish, within budget."""
+    expected, probabilities = recorded(batch_path)
+    with np.load(batch_path, allow_pickle=False) as batch:
+        pixels = batch["pixels"]
+    try:
+        measured = {"loaded": True, "load_s": load_s, **measure(model, pixels)}
+    except Exception as exc:  # noqa: BLE001 - a model that cannot score its own canary batch is refused
+        measured = {"loaded": True, "load_s": load_s, "error": f"failed to score ({type(exc).__name__}: {exc})"}
+    return decide(measured, expected, budget_s, probabilities)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,6 +126,11 @@ class FolderRegistry:
             raise FileNotFoundError(f"{dataset}: version {version}'s model file {path} does not exist")
         return str(path), load_model(path)
 
+    def canary_batch(self, dataset: str, version: str, dest_dir: Path | None = None) -> Path | None:
+        """The version's ``canary.npz`` (in place), if it has one."""
+        path = self.root / dataset / version / artifacts.CANARY_FILE
+        return path if path.is_file() else None
+
     def champion_predictions(self, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray:
         model_path = self.root / dataset / champion / artifacts.MODEL_FILE
         fix = champion_fix_hint(str(self.root / dataset / POINTER))

@@ -58,11 +58,17 @@ class MlflowRegistry:
     def champion_profile(self, dataset: str, dest_dir: Path) -> Path | None:
         """The data profile stored with the production version's run, downloaded into ``dest_dir``."""
         version = self.mlflow.production(dataset)
-        return self.mlflow.download_profile(dataset, version, dest_dir / "champion") if version else None
+        return (self.mlflow.download_run_artifact(dataset, version, artifacts.PROFILE_FILE, dest_dir / "champion")
+                if version else None)
 
     @_credentials_kept_out
     def load_version(self, dataset: str, version: str) -> tuple[str, Any]:
         return self.mlflow.model_uri(dataset, version), self.mlflow.load_model(dataset, version)
+
+    @_credentials_kept_out
+    def canary_batch(self, dataset: str, version: str, dest_dir: Path) -> Path | None:
+        """The ``canary.npz`` logged with the version's run, downloaded into ``dest_dir``, if it has one."""
+        return self.mlflow.download_run_artifact(dataset, version, artifacts.CANARY_FILE, dest_dir)
 
     def champion_predictions(self, dataset: str, champion: str, pixels: np.ndarray) -> np.ndarray:
         uri = self.mlflow.model_uri(dataset, champion)

@@ -126,14 +126,14 @@ class MlflowServer:
     def version_tag(self, dataset: str, version: str, tag: str) -> str | None:
         return self.client.get_model_version(dataset, version).tags.get(tag)
 
-    def download_profile(self, dataset: str, version: str, dest_dir: Path) -> Path | None:
-        """The data profile stored with a registered version's run, copied into ``dest_dir``, if it has one."""
+    def download_run_artifact(self, dataset: str, version: str, name: str, dest_dir: Path) -> Path | None:
+        """A file stored at the top of a registered version's run (the data profile, the canary batch), copied
+        into ``dest_dir``, if the run has it."""
         run_id = self.client.get_model_version(dataset, version).run_id
-        names = {a.path for a in self.client.list_artifacts(run_id)}
-        if PROFILE_ARTIFACT not in names:
+        if name not in {a.path for a in self.client.list_artifacts(run_id)}:
             return None
         dest_dir.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, PROFILE_ARTIFACT, str(dest_dir)))
+        return Path(self.client.download_artifacts(run_id, name, str(dest_dir)))
 
     # ---- recording a run -------------------------------------------------------------------------
 
