@@ -48,6 +48,10 @@ TARGETS: dict[str, tuple[float, str, str]] = {
     "mnist_accuracy": (0.996, "min", "mnist test accuracy of the default run, mean over the seeds"),
     "fashion_mnist_accuracy": (0.94, "min", "fashion-mnist test accuracy of the default run, mean over the seeds"),
     "nightly_wall_minutes": (23.7, "max", "wall minutes of the cold default run (first seed)"),
+    # --serving only (issue 20): train-mnist serve against mlflow models serve, same model, same load.
+    "rows_per_s_ratio_batch_1": (1.0, "min", "rows/s of train-mnist serve / mlflow models serve, 1-row requests"),
+    "rows_per_s_ratio_batch_256": (1.0, "min", "rows/s of train-mnist serve / mlflow models serve, 256-row requests"),
+    "p99_ratio_batch_1": (1.0, "max", "p99 latency of train-mnist serve / mlflow models serve, 1-row requests"),
 }
 # Measured and reported, no longer targets: below what any parser or lossless codec reaches here
 # (the bounds are in bench/README.md).
@@ -96,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repetition, 1 epoch on 10,000 rows (a smoke run)")
     parser.add_argument("--layouts", action="store_true", help="also compare candidate Parquet layouts")
+    parser.add_argument("--serving", action="store_true",
+                        help="only: train-mnist serve against mlflow models serve (bench/serving.py, ~3 min)")
     parser.add_argument("--nightly", action="store_true",
                         help="overhead, accuracies and FLOPs utilization of the default nightly run (~25 min on 2 cores)")
     parser.add_argument("--only", type=steps_of, default=set(STEPS),
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.frontier:
         return frontier.main(args, machine())
+    if args.serving:
+        return serving_main(args)
 
     mode = QUICK if args.quick else FULL
     if args.nightly and "flops" in args.only:
@@ -197,6 +205,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nParquet layouts, {dataset} train (size / .csv.gz, write s, read to (N,784) s):")
         for name, r in layouts.items():
             print(f"  {name:62} {r['ratio']:6.3f} {r['write_s']:7.2f} {r['read_s']:7.3f}")
+    print(f"\nwrote {args.output} and {kept.relative_to(PROJECT_ROOT)}")
+    return 0
+
+
+def serving_main(args: argparse.Namespace) -> int:
+    """``--serving``: both model servers on the same model and load; figures and ratios to results.json."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from bench.serving import bench_serving
+
+    work = Path(tempfile.mkdtemp(prefix="train-mnist-bench-serving-"))
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(work / "prefect-storage")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    results: dict[str, Any] = {"command": "python bench/run.py --serving", "mode": "serving", "machine": machine()}
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            details = bench_serving(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results |= {k: details[k] for k in TARGETS if k in details} | {"details": {"serving": details}}
+    results["targets_met"] = {m: verdict(m, results[m]) for m in TARGETS if m in results}
+    args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    kept = keep_record("serving", results)
+    print(table(results))
+    for key, row in details.items():
+        if isinstance(row, dict) and "rows_per_s" in row:
+            print(f"{key:28} {row['requests_per_s']:9.1f} req/s {row['rows_per_s']:10.1f} rows/s "
+                  f"p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  failures {row['failures']}")
+    print(f"swap: {details['swap']}")
     print(f"\nwrote {args.output} and {kept.relative_to(PROJECT_ROOT)}")
     return 0
 
