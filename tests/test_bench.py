@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -143,3 +144,20 @@ def test_nightly_seeds_average_the_accuracies_and_keep_the_cold_runs_wall(monkey
     assert out["details"]["spread"]["mnist"] == [0.995, 0.997]
     assert bench_run.verdict("mnist_accuracy", out["mnist_accuracy"])
     assert not bench_run.verdict("nightly_wall_minutes", 24.0)
+
+
+def test_the_serving_load_counts_requests_rows_failures_and_nearest_rank_percentiles():
+    from bench.serving import load, percentile
+
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 0.5) == 3.0 and percentile([1.0, 2.0], 0.99) == 2.0
+    counter = itertools.count(1)  # next() is atomic: each call gets its own number, whichever thread makes it
+
+    def send(http) -> None:
+        if next(counter) % 4 == 0:
+            raise RuntimeError("every fourth request fails")
+
+    out = load(send, rows=256, seconds=0.3, clients=2)
+    calls = next(counter) - 1
+    assert out["requests"] + out["failures"] == calls and out["failures"] == calls // 4
+    assert out["rows_per_s"] == pytest.approx(out["requests_per_s"] * 256)
+    assert out["first_failures"][0] == "RuntimeError: every fourth request fails" and out["p99_ms"] >= out["p50_ms"]
