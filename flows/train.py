@@ -88,10 +88,10 @@ def prepare_data(spec: DatasetSpec, settings: Settings, run_dir: Path) -> Prepar
     """download -> validate -> convert for one dataset (the data stages; each is content-cached)."""
     download = download_task.with_options(retries=settings.download_retries, retry_delay_seconds=retry_delays(
         settings.download_retries, settings.download_retry_backoff_s))
-    limits = (settings.download_timeout_s, settings.download_deadline_s, settings.download_max_bytes,
-              settings.download_total_deadline_s)
-    train_raw = download(spec, "train", settings.source, settings.raw_dir, *limits)
-    test_raw = download(spec, "test", settings.source, settings.raw_dir, *limits)
+    limits = {"timeout_s": settings.download_timeout_s, "deadline_s": settings.download_deadline_s,
+              "max_bytes": settings.download_max_bytes, "total_deadline_s": settings.download_total_deadline_s}
+    train_raw = download(spec, "train", settings.source, settings.raw_dir, **limits)
+    test_raw = download(spec, "test", settings.source, settings.raw_dir, **limits)
     champion_profile = open_registry(settings.registry_location).champion_profile(spec.name, run_dir)
     report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile), run_dir)
     return PreparedData(
