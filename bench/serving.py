@@ -106,8 +106,10 @@ def bench_serving(work: Path) -> dict[str, Any]:
     with mlflow_server(work / "mlflow") as tracking:
         log("publishing mnist's production model to MLflow (a short flow run) ...")
         version = publish_short_run(tracking.url, work / "data")
+        # mlflow models serve starts `uvicorn` by name: this interpreter's scripts come first on PATH.
+        scripts = str(Path(sys.executable).parent)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
-            "MLFLOW_TRACKING_URI": tracking.url}
+            "MLFLOW_TRACKING_URI": tracking.url, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
         ours, theirs = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
         train_mnist_cli = str(Path(sys.executable).with_name("train-mnist"))
         mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
