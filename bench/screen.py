@@ -112,12 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/train-mnist-screen"))
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="JSON lines, one per finished run (required unless --time-steps)")
+    parser.add_argument("--time-steps", type=int, default=0,
+                        help="instead of training: time this many steps of each candidate and of today's recipe, "
+                             "and print each candidate's training time as a ratio of today's (bench/step_time.py)")
+    parser.add_argument("--policy", default="float32", choices=("float32", "mixed_bfloat16"),
+                        help="with --time-steps: the Keras dtype policy the candidates are timed under")
     args = parser.parse_args(argv)
     candidates = tomllib.loads(args.candidates.read_text())["candidate"]
     if args.only:
         wanted = set(args.only.split(","))
         candidates = [c for c in candidates if c["name"] in wanted]
+    if args.time_steps:
+        return time_main(candidates, args.time_steps, args.policy)
+    if args.out is None:
+        parser.error("--out is required to screen")
     args.cache.mkdir(parents=True, exist_ok=True)
     for dataset in sorted({c["dataset"] for c in candidates}):  # parse each split once, before the workers start
         for split in ("train", "test"):
@@ -141,6 +150,21 @@ def main(argv: list[str] | None = None) -> int:
                                   "machine": {"cpus": os.cpu_count(), **cpu_description()}, "means": means,
                                   "runs": runs})
     print(f"wrote {args.out} and {kept}")
+    return 0
+
+
+def time_main(candidates: list[dict], steps: int, policy: str) -> int:
+    """``--time-steps``: each candidate's night of training as a ratio of today's recipe's, in one process."""
+    from bench.step_time import time_ratios
+
+    rows = time_ratios(candidates, steps, policy)
+    for row in rows:
+        print(f"{row['name']:32} {row['policy']:15} {row['steps_per_s']:7.2f} steps/s  night {row['night_seconds']:7.1f} s"
+              f"  today's {row['todays_night_seconds']:7.1f} s  time ratio {row['time_ratio']:.3f}")
+    kept = keep_record("time-ratio", {"command": " ".join(["python bench/screen.py", *sys.argv[1:]]),
+                                      "machine": {"cpus": os.cpu_count(), **cpu_description()}, "steps": steps,
+                                      "policy": policy, "candidates": rows})
+    print(f"wrote {kept}")
     return 0
 
 

@@ -161,3 +161,30 @@ def test_the_serving_load_counts_requests_rows_failures_and_nearest_rank_percent
     assert out["requests"] + out["failures"] == calls and out["failures"] == calls // 4
     assert out["rows_per_s"] == pytest.approx(out["requests_per_s"] * 256)
     assert out["first_failures"][0] == "RuntimeError: every fourth request fails" and out["p99_ms"] >= out["p50_ms"]
+
+
+def test_a_night_counts_the_steps_of_the_rows_left_after_the_hold_out():
+    from bench.step_time import night_steps
+
+    assert night_steps(TrainConfig(model="cnn-bn", epochs=12)) == 422 * 12  # 54,000 fit rows in batches of 128
+    assert night_steps(TrainConfig(model="cnn7", epochs=13, validation_fraction=0.0)) == 469 * 13  # all 60,000
+
+
+def test_the_time_ratio_scales_seconds_per_step_by_each_recipes_night(monkeypatch, tmp_path):
+    from bench import screen, step_time
+
+    per_step = {"cnn-bn": 0.02, "cnn7": 0.03}  # seconds per step, as if timed
+    monkeypatch.setattr(step_time, "seconds_per_step", lambda config, steps: per_step[config.model])
+    monkeypatch.setattr(screen, "keep_record", lambda kind, record: tmp_path / f"{kind}.json")
+    candidate = {"name": "mnist-cnn7", "dataset": "mnist", "model": "cnn7", "epochs": 13, "validation_fraction": 0.0}
+    (row,) = step_time.time_ratios([candidate], steps=3)
+    assert row["night_seconds"] == pytest.approx(0.03 * 469 * 13, abs=0.1)
+    assert row["todays_night_seconds"] == pytest.approx(0.02 * 422 * 12, abs=0.1)  # mnist's recipe: cnn-bn, 12 epochs
+    assert row["time_ratio"] == pytest.approx((0.03 * 469 * 13) / (0.02 * 422 * 12), abs=1e-3)
+    assert screen.time_main([candidate], 3, "float32") == 0
+
+
+def test_seconds_per_step_times_a_real_fit():
+    from bench.step_time import seconds_per_step
+
+    assert 0 < seconds_per_step(TrainConfig(model="mlp", batch_size=32), steps=3) < 60
