@@ -159,7 +159,7 @@ def time_main(candidates: list[dict], steps: int, policy: str) -> int:
 
     rows = time_ratios(candidates, steps, policy)
     for row in rows:
-        print(f"{row['name']:32} {row['policy']:15} {row['steps_per_s']:7.2f} steps/s  night {row['night_seconds']:7.1f} s"
+        print(f"{row['name']:46} {row['policy']:15} {row['steps_per_s']:7.2f} steps/s  night {row['night_seconds']:7.1f} s"
               f"  today's {row['todays_night_seconds']:7.1f} s  time ratio {row['time_ratio']:.3f}")
     kept = keep_record("time-ratio", {"command": " ".join(["python bench/screen.py", *sys.argv[1:]]),
                                       "machine": {"cpus": os.cpu_count(), **cpu_description()}, "steps": steps,

@@ -1,30 +1,38 @@
 """The time side of issue 19's budget: a candidate's training time as a ratio of today's nightly recipe's.
 
-Both are timed in one process on one machine: an equal number of training steps of each (after a few
-warm-up steps that absorb tracing), on random rows of the real shape, then scaled by the steps each recipe
-runs in a night (fit rows / batch size x planned epochs). ``--policy mixed_bfloat16`` times the candidates
-under Keras's bf16 policy against today's recipes in float32 (a speed probe only: the recipes train in float32).
+Both are timed in one process on one machine, as the pipeline trains (deterministic ops): after a few
+warm-up steps that absorb tracing, three rounds each time an equal number of steps of every model in turn,
+and each model's median counts. On random rows of the real shape; then scaled by the steps each recipe runs
+in a night (fit rows / batch size x planned epochs). ``--policy mixed_bfloat16`` times the candidates under
+Keras's bf16 policy against today's recipes in float32 (a speed probe only: the recipes train in float32).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 FULL_TRAIN_ROWS = 60_000
 WARMUP_STEPS = 5
+ROUNDS = 3
 
 
-def seconds_per_step(config, steps: int, num_classes: int = 10) -> float:
-    """Wall seconds per training step of ``config``'s network and augmentation, batch ``config.batch_size``."""
+def step_timer(config, steps: int, policy: str = "float32", num_classes: int = 10) -> Callable[[], float]:
+    """A warmed-up model of ``config`` (network, augmentation, optimizer, batch size) built under the Keras
+    dtype ``policy`` and the pipeline's own settings (deterministic TensorFlow ops: they change which kernels
+    run), and a call that times one pass of ``steps`` training steps, returning seconds per step."""
     import keras
 
     from tasks.architectures import build_model
+    from tasks.train import seed_everything
 
-    keras.utils.set_random_seed(config.seed)
+    seed_everything(config.seed)
+    keras.mixed_precision.set_global_policy(policy)
     rng = np.random.default_rng(config.seed)
     rows = config.batch_size * steps
     x = rng.integers(0, 256, (rows, 784)).astype(np.float32)
@@ -32,9 +40,25 @@ def seconds_per_step(config, steps: int, num_classes: int = 10) -> float:
     model = build_model(config, num_classes, steps_per_epoch=steps)
     warm = config.batch_size * WARMUP_STEPS
     model.fit(x[:warm], y[:warm], batch_size=config.batch_size, epochs=1, verbose=0)
-    start = time.perf_counter()
-    model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0, shuffle=False)
-    return (time.perf_counter() - start) / steps
+    keras.mixed_precision.set_global_policy("float32")
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0, shuffle=False)
+        return (time.perf_counter() - start) / steps
+
+    return one_pass
+
+
+def seconds_per_step(configs: dict[str, tuple[Any, str]], steps: int) -> dict[str, float]:
+    """Seconds per step of each (config, policy): ``ROUNDS`` rounds that time every one once in turn, so a slow
+    spell of the machine falls on all of them alike; each one's median over the rounds."""
+    timers = {key: step_timer(config, steps, policy) for key, (config, policy) in configs.items()}
+    passes: dict[str, list[float]] = {key: [] for key in configs}
+    for _ in range(ROUNDS):
+        for key, one_pass in timers.items():
+            passes[key].append(one_pass())
+    return {key: statistics.median(times) for key, times in passes.items()}
 
 
 def night_steps(config) -> int:
@@ -46,25 +70,28 @@ def night_steps(config) -> int:
 
 
 def time_ratios(candidates: list[dict[str, Any]], steps: int, policy: str = "float32") -> list[dict[str, Any]]:
-    """Each candidate's night of training in seconds, and as a ratio of its dataset's nightly recipe's."""
-    import keras
-
+    """Each candidate's night of training in seconds, and as a ratio of its dataset's nightly recipe's (timed
+    in float32, as it trains)."""
     from tasks.datasets import TrainConfig, load_catalog, train_config_for
 
     catalog = load_catalog()
-    baselines = {}
-    keras.mixed_precision.set_global_policy("float32")  # today's recipes, as they train
-    for dataset in sorted({c["dataset"] for c in candidates}):
-        config = train_config_for(catalog[dataset].recipe)
-        baselines[dataset] = seconds_per_step(config, steps) * night_steps(config)
-    keras.mixed_precision.set_global_policy(policy)
+    todays = {dataset: train_config_for(catalog[dataset].recipe) for dataset in {c["dataset"] for c in candidates}}
+    configs = {f"today:{dataset}": (config, "float32") for dataset, config in sorted(todays.items())}
+    # Today's recipe once more, as a candidate: its ratio should be 1.0, and how far it is off is the noise.
+    controls = [{"name": f"{dataset}: today's recipe again (control)", "dataset": dataset,
+                 **todays[dataset].model_dump(exclude={"seed", "train_rows"})} for dataset in sorted(todays)]
+    candidates = [*candidates, *controls]
+    for candidate in candidates:
+        fields = {k: v for k, v in candidate.items() if k not in ("name", "dataset")}
+        configs[candidate["name"]] = (TrainConfig(**fields), "float32" if candidate in controls else policy)
+    per_step = seconds_per_step(configs, steps)
     rows = []
     for candidate in candidates:
-        config = TrainConfig(**{k: v for k, v in candidate.items() if k not in ("name", "dataset")})
-        per_step = seconds_per_step(config, steps)
-        night = per_step * night_steps(config)
-        rows.append({"name": candidate["name"], "dataset": candidate["dataset"], "model": config.model,
-                     "policy": policy, "steps_per_s": round(1 / per_step, 2), "night_seconds": round(night, 1),
-                     "todays_night_seconds": round(baselines[candidate["dataset"]], 1),
-                     "time_ratio": round(night / baselines[candidate["dataset"]], 3)})
+        config, dataset = configs[candidate["name"]][0], candidate["dataset"]
+        today = per_step[f"today:{dataset}"] * night_steps(todays[dataset])
+        night = per_step[candidate["name"]] * night_steps(config)
+        rows.append({"name": candidate["name"], "dataset": dataset, "model": config.model,
+                     "policy": configs[candidate["name"]][1],
+                     "steps_per_s": round(1 / per_step[candidate["name"]], 2), "night_seconds": round(night, 1),
+                     "todays_night_seconds": round(today, 1), "time_ratio": round(night / today, 3)})
     return rows

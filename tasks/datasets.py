@@ -155,8 +155,10 @@ def train_config_for(recipe: Recipe, model: ModelKind | None = None, epochs: int
     chosen = model or recipe.model
     own = chosen == recipe.model
     default_epochs = recipe.epochs if own else DEFAULT_EPOCHS[chosen]
-    # Augmentation suits the data, whatever the model; the optimizer suits the recipe's architecture only.
-    kept = recipe.model_dump(exclude={"model", "epochs"} | (set() if own else set(OptimizerOptions.model_fields)))
+    # Augmentation suits the data, whatever the model; the optimizer and the test-time views were chosen for
+    # the recipe's architecture only.
+    kept = recipe.model_dump(exclude={"model", "epochs"} | (set() if own else {*OptimizerOptions.model_fields,
+                                                                                  "test_time_views"}))
     return TrainConfig(model=chosen, epochs=epochs or default_epochs, seed=seed, train_rows=train_rows, **kept)
 
 

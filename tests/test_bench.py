@@ -174,17 +174,30 @@ def test_the_time_ratio_scales_seconds_per_step_by_each_recipes_night(monkeypatc
     from bench import screen, step_time
 
     per_step = {"cnn-bn": 0.02, "cnn7": 0.03}  # seconds per step, as if timed
-    monkeypatch.setattr(step_time, "seconds_per_step", lambda config, steps: per_step[config.model])
+
+    def timed(configs, steps):
+        assert {key: policy for key, (_, policy) in configs.items()} == {
+            "today:mnist": "float32", "mnist-cnn7": "mixed_bfloat16", "mnist: today's recipe again (control)": "float32"}
+        return {key: per_step[config.model] for key, (config, _) in configs.items()}
+
+    monkeypatch.setattr(step_time, "seconds_per_step", timed)
     monkeypatch.setattr(screen, "keep_record", lambda kind, record: tmp_path / f"{kind}.json")
     candidate = {"name": "mnist-cnn7", "dataset": "mnist", "model": "cnn7", "epochs": 13, "validation_fraction": 0.0}
-    (row,) = step_time.time_ratios([candidate], steps=3)
+    row, control = step_time.time_ratios([candidate], steps=3, policy="mixed_bfloat16")
+    assert control["time_ratio"] == 1.0 and control["policy"] == "float32"
     assert row["night_seconds"] == pytest.approx(0.03 * 469 * 13, abs=0.1)
     assert row["todays_night_seconds"] == pytest.approx(0.02 * 422 * 12, abs=0.1)  # mnist's recipe: cnn-bn, 12 epochs
     assert row["time_ratio"] == pytest.approx((0.03 * 469 * 13) / (0.02 * 422 * 12), abs=1e-3)
-    assert screen.time_main([candidate], 3, "float32") == 0
+    assert screen.time_main([candidate], 3, "mixed_bfloat16") == 0
 
 
-def test_seconds_per_step_times_a_real_fit():
+def test_seconds_per_step_times_each_model_in_rounds_under_its_policy():
+    import keras
+
     from bench.step_time import seconds_per_step
 
-    assert 0 < seconds_per_step(TrainConfig(model="mlp", batch_size=32), steps=3) < 60
+    configs = {"f32": (TrainConfig(model="mlp", batch_size=32), "float32"),
+               "bf16": (TrainConfig(model="mlp", batch_size=32), "mixed_bfloat16")}
+    times = seconds_per_step(configs, steps=3)
+    assert set(times) == {"f32", "bf16"} and all(0 < t < 60 for t in times.values())
+    assert keras.mixed_precision.global_policy().name == "float32"  # left as the pipeline needs it

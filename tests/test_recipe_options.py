@@ -7,7 +7,7 @@ import pytest
 
 from bench.flops import model_forward_flops
 from tasks.architectures import build_model
-from tasks.datasets import Recipe, TrainConfig, train_config_for
+from tasks.datasets import Recipe, TrainConfig, load_catalog, train_config_for
 from tasks.fitting import training_weights_keeper
 from tasks.model_io import load_model
 from tasks.parquet import load_xy
@@ -43,12 +43,20 @@ def test_sgd_with_warm_up_rises_to_the_peak_rate_then_decays_to_zero():
     assert float(schedule(5)) == pytest.approx(0.025) and float(schedule(40)) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_a_run_with_another_model_keeps_the_augmentation_but_not_the_recipes_optimizer():
-    recipe = Recipe(model="vgg", epochs=14, optimizer="sgd", learning_rate=0.05, ema=0.999, horizontal_flip=True)
+def test_a_run_with_another_model_keeps_the_augmentation_but_not_the_recipes_optimizer_or_views():
+    recipe = Recipe(model="vgg", epochs=14, optimizer="sgd", learning_rate=0.05, ema=0.999, horizontal_flip=True,
+                    test_time_views="shifts")
     own = train_config_for(recipe)
     other = train_config_for(recipe, model="cnn-bn")
-    assert (own.optimizer, own.learning_rate, own.ema) == ("sgd", 0.05, 0.999)
+    assert (own.optimizer, own.learning_rate, own.ema, own.test_time_views) == ("sgd", 0.05, 0.999, "shifts")
     assert (other.optimizer, other.learning_rate, other.ema) == ("adam", 1e-3, 0.0) and other.horizontal_flip
+    assert other.test_time_views == "none"
+
+
+def test_the_nightly_recipes_average_shift_views():
+    catalog = load_catalog()
+    assert {train_config_for(spec.recipe).test_time_views for spec in catalog.values()} == {"shifts"}
+    assert train_config_for(catalog["mnist"].recipe, model="mlp").test_time_views == "none"
 
 
 def test_keras_writes_the_average_at_the_end_of_fit_and_the_keeper_puts_the_training_weights_back(tiny_parquet):
