@@ -21,7 +21,6 @@ import logging
 import sys
 import threading
 
-import numpy as np
 from fastapi import FastAPI, Request  # FastAPI reads the route signatures' annotations by name, at module level
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -31,11 +30,6 @@ from tasks.serving.protocol import MAX_BATCH, InferenceError, infer_response, mo
 
 logger = logging.getLogger("train_mnist.serving")
 DEFAULT_PORT = 8080
-
-
-def predict(model, pixels: np.ndarray) -> np.ndarray:
-    """Class probabilities of one request's rows: one call of the model, no batching machinery around it."""
-    return np.asarray(model(pixels.astype(np.float32), training=False), dtype=np.float32)
 
 
 def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]], max_batch: int = MAX_BATCH):
@@ -87,7 +81,7 @@ def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]]
         except InferenceError as exc:
             logger.debug("%s infer refused (%d): %s", name, exc.status, exc)
             return error(exc.status, str(exc))
-        probabilities = await run_in_threadpool(predict, served.model, parsed.pixels)
+        probabilities = await run_in_threadpool(served.forward, parsed.pixels)
         logger.debug("%s infer: %d rows, version %s", name, len(parsed.pixels), served.version)
         return infer_response(name, served.version, probabilities, class_names[name], parsed.request_id)
 

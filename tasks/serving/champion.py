@@ -15,12 +15,16 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tasks.canary import check_loaded
+from tasks.model_io import compiled_forward
 
 logger = logging.getLogger("train_mnist.serving")
 POLL_SECONDS = 5.0
@@ -34,6 +38,7 @@ class Served:
     model: Any  # a keras.Model: (N, 784) raw pixels -> (N, classes) probabilities
     where: str  # its model file or MLflow URI
     since: str  # when it was swapped in (UTC, ISO 8601)
+    forward: Callable[[np.ndarray], np.ndarray]  # the model's inference pass, traced once (model_io.compiled_forward)
 
 
 @dataclass
@@ -75,7 +80,7 @@ class Champion:
             check = check_loaded(model, batch, load_s)
         if not check.passed:
             raise ValueError("its canary check failed: " + "; ".join(r for r in check.reasons if r.startswith("FAIL")))
-        return Served(version, model, where, datetime.now(UTC).isoformat(timespec="seconds"))
+        return Served(version, model, where, datetime.now(UTC).isoformat(timespec="seconds"), compiled_forward(model))
 
     def status(self) -> dict[str, Any]:
         """What the metadata endpoint tells about this model: the version serving, since when, and any refusal."""
