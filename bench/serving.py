@@ -69,9 +69,14 @@ def load(send: Callable[[Any], None], rows: int, seconds: float = SECONDS, clien
             "p50_ms": 1000 * percentile(latencies, 0.50), "p99_ms": 1000 * percentile(latencies, 0.99)}
 
 
-def oip_sender(url: str, pixels: np.ndarray) -> Callable[[Any], None]:
-    body = json.dumps({"inputs": [{"name": "pixels", "shape": list(pixels.shape), "datatype": "UINT8",
+def oip_body(pixels: np.ndarray) -> str:
+    """An Open Inference Protocol infer request for ``pixels`` (rows of raw 0..255 values)."""
+    return json.dumps({"inputs": [{"name": "pixels", "shape": list(pixels.shape), "datatype": "UINT8",
                                    "data": pixels.reshape(-1).tolist()}]})
+
+
+def oip_sender(url: str, pixels: np.ndarray) -> Callable[[Any], None]:
+    body = oip_body(pixels)
 
     def send(http) -> None:
         answer = http.post(f"{url}/v2/models/mnist/infer", content=body, headers={"content-type": "application/json"})
@@ -98,7 +103,7 @@ def publish_short_run(registry: str, data_dir: Path) -> str:
 
 
 def bench_serving(work: Path) -> dict[str, Any]:
-    from tasks.datasets import load_catalog  # noqa: F401 - fails early if the project is not importable
+    from tasks.datasets import NUM_PIXELS
     from tests.support.mlflow_server import mlflow_server
 
     results: dict[str, Any] = {"clients": CLIENTS, "seconds_per_load": SECONDS, "batches": list(BATCHES)}
@@ -121,7 +126,7 @@ def bench_serving(work: Path) -> dict[str, Any]:
                                work / "mlflow-serve.log"))
             wait_for(lambda: _ok(f"{ours}/v2/health/ready"), 300, "train-mnist serve", work / "serve.log", procs[0])
             wait_for(lambda: _ok(f"{theirs}/ping"), 300, "mlflow models serve", work / "mlflow-serve.log", procs[1])
-            pixels = np.random.default_rng(0).integers(0, 256, (max(BATCHES), 784), dtype=np.uint8)
+            pixels = np.random.default_rng(0).integers(0, 256, (max(BATCHES), NUM_PIXELS), dtype=np.uint8)
             for rows in BATCHES:
                 for name, url, sender in (("train_mnist", ours, oip_sender), ("mlflow", theirs, mlflow_sender)):
                     log(f"{name}, batch {rows}: {CLIENTS} clients for {SECONDS:g} s ...")
@@ -145,8 +150,7 @@ def time_the_swap(url: str, registry: str, work: Path, old: str, pixels: np.ndar
 
     new = publish_short_run(registry, work / "data")
     moved = time.monotonic()  # the alias moves at the very end of publishing
-    send = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "UINT8",
-                                   "data": pixels.reshape(-1).tolist()}]})
+    send = oip_body(pixels)
     with httpx.Client(timeout=30) as http:
         while time.monotonic() - moved < 120:
             answer = http.post(f"{url}/v2/models/mnist/infer", content=send,

@@ -29,13 +29,14 @@ def step_timer(config, steps: int, policy: str = "float32", num_classes: int = 1
     import keras
 
     from tasks.architectures import build_model
+    from tasks.datasets import NUM_PIXELS
     from tasks.train import seed_everything
 
     seed_everything(config.seed)
     keras.mixed_precision.set_global_policy(policy)
     rng = np.random.default_rng(config.seed)
     rows = config.batch_size * steps
-    x = rng.integers(0, 256, (rows, 784)).astype(np.float32)
+    x = rng.integers(0, 256, (rows, NUM_PIXELS)).astype(np.float32)
     y = rng.integers(0, num_classes, rows)
     model = build_model(config, num_classes, steps_per_epoch=steps)
     warm = config.batch_size * WARMUP_STEPS

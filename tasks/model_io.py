@@ -66,19 +66,21 @@ def score(model, pixels: np.ndarray) -> np.ndarray:
                       dtype=np.float64)
 
 
-def compiled_forward(model, width: int = 784) -> Callable[[np.ndarray], np.ndarray]:
+def compiled_forward(model) -> Callable[[np.ndarray], np.ndarray]:
     """``model``'s inference pass as one traced graph for any number of rows, warmed up: what a server calls
     per request. Calling the model eagerly runs every layer as a separate op, which costs more than the
     arithmetic for small requests (five times over for a model that averages test-time views)."""
     import tensorflow as tf
 
+    from tasks.datasets import NUM_PIXELS
+
     graph = tf.function(lambda x: model(x, training=False),
-                        input_signature=[tf.TensorSpec([None, width], tf.float32)])
+                        input_signature=[tf.TensorSpec([None, NUM_PIXELS], tf.float32)])
 
     def forward(pixels: np.ndarray) -> np.ndarray:
         return graph(tf.convert_to_tensor(pixels, tf.float32)).numpy()
 
-    forward(np.zeros((1, width), np.float32))  # trace now, not on the first request
+    forward(np.zeros((1, NUM_PIXELS), np.float32))  # trace now, not on the first request
     return forward
 
 

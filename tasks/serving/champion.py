@@ -35,10 +35,9 @@ class Served:
     """A loaded, checked version: what answers requests."""
 
     version: str
-    model: Any  # a keras.Model: (N, 784) raw pixels -> (N, classes) probabilities
+    forward: Callable[[np.ndarray], np.ndarray]  # (N, 784) raw pixels -> (N, classes) probabilities, traced once
     where: str  # its model file or MLflow URI
     since: str  # when it was swapped in (UTC, ISO 8601)
-    forward: Callable[[np.ndarray], np.ndarray]  # the model's inference pass, traced once (model_io.compiled_forward)
 
 
 @dataclass
@@ -80,7 +79,7 @@ class Champion:
             check = check_loaded(model, batch, load_s)
         if not check.passed:
             raise ValueError("its canary check failed: " + "; ".join(r for r in check.reasons if r.startswith("FAIL")))
-        return Served(version, model, where, datetime.now(UTC).isoformat(timespec="seconds"), compiled_forward(model))
+        return Served(version, compiled_forward(model), where, datetime.now(UTC).isoformat(timespec="seconds"))
 
     def status(self) -> dict[str, Any]:
         """What the metadata endpoint tells about this model: the version serving, since when, and any refusal."""
