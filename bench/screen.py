@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     means = summary(runs)
     for name, row in means.items():
         print(f"{name:32} {row['mean_accuracy']:.4f} over seeds {row['seeds']} (budget ratio {row['budget_ratio']})")
-    kept = keep_record("screen", {"command": " ".join(["python bench/screen.py", *sys.argv[1:]]),
-                                  "machine": {"cpus": os.cpu_count(), **cpu_description()}, "means": means,
-                                  "runs": runs})
+    kept = keep("screen", means=means, runs=runs)
     print(f"wrote {args.out} and {kept}")
     return 0
 
@@ -161,11 +159,15 @@ def time_main(candidates: list[dict], steps: int, policy: str) -> int:
     for row in rows:
         print(f"{row['name']:46} {row['policy']:15} {row['steps_per_s']:7.2f} steps/s  night {row['night_seconds']:7.1f} s"
               f"  today's {row['todays_night_seconds']:7.1f} s  time ratio {row['time_ratio']:.3f}")
-    kept = keep_record("time-ratio", {"command": " ".join(["python bench/screen.py", *sys.argv[1:]]),
-                                      "machine": {"cpus": os.cpu_count(), **cpu_description()}, "steps": steps,
-                                      "policy": policy, "candidates": rows})
+    kept = keep("time-ratio", steps=steps, policy=policy, candidates=rows)
     print(f"wrote {kept}")
     return 0
+
+
+def keep(kind: str, **fields) -> Path:
+    """This run's record in bench/results: the command, the machine, and ``fields``."""
+    return keep_record(kind, {"command": " ".join(["python bench/screen.py", *sys.argv[1:]]),
+                              "machine": {"cpus": os.cpu_count(), **cpu_description()}, **fields})
 
 
 def summary(runs: list[dict]) -> dict[str, dict]:
