@@ -33,11 +33,11 @@ def build_model(config: TrainConfig, num_classes: int, steps_per_epoch: int = 1)
         if config.horizontal_flip:
             x = layers.RandomFlip("horizontal", seed=config.seed)(x)
         if config.rotate:
-            x = layers.RandomRotation(config.rotate, fill_mode="constant", seed=config.seed)(x)
+            x = layers.RandomRotation(config.rotate, interpolation=config.interpolation, fill_mode="constant", seed=config.seed)(x)
         if config.zoom:
-            x = layers.RandomZoom(config.zoom, fill_mode="constant", seed=config.seed)(x)
+            x = layers.RandomZoom(config.zoom, interpolation=config.interpolation, fill_mode="constant", seed=config.seed)(x)
         if config.translate:
-            x = layers.RandomTranslation(config.translate, config.translate, fill_mode="constant", seed=config.seed)(x)
+            x = layers.RandomTranslation(config.translate, config.translate, interpolation=config.interpolation, fill_mode="constant", seed=config.seed)(x)
         if config.erase:
             x = layers.RandomErasing((config.erase, config.erase), fill_value=0.0, value_range=(0, 1), seed=config.seed)(x)
         x = CONVNETS[config.model](layers, x)
@@ -72,7 +72,8 @@ SHIFTS = ((0, 1), (0, -1), (1, 0), (-1, 0))  # (rows down, columns right), one p
 def with_test_time_views(model, views: str):
     """``model`` wrapped so that it averages its probabilities over views of each image, built from standard layers.
 
-    ``flip``: the image and its mirror; ``shifts``: the image and its four 1-pixel shifts. Inputs and outputs
+    ``flip``: the image and its mirror; ``shifts``: the image and its four 1-pixel shifts; ``flip-shifts``: the
+    image, its mirror and the four 1-pixel shifts of each (ten views). Inputs and outputs
     are unchanged (raw rows in, probabilities out), so whoever loads ``model.keras`` gets the views too.
     """
     if views == "none":
@@ -81,10 +82,11 @@ def with_test_time_views(model, views: str):
     layers = keras.layers
     inputs = keras.Input(shape=(NUM_PIXELS,), name="pixels")
     image = layers.Reshape((*IMAGE_SHAPE, 1), name="image")(inputs)
-    if views == "flip":
-        others = [keras.ops.flip(image, axis=2)]
-    else:
-        others = [_shifted(layers, image, down, right) for down, right in SHIFTS]
+    mirrored = keras.ops.flip(image, axis=2)
+    others = {"flip": [mirrored],
+              "shifts": [_shifted(layers, image, down, right) for down, right in SHIFTS],
+              "flip-shifts": [mirrored] + [_shifted(layers, view, down, right) for view in (image, mirrored)
+                                           for down, right in SHIFTS]}[views]
     flat = [inputs] + [layers.Reshape((NUM_PIXELS,))(view) for view in others]
     outputs = layers.Average(name="probabilities")([model(view) for view in flat])
     return keras.Model(inputs, outputs, name=f"{model.name}_{views}_views")

@@ -90,7 +90,8 @@ class Tolerances(_Strict):
     max_mean_image_rmse: float = Field(default=6.0, gt=0)
 
 
-TestTimeViews = Literal["none", "flip", "shifts"]
+TestTimeViews = Literal["none", "flip", "shifts", "flip-shifts"]
+Interpolation = Literal["bilinear", "nearest"]
 
 
 class RecipeOptions(_Strict):
@@ -103,9 +104,14 @@ class RecipeOptions(_Strict):
     zoom: float = Field(default=0.0, ge=0, lt=0.5, description="Random zoom in/out (CNNs), share of the side")
     erase: float = Field(default=0.0, ge=0, le=1,
                          description="Random erasing (CNNs): share of training images with a random patch blanked")
+    interpolation: Interpolation = Field(
+        default="bilinear", description="How shifted, rotated and zoomed training images are resampled: bilinear "
+        "blurs them between pixels, nearest keeps them as sharp as the test images")
     label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Share of each target spread over all classes")
+    batch_size: int = Field(default=128, gt=0)
     test_time_views: TestTimeViews = Field(
-        default="none", description="Views the saved model averages: the image and its mirror (flip), or 1-pixel shifts")
+        default="none", description="Views the saved model averages: the image and its mirror (flip), its four "
+        "1-pixel shifts (shifts), or both and the mirror's shifts (flip-shifts)")
     validation_fraction: float = Field(
         default=0.1, ge=0, lt=0.5,
         description="Train rows held out for early stopping; 0: fit on every row for exactly the given epochs")
@@ -143,7 +149,6 @@ class TrainConfig(RecipeOptions, OptimizerOptions):
 
     model: ModelKind = "mlp"
     epochs: int = Field(default=DEFAULT_EPOCHS["mlp"], gt=0)
-    batch_size: int = Field(default=128, gt=0)
     seed: int = DEFAULT_SEED
     patience: int = Field(default=4, ge=1, description="Early stopping on validation loss")
     train_rows: int | None = Field(default=None, gt=0, description="Use only the first N train rows")
