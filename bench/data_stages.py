@@ -16,9 +16,9 @@ def bench_conversion(work: Path, mode: Mode) -> dict[str, Any]:
 
     import pandas as pd
 
-    from tasks.convert import convert_to_parquet
+    from tasks.conversion.convert import convert_to_parquet
+    from tasks.conversion.parquet import COMPRESSION
     from tasks.datasets import load_catalog
-    from tasks.parquet import COMPRESSION
     from tasks.settings import BUNDLED_MIRROR
 
     spec = load_catalog()["mnist"]
@@ -54,7 +54,7 @@ def sized_parquet(work: Path, dataset: str, split: str) -> Path:
 
 def train_parquets(work: Path) -> dict[str, Path]:
     """Each built-in dataset's train split as Parquet (bench_sizes' files, converted here if it did not run)."""
-    from tasks.convert import convert_to_parquet
+    from tasks.conversion.convert import convert_to_parquet
     from tasks.datasets import load_catalog
     from tasks.settings import BUNDLED_MIRROR
 
@@ -64,7 +64,7 @@ def train_parquets(work: Path) -> dict[str, Path]:
 
 def bench_sizes(work: Path) -> dict[str, Any]:
     """Parquet bytes over .csv.gz bytes for each built-in dataset (train + test), with the pipeline's writer."""
-    from tasks.convert import convert_to_parquet
+    from tasks.conversion.convert import convert_to_parquet
     from tasks.datasets import load_catalog
     from tasks.settings import BUNDLED_MIRROR
 
@@ -85,7 +85,7 @@ def bench_validation(work: Path, mode: Mode) -> dict[str, Any]:
     """validate_dataset on the full mnist train + test files, normalised to seconds per 60,000 rows."""
     from tasks.datasets import load_catalog
     from tasks.settings import BUNDLED_MIRROR
-    from tasks.validate import validate_dataset
+    from tasks.validation.validate import validate_dataset
 
     spec = load_catalog()["mnist"]
     paths = [BUNDLED_MIRROR / spec.split(s).path for s in ("train", "test")]
@@ -141,9 +141,9 @@ def bench_layouts(work: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.convert import read_csv_table
+    from tasks.conversion.convert import read_csv_table
+    from tasks.conversion.parquet import load_xy
     from tasks.datasets import load_catalog
-    from tasks.parquet import load_xy
     from tasks.settings import BUNDLED_MIRROR
 
     def read_pixels_fsl(path: Path) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Time spent inside ``keras.Model.fit``, measured from outside, so ``tasks/train.py`` needs no timing code."""
+"""Time spent inside ``keras.Model.fit``, measured from outside, so ``tasks/training/train.py`` needs no timing code."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 ``python bench/run.py --frontier [--budgets 0.25,0.5,1.0] [--seeds 42,43,44]`` writes
 ``frontier.json`` (every run), ``frontier.md`` (the table) and ``frontier.png`` (the plot) to
-``--frontier-dir`` (default ``bench/``). Each point is ``tasks.train.train_model`` +
-``tasks.evaluate.evaluate_model`` on the full test split, in this process; CPU time is the process's
+``--frontier-dir`` (default ``bench/``). Each point is ``tasks.training.train.train_model`` +
+``tasks.evaluation.evaluate.evaluate_model`` on the full test split, in this process; CPU time is the process's
 (all threads, ``time.process_time``), so it counts both cores' work.
 """
 
@@ -71,7 +71,7 @@ def epochs_for(budget: float, nightly_epochs: int) -> int:
 def prepare_parquet(spec, work: Path) -> dict[str, Path]:
     """The bundled splits as Parquet, with the pipeline's converter (bytes checked against the catalog first)."""
     from tasks import storage
-    from tasks.convert import convert_to_parquet
+    from tasks.conversion.convert import convert_to_parquet
     from tasks.settings import BUNDLED_MIRROR
 
     out = {}
@@ -99,10 +99,10 @@ def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, tra
     """Train the recipe for ``budget`` of its epochs, evaluate on the test split; accuracy, CPU and wall time."""
     from bench.fitclock import FitClock
     from tasks.artifacts import CURVES_JSON
-    from tasks.datasets import train_config_for
-    from tasks.evaluate import evaluate_model
+    from tasks.evaluation.evaluate import evaluate_model
     from tasks.results import read_metrics
-    from tasks.train import train_model
+    from tasks.training.recipes import train_config_for
+    from tasks.training.train import train_model
 
     config = train_config_for(spec.recipe, epochs=epochs_for(budget, spec.recipe.epochs), seed=seed,
                               train_rows=train_rows)

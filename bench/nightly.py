@@ -9,7 +9,7 @@ from typing import Any
 
 from bench.common import FULL, Mode, log, timed
 from bench.fitclock import FitClock
-from tasks.datasets import DEFAULT_SEED
+from tasks.training.recipes import DEFAULT_SEED
 
 
 def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAULT_SEED

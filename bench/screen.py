@@ -1,9 +1,9 @@
 """Screen training recipes fast: several seeds of each candidate, in parallel processes, on any Keras backend.
 
 A candidate is a dataset and ``TrainConfig`` fields (``bench/candidates.toml``). Each run builds the model
-with ``tasks.architectures.build_model`` (the pipeline's own networks and optimizers), fits it on the
+with ``tasks.training.architectures.build_model`` (the pipeline's own networks and optimizers), fits it on the
 bundled train split (a seeded hold-out with early stopping when ``validation_fraction`` > 0, as
-``tasks.train`` does) and scores the test split. Made for a GPU machine with JAX and no TensorFlow:
+``tasks.training.train`` does) and scores the test split. Made for a GPU machine with JAX and no TensorFlow:
 
     KERAS_BACKEND=jax python bench/screen.py --seeds 42,43,44 --jobs 6 --out screen.jsonl
 
@@ -58,9 +58,9 @@ def run_one(job: dict) -> dict:
     import keras
 
     from bench.flops import TRAIN_STEP_FORWARD_MULTIPLE, model_forward_flops
-    from tasks.architectures import build_model, with_test_time_views
-    from tasks.datasets import TrainConfig
-    from tasks.fitting import split_rows, training_targets
+    from tasks.training.architectures import build_model, with_test_time_views
+    from tasks.training.fitting import split_rows, training_targets
+    from tasks.training.recipes import TrainConfig
 
     config = TrainConfig(**job["config"], seed=job["seed"])
     keras.utils.set_random_seed(config.seed)

@@ -28,9 +28,9 @@ def step_timer(config, steps: int, policy: str = "float32", num_classes: int = 1
     run), and a call that times one pass of ``steps`` training steps, returning seconds per step."""
     import keras
 
-    from tasks.architectures import build_model
     from tasks.datasets import NUM_PIXELS
-    from tasks.train import seed_everything
+    from tasks.training.architectures import build_model
+    from tasks.training.train import seed_everything
 
     seed_everything(config.seed)
     keras.mixed_precision.set_global_policy(policy)
@@ -64,7 +64,7 @@ def seconds_per_step(configs: dict[str, tuple[Any, str]], steps: int) -> dict[st
 
 def night_steps(config) -> int:
     """Training steps of ``config`` in a nightly run on the full train split, at its planned epochs."""
-    from tasks.fitting import split_rows
+    from tasks.training.fitting import split_rows
 
     _, fit_idx = split_rows(config, config.train_rows or FULL_TRAIN_ROWS)
     return math.ceil(len(fit_idx) / config.batch_size) * config.epochs
@@ -73,7 +73,8 @@ def night_steps(config) -> int:
 def time_ratios(candidates: list[dict[str, Any]], steps: int, policy: str = "float32") -> list[dict[str, Any]]:
     """Each candidate's night of training in seconds, and as a ratio of its dataset's nightly recipe's (timed
     in float32, as it trains)."""
-    from tasks.datasets import TrainConfig, load_catalog, train_config_for
+    from tasks.datasets import load_catalog
+    from tasks.training.recipes import TrainConfig, train_config_for
 
     catalog = load_catalog()
     todays = {dataset: train_config_for(catalog[dataset].recipe) for dataset in {c["dataset"] for c in candidates}}

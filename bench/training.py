@@ -20,7 +20,8 @@ BARE_FIT_SCRIPT = Path(__file__).with_name("run.py")
 
 def training_config(mode: Mode):
     """The config the flow trains mnist's mlp with, for ``mode``'s epochs and rows."""
-    from tasks.datasets import load_catalog, train_config_for
+    from tasks.datasets import load_catalog
+    from tasks.training.recipes import train_config_for
 
     return train_config_for(load_catalog()["mnist"].recipe, "mlp", mode.epochs, 42, mode.train_rows)
 
@@ -31,10 +32,10 @@ def bare_fit(parquet: Path, config_json: str, deterministic: bool = False) -> di
 
     import numpy as np
 
-    from tasks.architectures import build_model
-    from tasks.datasets import TrainConfig
-    from tasks.fitting import split_rows, training_targets
     from tasks.model_io import import_keras
+    from tasks.training.architectures import build_model
+    from tasks.training.fitting import split_rows, training_targets
+    from tasks.training.recipes import TrainConfig
 
     config = TrainConfig.model_validate_json(config_json)
     import_seconds, keras = timed(import_keras)
@@ -74,7 +75,7 @@ def run_bare_fit(parquet: Path, config, deterministic: bool = False) -> dict[str
 def bench_training(work: Path, parquet: Path, mode: Mode) -> dict[str, Any]:
     """train_model (the pipeline's training stage, whole call) against the bare script; fastest of each side."""
     from tasks.model_io import import_keras
-    from tasks.train import train_model
+    from tasks.training.train import train_model
 
     import_keras()
     config = training_config(mode)
@@ -100,7 +101,7 @@ def bench_training(work: Path, parquet: Path, mode: Mode) -> dict[str, Any]:
 
 def rows_for_steps(steps: int, batch_size: int, validation_fraction: float) -> int:
     """Train rows whose fit part (after train_model's hold-out) is exactly ``steps`` full batches."""
-    def held_out(rows: int) -> int:  # as tasks.train.split_rows
+    def held_out(rows: int) -> int:  # as tasks.training.train.split_rows
         return max(1, int(rows * validation_fraction)) if validation_fraction else 0
 
     rows = math.ceil(steps * batch_size / (1 - validation_fraction))
@@ -111,8 +112,9 @@ def rows_for_steps(steps: int, batch_size: int, validation_fraction: float) -> i
 
 def bench_recipe_fits(work: Path, parquets: dict[str, Path], steps: int) -> FitClock:
     """Each dataset's nightly recipe through train_model for 2 epochs of ``steps`` full batches (utilization only)."""
-    from tasks.datasets import TrainConfig, load_catalog, train_config_for
-    from tasks.train import train_model
+    from tasks.datasets import load_catalog
+    from tasks.training.recipes import TrainConfig, train_config_for
+    from tasks.training.train import train_model
 
     batch = TrainConfig.model_fields["batch_size"].default
     with FitClock().installed() as clock:

@@ -15,7 +15,7 @@ made, so it can be rerun after changing the URL or the deadline:
   (``--deadline-minutes``, default ``DEADLINE_MINUTES``) without reaching a final state.
 
 Which datasets failed, where and why is data, not words: before a run ends Failed it labels itself with each
-unpublished dataset's stage and reason (``tasks.outcome.failure_labels``), and the notification lists those
+unpublished dataset's stage and reason (``tasks.reporting.outcomes.failure_labels``), and the notification lists those
 labels. A run that ended without them (a crash, or a bug before the outcomes were known) is reported as such,
 with its state message.
 """
@@ -30,7 +30,7 @@ from datetime import timedelta
 from prefect.automations import Automation, EventTrigger, Posture, SendNotification
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
-from tasks.outcome import FAILED_LABEL
+from tasks.reporting.outcomes import FAILED_LABEL
 
 BLOCK_NAME = "train-mnist-alerts"
 FLOW_NAME = "train-mnist"

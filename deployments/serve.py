@@ -27,7 +27,7 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
 from flows.train import train_mnist
-from tasks.fanout import DATASET_DEPLOYMENT
+from tasks.orchestration.fanout import DATASET_DEPLOYMENT
 from tasks.settings import PROJECT_ROOT
 
 NIGHTLY_CRON = "0 2 * * *"

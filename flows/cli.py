@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, get_args
 
-from tasks.datasets import ModelKind
+from tasks.training.recipes import ModelKind
 
 
 def parameter_help() -> dict[str, str]:
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
-        from tasks.predict import main as predict_main
+        from tasks.serving.predict import main as predict_main
 
         return predict_main(argv[1:])
     if argv[:1] == ["serve"]:

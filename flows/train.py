@@ -6,6 +6,7 @@ Wiring only: every stage lives in ``tasks/``, the command line in ``flows/cli.py
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,41 +15,37 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed, State
 from pydantic import Field
 
-from tasks.convert import convert_task
-from tasks.datasets import (
-    DEFAULT_SEED,
-    DatasetConfigError,
-    DatasetSpec,
-    ModelKind,
-    TrainConfig,
-    applied_parameters,
-    load_catalog,
-    select_datasets,
-    train_config_for,
-    with_gate_overrides,
+from tasks.conversion.convert import convert_task
+from tasks.datasets import DatasetConfigError, DatasetSpec, load_catalog, select_datasets, with_gate_overrides
+from tasks.download.fetch import (
+    ChecksumMismatch,
+    DownloadError,
+    DownloadRefused,
+    SourceNotFound,
+    download_task,
+    retry_delays,
 )
-from tasks.download import ChecksumMismatch, DownloadError, DownloadRefused, SourceNotFound, download_task, retry_delays
-from tasks.evaluate import evaluate_task
-from tasks.expected_failures import quiet_expected_failures
-from tasks.fanout import CHILD_TIMEOUT_MINUTES, DATASET_DEPLOYMENT, child_outcome, run_child_task
-from tasks.gate import gate_task
-from tasks.locations import SOURCE_PATTERN, LocationError
-from tasks.outcome import (
+from tasks.download.locations import SOURCE_PATTERN, LocationError
+from tasks.evaluation.evaluate import evaluate_task
+from tasks.orchestration.fanout import CHILD_TIMEOUT_MINUTES, DATASET_DEPLOYMENT, child_outcome, run_child_task
+from tasks.orchestration.versions import run_version_name
+from tasks.publishing.gate import gate_task
+from tasks.publishing.promote import DEFAULT_TOLERANCE, PromotionPolicy
+from tasks.publishing.publish import PUBLISH_REFUSALS, publish_task
+from tasks.registry import Candidate, ChampionUnreadable
+from tasks.reporting.expected_failures import quiet_expected_failures
+from tasks.reporting.outcomes import (
     DatasetOutcome,
     NotPublished,
     outcome_of,
-    stopped_outcome,
+    stopped_task,
     summarize_outcomes,
 )
-from tasks.promote import DEFAULT_TOLERANCE, PromotionPolicy
-from tasks.publish import PUBLISH_REFUSALS, publish_task
-from tasks.registry import Candidate, ChampionUnreadable, open_registry
 from tasks.results import Lineage, PreparedData
 from tasks.settings import Settings
-from tasks.train import train_task
-from tasks.validate import DataValidationError, report_in_run_dir, validate_task
-from tasks.validation.report import write_validation_html
-from tasks.versions import run_version_name
+from tasks.training.recipes import DEFAULT_SEED, ModelKind, TrainConfig, applied_parameters, train_config_for
+from tasks.training.train import train_task
+from tasks.validation.validate import DataValidationError, champion_profile_task, keep_report_task, validate_task
 
 SEED_MAX = 2**32 - 1  # numpy's (and so Keras') seed range
 DATASET_NAMES = r"^\s*[a-z0-9][a-z0-9_-]*\s*(,\s*[a-z0-9][a-z0-9_-]*\s*)*$"
@@ -92,8 +89,8 @@ def prepare_data(spec: DatasetSpec, settings: Settings, run_dir: Path) -> Prepar
               "max_bytes": settings.download_max_bytes, "total_deadline_s": settings.download_total_deadline_s}
     train_raw = download(spec, "train", settings.source, settings.raw_dir, **limits)
     test_raw = download(spec, "test", settings.source, settings.raw_dir, **limits)
-    champion_profile = open_registry(settings.registry_location).champion_profile(spec.name, run_dir)
-    report = report_in_run_dir(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile), run_dir)
+    champion_profile = champion_profile_task(settings.registry_location, spec.name, run_dir)
+    report = keep_report_task(validate_task(spec, train_raw.path, test_raw.path, run_dir, champion_profile), run_dir)
     return PreparedData(
         train_raw, test_raw, report,
         train_parquet=convert_task(train_raw, report.train.has_header, settings.parquet_dir, spec.name, "train"),
@@ -108,7 +105,7 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
     try:
         data = prepare_data(spec, settings, run_dir)
     except EXPECTED_FAILURES as exc:
-        outcome = stopped_outcome(spec.name, version, exc, settings.registry_location)
+        outcome = stopped_task(spec.name, version, exc, settings.registry_location)
         return Failed(message=outcome.state_message(), data=outcome)
     trained = train_task(data.train_parquet, spec.num_classes, config, run_dir, spec.name)
     evaluation = evaluate_task(trained.model, data.test_parquet, list(spec.class_names), run_dir, spec.name)
@@ -118,11 +115,10 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
     candidate = Candidate(
         dataset=spec.name, version=version, model_path=trained.model, metrics=evaluation.metrics, decision=decision,
         lineage=Lineage.of_run([data.train_raw, data.test_raw], report, parameters), test_parquet=data.test_parquet,
-        predictions_path=evaluation.predictions_path, probabilities_path=evaluation.probabilities_path,
-        parameters=parameters,
+        predictions=evaluation.predictions, probabilities=evaluation.probabilities, parameters=parameters,
+        drift=report.drift_numbers(),
         files={path.name: path for path in (trained.curves, report.report_path, report.profile_path) if path})
-    outcome = publish_task(settings.registry_location, candidate, policy=policy,
-                           validation_report=write_validation_html(report.report_path))
+    outcome = publish_task(settings.registry_location, candidate, policy=policy, validation_report=report.html_path)
     return outcome if outcome.published else Failed(message=outcome.state_message(), data=outcome)
 
 
@@ -192,7 +188,9 @@ def train_mnist(
     return summarize_outcomes([outcome_of(name, version, state) for name, state in states.items()], version)
 
 
-if __name__ == "__main__":  # ``python flows/train.py``: the command line of flows/cli.py
-    from flows.cli import main
-
-    sys.exit(main())
+if __name__ == "__main__":
+    # ``python flows/train.py`` is ``train-mnist``: the command line (flows/cli.py) imports this module, so it
+    # runs in place of this script rather than being imported by it (no second copy of the flows, no cycle).
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "flows.cli", *sys.argv[1:]], {**os.environ, "PYTHONPATH": path})

@@ -1,4 +1,4 @@
-"""Every file name a stage writes, once: the run folder, the registry's version folders, the dataset's history.
+"""Every file name a stage writes, once: the run folder, the registry's version folders, the dataset's run log.
 
 A run writes to ``<data-dir>/runs/<dataset>/<version>/``; a published version holds copies of some of
 those beside the documents rendered at publish (README: Where outputs land).
@@ -14,7 +14,7 @@ PROFILE_FILE = "data_profile.json"  # each split's label counts and mean image; 
 
 # ---- the run folder: training and evaluation -----------------------------------------------------
 MODEL_FILE = "model.keras"
-CURVES_JSON = "history.json"  # per-epoch loss and accuracy (the Keras History), train and validation
+CURVES_JSON = "training_curves.json"  # per-epoch loss and accuracy (the Keras History), train and validation
 CURVES_PNG = "training_curves.png"
 RESUME_FILE = "resume.json"  # whether this training resumed from a backup, and after which epoch
 TENSORBOARD_DIR = "tensorboard"
@@ -31,5 +31,8 @@ VERSION_FILES = (MODEL_FILE, METRICS_FILE, CONFUSION_CSV, CONFUSION_PNG, MODEL_C
 
 # ---- a dataset in the folder registry ------------------------------------------------------------
 POINTER = "production"  # the current version's name
-RUN_HISTORY = "history.jsonl"  # one line per run, published or not (the registry's run log)
-TREND_PNG = "history.png"  # that log as a plot
+RUN_LOG = "runs.jsonl"  # one line per run, published or not (the registry's run log)
+TREND_PNG = "runs.png"  # that log as a plot
+# Names an earlier train-mnist wrote (before 2026-12-06): still read, never written.
+LEGACY_CURVES_JSON = "history.json"
+LEGACY_RUN_LOG = "history.jsonl"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
 from tasks import artifacts
@@ -63,9 +64,25 @@ class ValidationReport:
     test: SplitCheck
     docs_path: Path | None = None  # GX Data Docs index.html, if it could be built
     profile_path: Path | None = None  # data_profile.json: stored with the version if this run publishes
+    html_path: Path | None = None  # validation.html: the report as one page that opens offline
 
     def split(self, split: Split) -> SplitCheck:
         return self.train if split == "train" else self.test
+
+    def drift_numbers(self) -> dict[str, float]:
+        return drift_numbers(self.drift)
+
+
+def drift_numbers(drift: dict[str, Any]) -> dict[str, float]:
+    """The scalar drift numbers of a validation's ``drift`` section, flattened (``test.label_kl``, ...)."""
+    flat: dict[str, float] = {}
+    for section, values in drift.items():
+        if section == "reference_computed_from_train" or not isinstance(values, dict):
+            continue
+        for name, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                flat[f"{section}.{name}"] = float(value)
+    return flat
 
 
 @dataclass(frozen=True)
@@ -115,17 +132,20 @@ class Metrics(BaseModel):
 
 
 def read_metrics(path: Path) -> Metrics:
+    """A ``metrics.json`` written by an earlier run (benchmarks, tests); a run hands its own ``Evaluation`` on."""
     return Metrics.model_validate_json(Path(path).read_text())
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What evaluation wrote and measured: ``metrics.json``, the predicted class of every test row, the metrics."""
+    """What evaluation measured, handed on in memory, and the files it wrote for people and later runs."""
 
+    metrics: Metrics
+    predictions: np.ndarray  # the predicted class of every test row
+    probabilities: np.ndarray  # each test row's class probabilities (float32), as evaluation scored them
     metrics_path: Path
     predictions_path: Path
-    metrics: Metrics
-    probabilities_path: Path | None = None  # each test row's class probabilities, as evaluation scored them
+    probabilities_path: Path
 
 
 class GateDecision(BaseModel):

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tasks.locations import check_source
+from tasks.download.locations import check_source
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MIRROR = PROJECT_ROOT / "data" / "mirror"

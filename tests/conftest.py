@@ -100,7 +100,7 @@ def tiny_spec(catalog, tiny_mirror) -> DatasetSpec:
 def candidate(tmp_path, monkeypatch):
     """A consistent dummy candidate (dummy model bytes): the champion is scored as predicting what it predicts
     (a tie), and a stand-in passes its canary."""
-    from tasks import publish
+    from tasks.publishing import publish
     from tasks.registry import folder
 
     cand = dummy_candidate(tmp_path / "candidate")

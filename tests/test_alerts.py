@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from test_deployments import QUICK, trigger
 
 from deployments.alerts import FAILED_AUTOMATION, OVERDUE_AUTOMATION
-from tasks.registry.history import TREND_FILE, read_history
+from tasks.registry.run_log import TREND_FILE, read_run_log
 from tasks.settings import BUNDLED_MIRROR, PROJECT_ROOT
 from tests.support.held_mirror import held_mirror
 from tests.support.prefect_server import RUN_TIMEOUT_S, prefect_server
@@ -125,7 +125,7 @@ def test_a_failed_night_sends_exactly_one_notification_naming_each_dataset_its_s
     assert broken.startswith("broken\nstage: download\nreason: ") and "no such file" in broken
     assert f"/runs/flow-run/{run_id}" in body
     # The failed night is in the dataset's history too, with the stage times Prefect measured.
-    [entry] = read_history(tmp_path / "registry", "mnist")
+    [entry] = read_run_log(tmp_path / "registry", "mnist")
     assert (entry.outcome, entry.stage, entry.gate_passed) == ("gate_failed", "gate", False)
     assert {"train", "evaluate", "gate", "publish"} <= set(entry.stage_seconds) and entry.stage_seconds["train"] > 0
 
@@ -151,7 +151,7 @@ def test_a_run_past_the_deadline_sends_an_overdue_notification_and_nothing_else(
         assert len(posts) == 1, posts
         assert posts[0]["subject"] == f"train-mnist nightly overdue: {run.name}"
         assert "more than 0.25 minutes" in posts[0]["body"] and f"/runs/flow-run/{run_id}" in posts[0]["body"]
-        [entry] = read_history(tmp_path / "registry", "mnist")
+        [entry] = read_run_log(tmp_path / "registry", "mnist")
         assert entry.outcome == "published" and entry.canary_latency_s > 0 and entry.drift["test.rows"] == 10000
         assert (tmp_path / "registry" / "mnist" / TREND_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with server.client() as client:

@@ -15,8 +15,9 @@ import pytest
 from bench import flops, frontier
 from bench.fitclock import FitClock
 from bench.run import PROJECT_ROOT, rows_for_steps
-from tasks.architectures import build_model
-from tasks.datasets import TrainConfig, load_catalog, train_config_for
+from tasks.datasets import load_catalog
+from tasks.training.architectures import build_model
+from tasks.training.recipes import TrainConfig, train_config_for
 
 
 def test_forward_flops_follow_the_layer_formulas():

@@ -13,18 +13,20 @@ from prefect import flow
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from tasks import caching, storage
-from tasks.caching import (
+from tasks import storage
+from tasks.conversion.convert import convert_task, convert_to_parquet, parquet_path
+from tasks.datasets import Gates
+from tasks.download.fetch import download_split, download_task
+from tasks.orchestration import caching
+from tasks.orchestration.caching import (
     code_version,
     dependency_sources,
     missing_outputs,
     validate_identity,
 )
-from tasks.convert import convert_task, convert_to_parquet, parquet_path
-from tasks.datasets import Gates, Recipe
-from tasks.download import download_split, download_task
-from tasks.validate import validate_task
+from tasks.training.recipes import Recipe
 from tasks.validation.csvfile import CsvFileError
+from tasks.validation.validate import validate_task
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +81,10 @@ def test_conversion_checks_the_raw_file_against_the_checksum_its_output_is_named
 
 
 def test_a_stage_depends_on_every_project_module_it_imports():
-    deps = dependency_sources("tasks.convert")
-    assert {"tasks.convert", "tasks.datasets", "tasks.validation.csvfile", "tasks.caching", "tasks.parquet",
+    deps = dependency_sources("tasks.conversion.convert")
+    assert {"tasks.conversion.convert", "tasks.datasets", "tasks.validation.csvfile", "tasks.orchestration.caching", "tasks.conversion.parquet",
             "tasks.results", "tasks.storage"} <= set(deps)
-    assert "tasks.datasets" in dependency_sources("tasks.validate")
+    assert "tasks.datasets" in dependency_sources("tasks.validation.validate")
 
 
 def test_editing_datasets_py_invalidates_every_data_stage(monkeypatch):

@@ -18,7 +18,9 @@ from prefect import flow, task
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from tasks import storage
-from tasks.caching import (
+from tasks.conversion.convert import convert_task
+from tasks.download.fetch import RawFile, download_task
+from tasks.orchestration.caching import (
     CONVERT_CACHE,
     DOWNLOAD_CACHE,
     VALIDATE_CACHE,
@@ -26,10 +28,8 @@ from tasks.caching import (
     download_identity,
     missing_outputs,
 )
-from tasks.convert import convert_task
-from tasks.download import RawFile, download_task
 from tasks.storage import sha256_file
-from tasks.validate import report_in_run_dir, validate_task
+from tasks.validation.validate import report_in_run_dir, validate_task
 
 download = download_task.with_options(cache_policy=DOWNLOAD_CACHE, persist_result=True, retries=0)
 validate = validate_task.with_options(cache_policy=VALIDATE_CACHE, persist_result=True)

@@ -7,7 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from tasks.canary import (
+from tasks.conversion.convert import convert_to_parquet
+from tasks.conversion.parquet import load_xy
+from tasks.evaluation.evaluate import evaluate_model
+from tasks.publishing.canary import (
     CANARY_FILE,
     CANARY_ROWS,
     LATENCY_BUDGET_S,
@@ -15,14 +18,11 @@ from tasks.canary import (
     run_canary,
     write_canary_batch,
 )
-from tasks.convert import convert_to_parquet
-from tasks.datasets import TrainConfig
-from tasks.evaluate import evaluate_model
-from tasks.parquet import load_xy
-from tasks.publish import CanaryRefused
+from tasks.publishing.publish import CanaryRefused
 from tasks.registry.folder import STAGING_PREFIX, list_versions, read_production
 from tasks.results import read_metrics
-from tasks.train import train_model
+from tasks.training.recipes import TrainConfig
+from tasks.training.train import train_model
 from tests.support.publish_worker import LINEAGE, PASSED, publish_model
 
 DATASET = "canary-test"

@@ -8,7 +8,7 @@ from PIL import Image
 
 from flows.cli import parse_args
 from tasks.model_io import import_keras
-from tasks.train import plot_training_curves, progress_callback
+from tasks.training.train import plot_training_curves, progress_callback
 
 
 def test_progress_is_reported_inside_an_epoch_by_a_real_fit():

@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.convert import convert_to_parquet, parquet_path
+from tasks.conversion.convert import convert_to_parquet, parquet_path
+from tasks.conversion.parquet import load_xy
 from tasks.datasets import COLUMNS
-from tasks.parquet import load_xy
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.convert import convert_to_parquet
+from tasks.conversion.convert import convert_to_parquet
 from tasks.datasets import COLUMNS, NUM_PIXELS, DatasetSpec, Gates, SplitFile, Tolerances
-from tasks.validate import DataValidationError, validate_dataset
 from tasks.validation import decoding
 from tasks.validation.csvfile import CsvFileError, decode_bytes
+from tasks.validation.validate import DataValidationError, validate_dataset
 
 ROWS = {"train": 12, "test": 6}
 LOOSE = Tolerances(max_label_kl=1e9, min_class_share_ratio=0.0, max_blank_share=1.0, max_duplicate_share=1.0,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks.datasets import COLUMNS, DatasetSpec
-from tasks.download import (
+from tasks.download.fetch import (
     ChecksumMismatch,
     DownloadError,
     SourceNotFound,
@@ -23,7 +23,7 @@ from tasks.download import (
     raw_path,
     resolve_location,
 )
-from tasks.locations import LocationError
+from tasks.download.locations import LocationError
 from tasks.storage import sha256_file
 from tests.support.fault_server import FaultServer, partial_files
 from tests.support.slices import build_slice_mirror, slice_spec

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tasks.download import DownloadError, DownloadRefused, download_task, fetch_file, raw_path
+from tasks.download.fetch import DownloadError, DownloadRefused, download_task, fetch_file, raw_path
 from tests.support.fault_server import FaultServer, Redirect, Trickle, TrickleHeaders, partial_files
 from tests.support.slices import TINY_TRAIN
 

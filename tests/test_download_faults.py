@@ -18,7 +18,7 @@ import pytest
 from prefect import flow
 
 from tasks.datasets import DatasetSpec
-from tasks.download import (
+from tasks.download.fetch import (
     ChecksumMismatch,
     DownloadError,
     RawFile,

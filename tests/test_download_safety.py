@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.datasets import DatasetConfigError, load_datasets_file
-from tasks.download import (
+from tasks.download.fetch import (
     DownloadError,
     DownloadRefused,
     download_split,
@@ -22,9 +22,9 @@ from tasks.download import (
     is_retryable,
     raw_path,
 )
-from tasks.locations import LocationError, redact, resolve
+from tasks.download.locations import LocationError, redact, resolve
+from tasks.download.transport import _SafeRedirects
 from tasks.settings import Settings
-from tasks.transport import _SafeRedirects
 from tests.support.fault_server import FaultServer, Redirect, Status, Trickle, partial_files
 from tests.support.slices import TINY_TRAIN
 
@@ -241,7 +241,7 @@ def test_the_partial_file_of_a_sigkilled_download_is_removed_by_the_next_run(ser
 
     server.plan(PATH, Trickle(0.2))  # slow enough to be killed mid-transfer
     dest = raw_path(tmp_path / "raw", tiny_spec, "train")
-    code = ("import sys; from pathlib import Path; from tasks.download import fetch_file; "
+    code = ("import sys; from pathlib import Path; from tasks.download.fetch import fetch_file; "
             "fetch_file(sys.argv[1], Path(sys.argv[2]), None, timeout_s=5, deadline_s=600)")
     child = subprocess.Popen([sys.executable, "-c", code, server.url(PATH), str(dest)],
                              cwd=Path(__file__).resolve().parents[1])

@@ -13,9 +13,9 @@ import pytest
 
 from tasks.datasets import IMAGE_SIDE
 from tasks.settings import BUNDLED_MIRROR
-from tasks.validate import DataValidationError, validate_dataset
 from tasks.validation.csvfile import read_text
 from tasks.validation.profiling import read_profile
+from tasks.validation.validate import DataValidationError, validate_dataset
 
 
 def mirrored_copy(src: Path, dest: Path) -> Path:

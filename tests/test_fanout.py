@@ -22,7 +22,7 @@ import pytest
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
 
-from tasks.registry.mlflow_server import MlflowServer
+from tasks.registry.mlflow_client import MlflowServer
 from tasks.settings import PROJECT_ROOT
 from tests.support.prefect_server import PREFECT, Server
 from tests.support.processes import spawn, stop, tail

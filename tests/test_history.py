@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from tasks.publish import GateFailed
-from tasks.registry.history import (
-    HISTORY_FILE,
+from tasks.publishing.publish import GateFailed
+from tasks.registry.run_log import (
+    RUN_LOG_FILE,
     TREND_FILE,
-    HistoryEntry,
+    RunLogEntry,
     append_entry,
     drift_numbers,
     markdown_table,
-    read_history,
+    read_run_log,
     render_trend,
 )
 from tasks.results import GateDecision
@@ -48,14 +48,14 @@ def test_drift_numbers_are_the_scalar_drift_values(tmp_path):
 
 
 def test_a_torn_last_line_is_skipped(tmp_path):
-    append_entry(tmp_path, DATASET, HistoryEntry(version="v1", outcome="published", test_accuracy=0.9))
-    with open(tmp_path / DATASET / HISTORY_FILE, "ab") as fh:
+    append_entry(tmp_path, DATASET, RunLogEntry(version="v1", outcome="published", test_accuracy=0.9))
+    with open(tmp_path / DATASET / RUN_LOG_FILE, "ab") as fh:
         fh.write(b'{"version": "v2", "outc')
-    assert [e.version for e in read_history(tmp_path, DATASET)] == ["v1"]
+    assert [e.version for e in read_run_log(tmp_path, DATASET)] == ["v1"]
 
 
 def test_trend_plot_and_table_show_every_run(tmp_path):
-    entries = [HistoryEntry(version=f"2026010{i}T020000Z-aaaaaa", outcome="published" if i != 3 else "gate_failed",
+    entries = [RunLogEntry(version=f"2026010{i}T020000Z-aaaaaa", outcome="published" if i != 3 else "gate_failed",
                             test_accuracy=0.99 - i / 100, lowest_class_recall=0.95, drift={"test.label_kl": i / 1000},
                             stage_seconds={"train": 100.0 + i, "validate": 5.0}) for i in range(1, 6)]
     png = render_trend(entries, tmp_path / TREND_FILE, "t")
@@ -76,7 +76,7 @@ def test_each_publish_and_each_refusal_adds_a_line_and_redraws_the_plot(tmp_path
         publish_candidate(registry, DATASET, candidate, "20260102T020000Z-bbbbbb", decision=failed)
     second = publish_candidate(registry, DATASET, candidate, "20260103T020000Z-cccccc")
 
-    entries = read_history(registry, DATASET)
+    entries = read_run_log(registry, DATASET)
     assert [(e.version, e.outcome, e.gate_passed, e.promoted) for e in entries] == [
         (first.version, "published", True, True), ("20260102T020000Z-bbbbbb", "gate_failed", False, None),
         (second.version, "published", True, True)]

@@ -25,10 +25,10 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-import tasks.publish
+import tasks.publishing.publish
 from flows.train import train_mnist
 from tasks.registry.folder import list_versions, read_production
-from tasks.registry.history import read_history
+from tasks.registry.run_log import read_run_log
 
 DATASETS_TOML = """
 [[dataset]]
@@ -182,7 +182,7 @@ def test_failed_validation_is_one_error_with_its_lines_and_an_offline_report(pre
     html = report.read_text()
     assert report.name == "validation.html" and "line 3" in html and "FAIL" in html and "<script" not in html
     # A night that stopped at validation is in the dataset's history too.
-    [entry] = read_history(tmp_path / "registry", "tiny-bad")
+    [entry] = read_run_log(tmp_path / "registry", "tiny-bad")
     assert (entry.outcome, entry.stage) == ("failed", "validate") and "data failed validation" in entry.reason
 
 
@@ -191,7 +191,7 @@ def test_artifacts_failing_after_publish_is_a_warning_and_the_version_is_publish
     def unavailable(*args, **kwargs):
         raise ConnectionError("artifact API unavailable")
 
-    monkeypatch.setattr(tasks.publish, "_create_artifacts", unavailable)
+    monkeypatch.setattr(tasks.publishing.publish, "_create_artifacts", unavailable)
     state = run(tmp_path, mirror, datasets_file, dataset="tiny")
     assert state.is_completed(), state.message
     version = state.result()["tiny"]
@@ -211,7 +211,7 @@ def test_a_damaged_production_pointer_stops_the_run_before_training_as_stage_cha
     state = run(tmp_path, mirror, datasets_file, dataset="tiny")
     assert state.is_failed()
     assert "production pointer" in state.message and "no-such-version" in state.message
-    [entry] = read_history(tmp_path / "registry", "tiny")
+    [entry] = read_run_log(tmp_path / "registry", "tiny")
     assert (entry.outcome, entry.stage) == ("failed", "champion"), entry
     parent, _ = family(state)
     with get_client(sync_client=True) as client:

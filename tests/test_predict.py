@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.convert import convert_to_parquet
-from tasks.datasets import PIXEL_COLUMNS, TrainConfig
-from tasks.evaluate import evaluate_model
-from tasks.predict import NoProductionModel, load_production_model
+from tasks.conversion.convert import convert_to_parquet
+from tasks.datasets import PIXEL_COLUMNS
+from tasks.evaluation.evaluate import evaluate_model
 from tasks.results import read_metrics
-from tasks.train import train_model
+from tasks.serving.predict import NoProductionModel, load_production_model
+from tasks.training.recipes import TrainConfig
+from tasks.training.train import train_model
 from tests.support.publish_worker import LINEAGE, PASSED, publish_model
 
 TRAIN_MNIST = str(Path(sys.executable).with_name("train-mnist"))

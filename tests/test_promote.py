@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from tasks.parquet import load_xy
-from tasks.promote import (
+from tasks.conversion.parquet import load_xy
+from tasks.publishing.promote import (
     PromotionPolicy,
     decide_promotion,
     discordant_counts,
@@ -21,10 +21,10 @@ from tasks.promote import (
     mcnemar_exact_p,
     refusal_message,
 )
-from tasks.publish import GateFailed, PromotionRefused
+from tasks.publishing.publish import GateFailed, PromotionRefused
 from tasks.registry import ChampionUnreadable
 from tasks.registry.folder import dataset_lock, list_versions, read_production, set_production
-from tasks.registry.history import HISTORY_FILE, TREND_FILE
+from tasks.registry.run_log import RUN_LOG_FILE, TREND_FILE
 from tasks.results import read_metrics
 from tests.support.publish_worker import Candidate, make_candidate, publish_candidate
 
@@ -133,7 +133,7 @@ def test_unpaired_predictions_are_an_error():
         decide_promotion(labels, challenger, champion[:99], "v1", POLICY)
 
 
-# ---- real Keras models, published through tasks.publish ------------------------------------------------
+# ---- real Keras models, published through tasks.publishing.publish ------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def registry(strong_registry, tmp_path) -> tuple[Path, str]:
 def _state(registry: Path) -> tuple:
     """Pointer, versions and every file's bytes; the dataset's history, which records every run, aside."""
     root = registry / DATASET
-    history = {root / HISTORY_FILE, root / TREND_FILE}
+    history = {root / RUN_LOG_FILE, root / TREND_FILE}
     return read_production(registry, DATASET), list_versions(registry, DATASET), {
         p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p not in history}
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tasks.artifacts import VERSION_FILES
-from tasks.model_card import confusion_matrix_csv, confusion_matrix_png, model_card
-from tasks.promote import PromotionPolicy, first_version_decision
-from tasks.publish import GateFailed
+from tasks.publishing.model_card import confusion_matrix_csv, confusion_matrix_png, model_card
+from tasks.publishing.promote import PromotionPolicy, first_version_decision
+from tasks.publishing.publish import GateFailed
 from tasks.registry import folder as registry_module
 from tasks.registry.folder import STAGING_PREFIX, list_versions, read_production
 from tasks.results import GateDecision

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import publish
+from tasks.publishing import publish
 from tasks.registry import folder as registry_module
 from tasks.registry.folder import read_production
 from tests.support.publish_worker import (

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import publish, storage
+from tasks import storage
+from tasks.publishing import publish
 from tasks.registry.folder import list_versions, read_production, set_production
 from tasks.registry.interface import PublishConflict
 from tasks.registry.lock import PublishLockUnsafe, limit_name

@@ -6,17 +6,18 @@ import numpy as np
 import pytest
 
 from bench.flops import model_forward_flops
-from tasks.architectures import build_model
-from tasks.datasets import Recipe, TrainConfig, load_catalog, train_config_for
-from tasks.fitting import training_weights_keeper
+from tasks.conversion.parquet import load_xy
+from tasks.datasets import load_catalog
 from tasks.model_io import load_model
-from tasks.parquet import load_xy
-from tasks.train import train_model
+from tasks.training.architectures import build_model
+from tasks.training.fitting import training_weights_keeper
+from tasks.training.recipes import Recipe, TrainConfig, train_config_for
+from tasks.training.train import train_model
 
 
 @pytest.fixture(scope="module")
 def tiny_parquet(mnist_slice, slice_mirror, tmp_path_factory):
-    from tasks.convert import convert_to_parquet
+    from tasks.conversion.convert import convert_to_parquet
 
     root = tmp_path_factory.mktemp("recipes")
     return convert_to_parquet(slice_mirror / mnist_slice.train.path, root / "train.parquet", bool(mnist_slice.header))

@@ -14,7 +14,7 @@ from flows import cli
 from flows import train as train_flow
 from tasks import storage
 from tasks.artifacts import PROFILE_FILE
-from tasks.promote import PromotionPolicy, decide_promotion
+from tasks.publishing.promote import PromotionPolicy, decide_promotion
 from tasks.registry import ChampionUnreadable, FolderRegistry
 from tasks.registry.folder import POINTER, list_versions, read_production
 from tests.support.publish_worker import (

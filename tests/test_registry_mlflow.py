@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.promote import PromotionPolicy
-from tasks.publish import GateFailed, PromotionRefused, publish_version
+from tasks.publishing.promote import PromotionPolicy
+from tasks.publishing.publish import GateFailed, PromotionRefused, publish_version
 from tasks.registry import ChampionUnreadable, MlflowRegistry, open_registry
-from tasks.registry.mlflow_server import DECISION_TAG, REASON_TAG
+from tasks.registry.mlflow_client import DECISION_TAG, REASON_TAG
 from tasks.results import GateDecision
 from tests.support.publish_worker import LINEAGE, PASSED, registry_candidate
 
@@ -171,7 +171,7 @@ def test_two_publishers_without_a_shared_lock_file_take_turns_on_the_server(pref
 
 
 def test_load_production_model_reads_the_alias(server, dataset, trained_models):
-    from tasks.predict import NoProductionModel, load_production_model
+    from tasks.serving.predict import NoProductionModel, load_production_model
 
     registry = open_registry(server.url)
     with pytest.raises(NoProductionModel, match=rf"{dataset}: no production model in {server.url}"):
@@ -203,7 +203,7 @@ def test_credentials_in_the_tracking_uri_never_reach_locations_messages_or_the_r
 def test_the_alias_moves_only_if_it_still_names_the_compared_champion(server, dataset, trained_models, monkeypatch):
     """A publisher whose lock lapsed (paused) must not move the alias past another run's publish."""
     from tasks.registry.interface import PublishConflict
-    from tasks.registry.mlflow_server import PRODUCTION_ALIAS
+    from tasks.registry.mlflow_client import PRODUCTION_ALIAS
 
     registry = open_registry(server.url)
     publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-one"))

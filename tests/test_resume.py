@@ -14,12 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.convert import convert_to_parquet
-from tasks.datasets import TrainConfig
-from tasks.evaluate import evaluate_model
+from tasks.conversion.convert import convert_to_parquet
+from tasks.evaluation.evaluate import evaluate_model
 from tasks.results import read_metrics
-from tasks.resume import BACKUP_PREFIX, EPOCH_PREFIX, STATE_FILE, backup_key
 from tasks.settings import PROJECT_ROOT
+from tasks.training.recipes import TrainConfig
+from tasks.training.resume import BACKUP_PREFIX, EPOCH_PREFIX, STATE_FILE, backup_key
 
 pytestmark = pytest.mark.slow
 

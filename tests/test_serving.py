@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from flows.train import train_mnist
+from tasks.conversion.parquet import load_xy
 from tasks.model_io import load_model
-from tasks.parquet import load_xy
 from tasks.registry.folder import read_production, set_production
 from tests.support.processes import free_port, spawn, stop, tail, wait_for
 
@@ -213,7 +213,7 @@ def test_a_new_champion_is_swapped_in_without_a_failed_request_and_a_damaged_one
 
 def test_the_server_follows_an_mlflow_alias(mlflow, trained_models, tmp_path):
     """Against a real ``mlflow server``: the version the ``production`` alias names answers, then the next one."""
-    from tasks.publish import publish_version
+    from tasks.publishing.publish import publish_version
     from tasks.registry import open_registry
     from tests.support.publish_worker import registry_candidate
 

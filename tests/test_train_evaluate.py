@@ -3,14 +3,15 @@ import json
 import numpy as np
 import pytest
 
-from tasks.convert import convert_to_parquet
-from tasks.datasets import DEFAULT_EPOCHS, NUM_PIXELS, Gates, TrainConfig, train_config_for
-from tasks.evaluate import compute_metrics, evaluate_model
-from tasks.gate import check_gates
+from tasks.conversion.convert import convert_to_parquet
+from tasks.conversion.parquet import load_xy
+from tasks.datasets import NUM_PIXELS, Gates
+from tasks.evaluation.evaluate import compute_metrics, evaluate_model
 from tasks.model_io import load_model
-from tasks.parquet import load_xy
+from tasks.publishing.gate import check_gates
 from tasks.results import read_metrics
-from tasks.train import train_model
+from tasks.training.recipes import DEFAULT_EPOCHS, TrainConfig, train_config_for
+from tasks.training.train import train_model
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +184,8 @@ def test_label_smoothing_and_erasing_train_from_plain_labels_and_save_a_fixed_sc
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_label_smoothing_spreads_that_share_of_each_target_over_the_classes(smoothing):
-    from tasks.architectures import build_model
-    from tasks.fitting import training_targets
+    from tasks.training.architectures import build_model
+    from tasks.training.fitting import training_targets
 
     config = TrainConfig(model="mlp", label_smoothing=smoothing)
     model = build_model(config, 10)
@@ -205,7 +206,7 @@ def test_label_smoothing_spreads_that_share_of_each_target_over_the_classes(smoo
 def test_recipe_rejects_bad_training_options_naming_them(field, value, words):
     from pydantic import ValidationError
 
-    from tasks.datasets import Recipe
+    from tasks.training.recipes import Recipe
 
     with pytest.raises(ValidationError, match=words):
         Recipe(model="cnn-bn", **{field: value})

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from tasks.datasets import COLUMNS
-from tasks.validate import DataValidationError, read_matrix, validate_dataset
 from tasks.validation.csvfile import read_text, sniff_columns
 from tasks.validation.profiling import pixel_mean_std
+from tasks.validation.validate import DataValidationError, read_matrix, validate_dataset
 
 
 def load_slice(path: Path) -> tuple[np.ndarray, bool]:
-    """The slice parsed independently of tasks.validate (stdlib csv + NumPy): (matrix, has_header)."""
+    """The slice parsed independently of tasks.validation.validate (stdlib csv + NumPy): (matrix, has_header)."""
     with gzip.open(path, "rt") as fh:
         lines = fh.read().splitlines()
     has_header = lines[0].startswith("label")

@@ -16,8 +16,8 @@ import pytest
 
 from tasks.datasets import DatasetSpec
 from tasks.registry.folder import POINTER, list_versions, read_production
-from tasks.registry.history import HISTORY_FILE, TREND_FILE, read_history
-from tasks.validate import DataValidationError, validate_dataset
+from tasks.registry.run_log import RUN_LOG_FILE, TREND_FILE, read_run_log
+from tasks.validation.validate import DataValidationError, validate_dataset
 from tests.support import badinputs as bad
 
 READABLE = ("train", "test", "pair")  # drift sections present when both splits could be read
@@ -265,8 +265,8 @@ def test_flow_fails_on_bad_data_and_leaves_production_alone(bad_flow_run, name):
     assert list_versions(registry, name) == [OLD_VERSION]
     # Nothing but the old version and the pointer, and the night's line in the history (outcome failed).
     assert sorted(p.name for p in (registry / name).iterdir() if not p.name.startswith(".")) == sorted(
-        [OLD_VERSION, POINTER, HISTORY_FILE, TREND_FILE])
-    [entry] = read_history(registry, name)
+        [OLD_VERSION, POINTER, RUN_LOG_FILE, TREND_FILE])
+    [entry] = read_run_log(registry, name)
     assert (entry.outcome, entry.stage) == ("failed", "validate")
     reports = list((data_dir / "runs" / name).glob("*/validation.json"))
     assert len(reports) == 1 and json.loads(reports[0].read_text())["passed"] is False

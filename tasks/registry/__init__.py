@@ -2,8 +2,10 @@
 
 ``open_registry(location)`` picks the implementation: an ``http(s)://`` URL is an MLflow tracking server
 (``tasks.registry.mlflow``), anything else a folder (``tasks.registry.folder``). Beside them: the publish
-lock (``lock``), the folder registry's run history and trend plot (``history``) and the pruning of old
-versions (``retention``). ``tasks.publish`` holds the decision logic shared by both registries.
+lock (``lock``), the folder registry's run log and trend plot (``run_log``), the MLflow client calls (``mlflow_client``)
+and the pruning of old
+versions (``retention``). ``tasks.publishing.publish`` holds the decision logic shared by both registries. May import the top
+level, ``download.locations`` (redaction), ``publishing.promote`` and ``orchestration.versions``.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ import numpy as np
 
 from tasks import artifacts, storage
 from tasks.model_io import load_model, predict_classes
-from tasks.promote import PromotionDecision
-from tasks.registry import history
+from tasks.publishing.promote import PromotionDecision
+from tasks.registry import run_log
 from tasks.registry.interface import (
     Candidate,
     ChampionUnreadable,
@@ -35,6 +35,7 @@ from tasks.registry.interface import (
 )
 from tasks.registry.lock import publish_lock
 from tasks.registry.retention import RetentionPolicy, prune_versions
+from tasks.vocabulary import Outcome, Stage
 
 POINTER = artifacts.POINTER
 STAGING_PREFIX = ".staging-"
@@ -185,20 +186,20 @@ class FolderRegistry:
         """The folder registry keeps published versions only; the run's folder holds the rest."""
         return None
 
-    def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
-                       published: Published | None = None) -> None:
-        """One line in ``<dataset>/history.jsonl`` and a fresh trend plot (``tasks.registry.history``), under the lock."""
+    def record_history(self, candidate: Candidate, outcome: Outcome, seconds: float, reason: str | None = None,
+                       stage: Stage | None = None, published: Published | None = None) -> None:
+        """One line in ``<dataset>/runs.jsonl`` and a fresh trend plot (``tasks.registry.run_log``), under the lock."""
         with self.lock(candidate.dataset):
-            history.record_run(self.root, candidate.dataset, candidate.version, outcome, candidate.metrics,
-                               candidate.decision, candidate.lineage.validation_report, seconds, reason=reason,
-                               metrics_doc=published.path / artifacts.METRICS_FILE if published and published.path else None)
+            run_log.record_run(self.root, candidate.dataset, candidate.version, outcome, candidate.metrics,
+                               candidate.decision, candidate.drift, seconds, reason=reason, stage=stage,
+                               promotion=published.promotion if published else None,
+                               canary=published.canary if published else None)
 
-    def record_failure(self, dataset: str, version: str, stage: str, reason: str,
-                       validation_report: Path | None = None) -> None:
-        """A run that stopped before training (download, validation): its line in the history, under the lock."""
+    def record_failure(self, dataset: str, version: str, stage: Stage, reason: str,
+                       validation_report: Path | None = None, drift: dict[str, float] | None = None) -> None:
+        """A run that stopped before training (download, validation): its line in the run log, under the lock."""
         with self.lock(dataset):
-            history.record_run(self.root, dataset, version, "failed", reason=reason, stage=stage,
-                               validation_report=str(validation_report) if validation_report else None)
+            run_log.record_run(self.root, dataset, version, Outcome.FAILED, reason=reason, stage=stage, drift=drift)
 
     def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None:
         """Retention after a publish: never the production version, nor any of ``protected``."""

@@ -13,17 +13,21 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tasks.promote import PromotionDecision
+from tasks.publishing.canary import CanaryResult
+from tasks.publishing.promote import PromotionDecision
 from tasks.registry.retention import RetentionPolicy
 from tasks.results import GateDecision, Lineage, Metrics
+from tasks.vocabulary import Outcome, Stage, StageFailure
 
 
-class ChampionUnreadable(RuntimeError):
+class ChampionUnreadable(StageFailure, RuntimeError):
     """The production model cannot be loaded or scored, so no challenger can be compared with it."""
+    stage = Stage.CHAMPION
 
 
-class PublishConflict(RuntimeError):
+class PublishConflict(StageFailure, RuntimeError):
     """Production moved while this run published (its lock lapsed): the fence refused to move it again."""
+    stage = Stage.PUBLISH
 
 
 def check_fence(dataset: str, version: str, compared: str | None, current: str | None, where: str) -> None:
@@ -47,10 +51,11 @@ class Candidate:
     decision: GateDecision
     lineage: Lineage
     test_parquet: Path
-    predictions_path: Path
+    predictions: np.ndarray  # evaluation's predicted class of every row of ``test_parquet``
     files: dict[str, Path] = field(default_factory=dict)  # stored with the version: curves, reports, profile
-    probabilities_path: Path | None = None  # evaluation's probabilities: the canary compares them too
+    probabilities: np.ndarray | None = None  # evaluation's probabilities: the canary compares them too
     parameters: dict[str, Any] = field(default_factory=dict)  # recipe and run parameters
+    drift: dict[str, float] = field(default_factory=dict)  # validation's drift numbers, for the run log
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,11 @@ class Published:
     promotion: PromotionDecision
     location: str = ""  # where a user finds it: the folder, or the MLflow run's URL
     registry_version: str | None = None  # MLflow's registered model version
+    canary: CanaryResult | None = None  # the canary it passed before production moved
 
 
 class Registry(Protocol):
-    """What publishing needs from a registry. ``tasks.publish`` calls these under ``lock``."""
+    """What publishing needs from a registry. ``tasks.publishing.publish`` calls these under ``lock``."""
 
     location: str
 
@@ -85,11 +91,11 @@ class Registry(Protocol):
     def record_unpublished(self, candidate: Candidate, promotion: PromotionDecision | None, decision: str,
                            reason: str, documents: dict[str, bytes]) -> str | None: ...
 
-    def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
-                       published: Published | None = None) -> None: ...
+    def record_history(self, candidate: Candidate, outcome: Outcome, seconds: float, reason: str | None = None,
+                       stage: Stage | None = None, published: Published | None = None) -> None: ...
 
-    def record_failure(self, dataset: str, version: str, stage: str, reason: str,
-                       validation_report: Path | None = None) -> None: ...
+    def record_failure(self, dataset: str, version: str, stage: Stage, reason: str,
+                       validation_report: Path | None = None, drift: dict[str, float] | None = None) -> None: ...
 
     def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None: ...
 

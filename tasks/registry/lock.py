@@ -21,6 +21,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.vocabulary import Stage, StageFailure
+
 LOCK_FILE = ".lock"
 LIMIT_PREFIX = "train-mnist-publish"
 LEASE_SECONDS = 60.0  # how long a dead holder keeps the slot; renewed well before it runs out while alive
@@ -52,8 +54,9 @@ def file_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-class PublishLockUnsafe(RuntimeError):
+class PublishLockUnsafe(StageFailure, RuntimeError):
     """The server's publish limit would not exclude another publisher; nothing was published."""
+    stage = Stage.PUBLISH
 
 
 def one_slot_limit(name: str):

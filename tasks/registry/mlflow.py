@@ -1,4 +1,4 @@
-"""The MLflow registry: the Registry interface over an MLflow tracking server (``tasks.registry.mlflow_server``).
+"""The MLflow registry: the Registry interface over an MLflow tracking server (``tasks.registry.mlflow_client``).
 
 Production is the registered model's ``production`` alias; every run, published or not, is an MLflow
 run, and those runs are the dataset's history (the MLflow UI charts them).
@@ -16,12 +16,13 @@ import numpy as np
 
 from tasks import artifacts, storage
 from tasks.model_io import score
-from tasks.promote import PromotionDecision
+from tasks.publishing.promote import PromotionDecision
 from tasks.registry.interface import Candidate, Published, champion_fix_hint, scored_champion
 from tasks.registry.lock import publish_lock
-from tasks.registry.mlflow_server import MlflowServer, is_mlflow_uri
+from tasks.registry.mlflow_client import MlflowServer, is_mlflow_uri
 from tasks.registry.retention import RetentionPolicy
 from tasks.results import Lineage, Metrics
+from tasks.vocabulary import Outcome, Stage
 
 __all__ = ["MlflowRegistry", "is_mlflow_uri"]
 
@@ -36,7 +37,7 @@ def _credentials_kept_out(method):
 
 
 class MlflowRegistry:
-    """The Registry interface over ``tasks.registry.mlflow_server``: production is the registered model's alias."""
+    """The Registry interface over ``tasks.registry.mlflow_client``: production is the registered model's alias."""
 
     def __init__(self, tracking_uri: str):
         self.mlflow = MlflowServer(tracking_uri)
@@ -91,13 +92,13 @@ class MlflowRegistry:
                            reason: str, documents: dict[str, bytes]) -> str | None:
         return self._record(candidate, promotion, decision, reason, documents, promote=False).run_url
 
-    def record_history(self, candidate: Candidate, outcome: str, seconds: float, reason: str | None = None,
-                       published: Published | None = None) -> None:
+    def record_history(self, candidate: Candidate, outcome: Outcome, seconds: float, reason: str | None = None,
+                       stage: Stage | None = None, published: Published | None = None) -> None:
         """The experiment's MLflow runs are the history (the MLflow UI charts them across runs)."""
 
     @_credentials_kept_out
-    def record_failure(self, dataset: str, version: str, stage: str, reason: str,
-                       validation_report: Path | None = None) -> None:
+    def record_failure(self, dataset: str, version: str, stage: Stage, reason: str,
+                       validation_report: Path | None = None, drift: dict[str, float] | None = None) -> None:
         """A run that stopped before training: an MLflow run with nothing but why (no model, no metrics)."""
         self.mlflow.record_failure(dataset, version, stage, reason,
                                    {artifacts.VALIDATION_JSON: validation_report} if validation_report else {})

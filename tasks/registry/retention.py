@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks import storage
-from tasks.versions import version_time
+from tasks.orchestration.versions import version_time
 
 KEEP_LAST = 10
 KEEP_DAYS = 30

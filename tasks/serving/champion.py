@@ -1,7 +1,7 @@
 """The model a server answers with, and how it follows the registry's production pointer without a failed request.
 
 A watcher polls the pointer (folder registry) or the alias (MLflow). When it names another version, that
-version is loaded and checked as the canary checks it at publish (``tasks.canary.check_loaded``: the same
+version is loaded and checked as the canary checks it at publish (``tasks.publishing.canary.check_loaded``: the same
 predictions and probabilities on its canary batch as recorded then, within the latency budget), and only
 then swapped in, by replacing one reference. A request reads that reference once, so requests in flight
 finish on the old model and new ones get the new one. A version that does not load or fails the check is
@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.canary import check_loaded
 from tasks.model_io import compiled_forward
+from tasks.publishing.canary import check_loaded
 
 logger = logging.getLogger("train_mnist.serving")
 POLL_SECONDS = 5.0

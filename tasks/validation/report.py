@@ -128,6 +128,6 @@ def render_validation_html(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_validation_html(report_json: Path) -> Path:
-    """Render ``validation.json`` to ``validation.html`` in the same folder (written atomically)."""
-    return storage.write_text(report_json.with_name(REPORT_NAME), render_validation_html(json.loads(report_json.read_text())))
+def write_validation_html(report: dict[str, Any], folder: Path) -> Path:
+    """Render a validation report (what ``validation.json`` holds) to ``validation.html`` in ``folder``, atomically."""
+    return storage.write_text(folder / REPORT_NAME, render_validation_html(report))

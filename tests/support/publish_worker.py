@@ -1,6 +1,6 @@
 """Test helpers for publishing: small consistent candidates, a publishing worker process, registry checks.
 
-The worker runs in a ``forkserver`` child (tasks.publish is imported once, in the server), so a test
+The worker runs in a ``forkserver`` child (tasks.publishing.publish is imported once, in the server), so a test
 can start and SIGKILL dozens of publishers in seconds. It wraps the publish steps to log each one and
 sleep a little (widening the windows a kill can land in), and replaces the champion's Keras scoring
 with the candidate's own predictions: the candidate's model file is a few dummy bytes.
@@ -22,16 +22,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks import publish, storage
-from tasks.canary import LATENCY_BUDGET_S, CanaryResult
-from tasks.evaluate import compute_metrics
-from tasks.parquet import SCHEMA
-from tasks.publish import publish_version
+from tasks import storage
+from tasks.conversion.parquet import SCHEMA
+from tasks.evaluation.evaluate import compute_metrics
+from tasks.orchestration.versions import new_version_name
+from tasks.publishing import publish
+from tasks.publishing.canary import LATENCY_BUDGET_S, CanaryResult
+from tasks.publishing.publish import publish_version
 from tasks.registry import FolderRegistry
 from tasks.registry import folder as registry_module
 from tasks.registry.folder import POINTER, STAGING_PREFIX, is_complete_version, list_versions, read_production
 from tasks.results import GateDecision, Lineage, Metrics
-from tasks.versions import new_version_name
 
 CLASS_NAMES = [f"class-{i}" for i in range(10)]
 DUMMY_MODEL = b"not a real keras model, just bytes that must arrive whole\n" * 64
@@ -177,7 +178,7 @@ def leftovers(registry: Path, dataset: str) -> list[str]:
 
 
 def forkserver_context() -> multiprocessing.context.BaseContext:
-    """Children forked from a clean server that has already imported this module (and so tasks.publish)."""
+    """Children forked from a clean server that has already imported this module (and so tasks.publishing.publish)."""
     # Python 3.11's fork server ignores the parent's sys.path when preloading (the import error is
     # swallowed and every child would import TensorFlow-free but still slow modules itself), so hand
     # it the project root through the environment it starts with.

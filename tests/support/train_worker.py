@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tasks.datasets import TrainConfig
-from tasks.train import train_model
+from tasks.training.recipes import TrainConfig
+from tasks.training.train import train_model
 
 
 def main(argv: list[str]) -> int:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks.architectures import build_model
-from tasks.convert import convert_to_parquet
-from tasks.datasets import TrainConfig
-from tasks.evaluate import evaluate_model
+from tasks.conversion.convert import convert_to_parquet
+from tasks.conversion.parquet import load_xy
+from tasks.evaluation.evaluate import evaluate_model
 from tasks.model_io import import_keras, save_model
-from tasks.parquet import load_xy
 from tasks.results import read_metrics
+from tasks.training.architectures import build_model
+from tasks.training.recipes import TrainConfig
 from tests.support.publish_worker import Candidate
 
 

@@ -20,9 +20,9 @@ import pandas as pd
 from prefect import task
 
 from tasks import artifacts, storage
-from tasks.caching import VALIDATE_CACHE
 from tasks.datasets import COLUMNS, DatasetSpec, ImageProfile, Split
-from tasks.results import SplitCheck, ValidationReport
+from tasks.orchestration.caching import VALIDATE_CACHE
+from tasks.results import SplitCheck, ValidationReport, drift_numbers
 from tasks.validation import DataValidationError
 from tasks.validation.csvfile import CsvFileError, decode_bytes, read_bytes, read_head, sniff_columns, stream_strict
 from tasks.validation.expectations import (
@@ -46,6 +46,7 @@ from tasks.validation.profiling import (
     reference_from_profile,
     write_profile,
 )
+from tasks.validation.report import write_validation_html
 
 __all__ = ["DataValidationError", "ValidationReport", "report_in_run_dir", "validate_dataset", "validate_split",
            "validate_task"]
@@ -170,19 +171,20 @@ def validate_dataset(spec: DatasetSpec, train_path: Path, test_path: Path, repor
         docs_path = runner.build_docs(report_dir / DOCS_DIRNAME)
     except Exception as exc:  # noqa: BLE001 - the docs are a view; the verdict and validation.json must not depend on them
         docs_error = f"{type(exc).__name__}: {_short(str(exc))}"
-    report_path = write_report(report_dir, spec, failures, drift, runner.results, docs_path, docs_error)
+    report_path, html_path = write_report(report_dir, spec, failures, drift, runner.results, docs_path, docs_error)
     if failures:
         raise DataValidationError(
             f"{spec.name}: data failed validation ({len(failures)} problem(s)):\n- " + "\n- ".join(failures),
-            report_path,
-        )
+            report_path, drift_numbers(drift))
     train_check, test_check = (SplitCheck(p.has_header, int(p.stats["rows"])) for p in (train, test))
-    return ValidationReport(spec.name, True, [], drift, report_path, train_check, test_check, docs_path, profile_path)
+    return ValidationReport(spec.name, True, [], drift, report_path, train_check, test_check, docs_path, profile_path,
+                            html_path)
 
 
 def write_report(report_dir: Path, spec: DatasetSpec, failures: list[str], drift: dict[str, Any],
-                 results: list[Any], docs_path: Path | None = None, docs_error: str | None = None) -> Path:
-    """Write the run's validation report (drift numbers and GX results) atomically."""
+                 results: list[Any], docs_path: Path | None = None,
+                 docs_error: str | None = None) -> tuple[Path, Path]:
+    """Write the run's validation report (drift numbers and GX results) and its offline HTML view, atomically."""
     report = {
         "dataset": spec.name,
         "passed": not failures,
@@ -192,25 +194,26 @@ def write_report(report_dir: Path, spec: DatasetSpec, failures: list[str], drift
         **({"data_docs_error": docs_error} if docs_error else {}),
         "great_expectations": [r.to_json_dict() for r in results],
     }
-    return storage.write_json(report_dir / artifacts.VALIDATION_JSON, report)
+    return storage.write_json(report_dir / artifacts.VALIDATION_JSON, report), write_validation_html(report, report_dir)
 
 
 def report_in_run_dir(report: ValidationReport, run_dir: Path) -> ValidationReport:
     """The run's folder always holds its ``validation.json``.
 
-    A validation served from cache points at the report of the run that validated these bytes; it is
-    copied into this run's folder with ``served_from_cache`` naming the original.
+    A validation served from cache points at the report of the run that validated these bytes (an earlier
+    run's folder); it is copied into this run's folder with ``served_from_cache`` naming the original.
     """
     target = run_dir / artifacts.VALIDATION_JSON
     if report.report_path == target:
         return report
-    data = json.loads(report.report_path.read_text())
+    data = json.loads(report.report_path.read_text())  # an earlier run's file: this run holds only its path
     data["served_from_cache"] = str(report.report_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     profile_path = report.profile_path
     if profile_path is not None and profile_path.is_file():
         profile_path = storage.write_json(run_dir / artifacts.PROFILE_FILE, json.loads(profile_path.read_text()))
-    return replace(report, report_path=storage.write_json(target, data), profile_path=profile_path)
+    return replace(report, report_path=storage.write_json(target, data), profile_path=profile_path,
+                   html_path=write_validation_html(data, run_dir))
 
 
 @task(name="validate", task_run_name="validate-{spec.name}", cache_policy=VALIDATE_CACHE, persist_result=True)
@@ -218,16 +221,23 @@ def validate_task(spec: DatasetSpec, train_path: Path, test_path: Path, report_d
                   champion_profile: Path | None = None) -> ValidationReport:
     from prefect import get_run_logger
 
-    from tasks.validation.report import write_validation_html
-
     logger = get_run_logger()
-    try:
-        report = validate_dataset(spec, train_path, test_path, report_dir, read_profile(champion_profile))
-    except DataValidationError as exc:
-        if exc.report_path is not None:
-            write_validation_html(exc.report_path)  # the offline view of what failed; the flow logs the failure
-        raise
+    report = validate_dataset(spec, train_path, test_path, report_dir, read_profile(champion_profile))
     logger.info("%s passed validation; drift %s; report %s; data docs %s", spec.name,
                 {s: {k: round(v, 4) for k, v in d.items() if isinstance(v, float)} for s, d in report.drift.items()
                  if s in ("train", "test")}, report.report_path, report.docs_path)
     return report
+
+
+@task(name="keep-validation-report", task_run_name="keep-validation-report-{report.dataset}")
+def keep_report_task(report: ValidationReport, run_dir: Path) -> ValidationReport:
+    """``report_in_run_dir`` as a task: the run's folder holds its validation report, cached or not."""
+    return report_in_run_dir(report, run_dir)
+
+
+@task(name="champion-profile", task_run_name="champion-profile-{dataset}")
+def champion_profile_task(registry: str, dataset: str, run_dir: Path) -> Path | None:
+    """The production model's data profile (validation compares this run's mean images with it), or None."""
+    from tasks.registry import open_registry
+
+    return open_registry(registry).champion_profile(dataset, run_dir)

@@ -6,7 +6,7 @@ significantly worse by McNemar's exact test. Exactly: on the discordant rows (b 
 champion wrong, c = the reverse), p is the **two-sided** exact binomial p-value of b successes in b + c
 trials at 1/2, and the rule refuses when **c > b and p < alpha** (alpha = 0.05). That is a one-sided test
 of "the challenger is worse" at level alpha / 2 = 0.025; a challenger that is significantly better is
-never refused. Pure functions only; loading the champion and predicting happen in ``tasks.publish``,
+never refused. Pure functions only; loading the champion and predicting happen in ``tasks.publishing.publish``,
 under the dataset's lock.
 """
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from tasks import artifacts
 from tasks.datasets import NUM_PIXELS
-from tasks.locations import redact
+from tasks.download.locations import redact
 from tasks.registry.interface import check_fence
 
 PRODUCTION_ALIAS = "production"

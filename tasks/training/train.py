@@ -15,13 +15,13 @@ from pathlib import Path
 from prefect import task
 
 from tasks import artifacts, storage
-from tasks.architectures import build_model, with_test_time_views
-from tasks.datasets import TrainConfig
-from tasks.fitting import split_rows, training_targets, training_weights_keeper
+from tasks.conversion.parquet import load_xy
 from tasks.model_io import import_keras, save_model
-from tasks.parquet import load_xy
 from tasks.results import TrainedModel
-from tasks.resume import TrainingBackup, backup_key, epoch_permutation
+from tasks.training.architectures import build_model, with_test_time_views
+from tasks.training.fitting import split_rows, training_targets, training_weights_keeper
+from tasks.training.recipes import TrainConfig
+from tasks.training.resume import TrainingBackup, backup_key, epoch_permutation
 
 EpochCallback = Callable[[int, int, dict[str, float]], None]
 # (epoch, epochs, batch, batches, running logs), called inside an epoch at most every PROGRESS_EVERY_S
@@ -44,7 +44,7 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
     """Fit a model on the train split (a seeded hold-out for early stopping); return ``model.keras``.
 
     One ``fit`` call per epoch, each on the rows in the order ``epoch_permutation(seed, epoch)``, with
-    a backup after each (``tasks.resume``, in ``backup_root``, default ``out_dir``'s parent): a killed
+    a backup after each (``tasks.training.resume``, in ``backup_root``, default ``out_dir``'s parent): a killed
     run started again resumes after its last completed epoch and ends with the same model.
     """
     keras = import_keras()

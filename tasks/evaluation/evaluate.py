@@ -8,9 +8,9 @@ import numpy as np
 from prefect import task
 
 from tasks import artifacts, storage
+from tasks.conversion.parquet import load_xy
 from tasks.model_io import predict_probabilities
-from tasks.parquet import load_xy
-from tasks.results import ConfusedPair, Evaluation, Metrics, read_metrics
+from tasks.results import ConfusedPair, Evaluation, Metrics
 
 METRICS_FILE, PREDICTIONS_FILE, PROBABILITIES_FILE = (artifacts.METRICS_FILE, artifacts.PREDICTIONS_FILE,
                                                       artifacts.PROBABILITIES_FILE)
@@ -46,16 +46,19 @@ def compute_metrics(labels: np.ndarray, probabilities: np.ndarray, class_names: 
     )
 
 
-def evaluate_model(model_path: Path, test_parquet: Path, class_names: list[str], out_dir: Path) -> Path:
-    """Score ``model_path`` on the test split; write ``metrics.json``, ``predictions.npy`` (classes) and
-    ``probabilities.npy`` to ``out_dir``."""
+def evaluate_model(model_path: Path, test_parquet: Path, class_names: list[str], out_dir: Path) -> Evaluation:
+    """Score ``model_path`` on the test split: the metrics, every row's prediction and probabilities, handed on in
+    memory and written to ``out_dir`` (``metrics.json``, ``predictions.npy``, ``probabilities.npy``) for people."""
     pixels, labels = load_xy(test_parquet)
-    probabilities = predict_probabilities(model_path, pixels)
+    probabilities = predict_probabilities(model_path, pixels).astype(np.float32)
+    predictions = probabilities.argmax(axis=1).astype(np.int16)
     metrics = compute_metrics(labels, probabilities, class_names)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / PREDICTIONS_FILE, probabilities.argmax(axis=1).astype(np.int16))
-    np.save(out_dir / PROBABILITIES_FILE, probabilities.astype(np.float32))
-    return storage.write_text(out_dir / METRICS_FILE, metrics.model_dump_json(indent=2))
+    np.save(out_dir / PREDICTIONS_FILE, predictions)
+    np.save(out_dir / PROBABILITIES_FILE, probabilities)
+    return Evaluation(metrics=metrics, predictions=predictions, probabilities=probabilities,
+                      metrics_path=storage.write_text(out_dir / METRICS_FILE, metrics.model_dump_json(indent=2)),
+                      predictions_path=out_dir / PREDICTIONS_FILE, probabilities_path=out_dir / PROBABILITIES_FILE)
 
 
 # ---- Prefect wrapper -----------------------------------------------------------------------------
@@ -66,9 +69,8 @@ def evaluate_task(model_path: Path, test_parquet: Path, class_names: list[str], 
                   dataset: str) -> Evaluation:
     from prefect import get_run_logger
 
-    path = evaluate_model(model_path, test_parquet, class_names, out_dir)
-    metrics = read_metrics(path)
+    evaluation = evaluate_model(model_path, test_parquet, class_names, out_dir)
+    metrics = evaluation.metrics
     get_run_logger().info("%s test accuracy %.4f, loss %.4f; most confused %s", dataset, metrics.test_accuracy,
                           metrics.test_loss, [(p.true, p.predicted, p.count) for p in metrics.most_confused[:3]])
-    return Evaluation(metrics_path=path, predictions_path=path.with_name(PREDICTIONS_FILE), metrics=metrics,
-                      probabilities_path=path.with_name(PROBABILITIES_FILE))
+    return evaluation

@@ -9,7 +9,7 @@ must equal the ones it recorded (``predictions.npy``), and every probability mus
 ``PROBABILITY_TOLERANCE`` of its ``probabilities.npy``. (Scored in batches of another size, a model's
 float32 sums come out in another order, and a near-tie could flip a class of a good model.) The batch and
 what was recorded are kept beside the model in the registry (``canary.npz``), so the check can be repeated
-on any version later: ``python -m tasks.canary <version>/model.keras <version>/canary.npz``.
+on any version later: ``python -m tasks.publishing.canary <version>/model.keras <version>/canary.npz``.
 
 Refused when the model does not load (or the process fails or hangs), any prediction differs, or the warm
 latency of a ``LATENCY_ROWS``-row batch exceeds ``LATENCY_BUDGET_S``. Load time and latency are recorded
@@ -120,12 +120,12 @@ def decide(measured: dict, expected: np.ndarray, budget_s: float,
 
 def run_canary(model_path: Path, batch_path: Path, budget_s: float = LATENCY_BUDGET_S,
                timeout_s: float = PROCESS_TIMEOUT_S) -> CanaryResult:
-    """Score ``batch_path`` with ``model_path`` in a fresh ``python -m tasks.canary`` process and decide."""
+    """Score ``batch_path`` with ``model_path`` in a fresh ``python -m tasks.publishing.canary`` process and decide."""
     expected, probabilities = recorded(batch_path)
     with tempfile.TemporaryDirectory(prefix="canary-") as tmp:
         out = Path(tmp) / "result.json"
         try:
-            proc = subprocess.run([sys.executable, "-m", "tasks.canary", str(model_path), str(batch_path),
+            proc = subprocess.run([sys.executable, "-m", "tasks.publishing.canary", str(model_path), str(batch_path),
                                    "--json", str(out)], capture_output=True, text=True, timeout=timeout_s,
                                   cwd=tmp, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         except subprocess.TimeoutExpired:
@@ -198,7 +198,7 @@ def check_loaded(model, batch_path: Path, load_s: float, budget_s: float = LATEN
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tasks.canary",
+    parser = argparse.ArgumentParser(prog="python -m tasks.publishing.canary",
                                      description="Load a model in this fresh process and score its canary batch.")
     parser.add_argument("model", type=Path, help="model.keras")
     parser.add_argument("batch", type=Path, help="canary.npz (pixels, expected)")

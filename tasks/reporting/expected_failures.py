@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from tasks.outcome import NotPublished
+from tasks.reporting.outcomes import NotPublished
 
 ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs", "prefect.engine")
 

@@ -1,6 +1,6 @@
 """Stage 1: fetch a split's file from a mirror into the raw cache, verified and atomically renamed.
 
-Each attempt has a deadline covering the whole request (``tasks.transport`` opens locations: redirects,
+Each attempt has a deadline covering the whole request (``tasks.download.transport`` opens locations: redirects,
 credentials, the deadline on every read), each file a total deadline across its attempts, and a maximum
 size. Network trouble is retried; answers that will not change (404/410, 400/401/403, refused or looping
 redirects, TLS certificate errors, a file over the size limit, wrong bytes) are not. Locations are shown
@@ -22,9 +22,10 @@ from typing import BinaryIO
 from prefect import task
 
 from tasks import storage
-from tasks.caching import DOWNLOAD_CACHE
 from tasks.datasets import DatasetSpec, Split
-from tasks.locations import redact, resolve
+from tasks.download.locations import redact, resolve
+from tasks.download.transport import DeadlinePassed, DownloadError, DownloadRefused, SourceNotFound, open_location
+from tasks.orchestration.caching import DOWNLOAD_CACHE
 from tasks.results import RawFile
 from tasks.settings import (
     DOWNLOAD_DEADLINE_S,
@@ -34,7 +35,7 @@ from tasks.settings import (
     DOWNLOAD_TIMEOUT_S,
     DOWNLOAD_TOTAL_DEADLINE_S,
 )
-from tasks.transport import DeadlinePassed, DownloadError, DownloadRefused, SourceNotFound, open_location
+from tasks.vocabulary import Stage, StageFailure
 
 __all__ = ["ChecksumMismatch", "DownloadError", "DownloadRefused", "SourceNotFound", "download_split",
            "download_task", "fetch_file", "retry_delays"]
@@ -43,12 +44,13 @@ PARTIAL_SUFFIX = ".partial"
 ORIGIN_SUFFIX = ".origin.json"
 
 
-class ChecksumMismatch(Exception):
+class ChecksumMismatch(StageFailure):
     """The bytes are not the pinned ones: retrying will not help."""
+    stage = Stage.DOWNLOAD
 
 
 def resolve_location(source: str, relative: str, dataset: str = "?") -> str:
-    """Join a split's path to the mirror; refuses paths that leave it (see ``tasks.locations``)."""
+    """Join a split's path to the mirror; refuses paths that leave it (see ``tasks.download.locations``)."""
     return resolve(dataset, source, relative)
 
 

@@ -9,7 +9,7 @@ uninterrupted one would: same weights, same test predictions.
 
 A backup is reused only for the same training data (SHA-256 of the train Parquet file), the same
 ``TrainConfig`` (recipe, seed, epochs, ...), the same number of classes and the same code (this
-module's and ``tasks/train.py``'s source, Keras and TensorFlow versions). The key names the backup
+module's and ``tasks/training/train.py``'s source, Keras and TensorFlow versions). The key names the backup
 folder and is checked again inside it. The backup is removed once the model is saved.
 
 Keras's own ``BackupAndRestore`` callback is not enough here: it restores the epoch counter but not

@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.datasets import applied_parameters
-from tasks.outcome import NOT_PUBLISHED, DatasetOutcome
-from tasks.promote import PromotionDecision
+from tasks.publishing.promote import PromotionDecision
+from tasks.reporting.outcomes import NOT_PUBLISHED, DatasetOutcome
 from tasks.results import GateDecision, Lineage, Metrics
+from tasks.training.recipes import applied_parameters
 
 
 def confusion_matrix_csv(metrics: Metrics) -> bytes:

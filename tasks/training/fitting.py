@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.datasets import TrainConfig
 from tasks.model_io import import_keras
+from tasks.training.recipes import TrainConfig
 
 
 def training_targets(config: TrainConfig, labels: np.ndarray, num_classes: int) -> np.ndarray:

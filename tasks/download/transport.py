@@ -28,22 +28,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from tasks.locations import URL_SCHEMES, redact, scheme_of
+from tasks.download.locations import URL_SCHEMES, redact, scheme_of
+from tasks.vocabulary import Stage, StageFailure
 
 MAX_REDIRECTS = 5
 PERMANENT_HTTP = (400, 401, 403)
 
 
-class DownloadError(Exception):
+class DownloadError(StageFailure):
     """A transient failure (network, short read, deadline): worth retrying."""
+    stage = Stage.DOWNLOAD
 
 
-class SourceNotFound(Exception):
+class SourceNotFound(StageFailure):
     """The mirror has no such file (HTTP 404, missing path): retrying will not help."""
+    stage = Stage.DOWNLOAD
 
 
-class DownloadRefused(Exception):
+class DownloadRefused(StageFailure):
     """A permanent refusal: 400/401/403, a refused or looping redirect, a bad TLS certificate, a size limit."""
+    stage = Stage.DOWNLOAD
 
 
 class DeadlinePassed(TimeoutError):

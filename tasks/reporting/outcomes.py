@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks.promote import PromotionDecision
+from tasks.publishing.promote import PromotionDecision
 from tasks.results import GateDecision
+from tasks.vocabulary import Stage, stage_of
 
 NOT_PUBLISHED = "NOT PUBLISHED"
 # Flow-run labels that say, as data, which datasets a run did not publish, where each stopped and why: the
@@ -47,7 +50,7 @@ class DatasetOutcome(BaseModel):
     test_accuracy: float | None = None
     gate: GateDecision | None = None
     promotion: PromotionDecision | None = None
-    stage: str | None = None  # where an unpublished dataset stopped: download, validate, champion, gate, publish, ...
+    stage: Stage | None = None  # where an unpublished dataset stopped
     registry_path: str | None = None  # the published version's folder
     validation_report: str | None = None  # the offline HTML validation report
     flow_run_id: str | None = None  # the dataset's own train-dataset run
@@ -104,18 +107,6 @@ def outcome_line(outcome: DatasetOutcome, url: str | None) -> str:
 # ---- outcomes from what the runs returned --------------------------------------------------------
 
 
-def stage_of(exc: BaseException) -> str:
-    """The stage an expected failure before training stopped a dataset at."""
-    from tasks.registry import ChampionUnreadable
-    from tasks.validation import DataValidationError
-
-    if isinstance(exc, DataValidationError):
-        return "validate"
-    if isinstance(exc, ChampionUnreadable):
-        return "champion"
-    return "download"
-
-
 def stopped_outcome(dataset: str, version: str, exc: BaseException, registry: str) -> DatasetOutcome:
     """A dataset stopped by an expected failure before training: logged once and added to its history."""
     from prefect import get_run_logger
@@ -129,10 +120,17 @@ def stopped_outcome(dataset: str, version: str, exc: BaseException, registry: st
     outcome = DatasetOutcome.from_exception(dataset, version, exc, stage=stage_of(exc),
                                             validation_report=str(html) if html and html.is_file() else None)
     try:
-        open_registry(registry).record_failure(dataset, version, outcome.stage, outcome.headline, report)
+        open_registry(registry).record_failure(dataset, version, outcome.stage, outcome.headline, report,
+                                               getattr(exc, "drift", None))
     except Exception as history_exc:  # noqa: BLE001 - the run's outcome stands; its history line is a view
         get_run_logger().warning("%s: history of run %s not recorded: %s", dataset, version, history_exc)
     return outcome
+
+
+@task(name="stopped", task_run_name="stopped-{dataset}", cache_policy=NO_CACHE)
+def stopped_task(dataset: str, version: str, exc: BaseException, registry: str) -> DatasetOutcome:
+    """``stopped_outcome`` as a task: the flow hands the failure on, this records it."""
+    return stopped_outcome(dataset, version, exc, registry)
 
 
 def outcome_of(name: str, version: str, state) -> DatasetOutcome:
@@ -142,7 +140,7 @@ def outcome_of(name: str, version: str, state) -> DatasetOutcome:
         outcome = result
     else:
         exc = result if isinstance(result, BaseException) else RuntimeError(state.message or state.name)
-        outcome = DatasetOutcome(dataset=name, version=version, published=False, stage="unexpected error",
+        outcome = DatasetOutcome(dataset=name, version=version, published=False, stage=Stage.UNEXPECTED,
                                  headline=f"{name}: stopped by an unexpected error (traceback in the {name} run's log)",
                                  reasons=[f"{type(exc).__name__}: {exc}"])
     run_id = state.state_details.flow_run_id
@@ -182,7 +180,7 @@ def failure_labels(outcomes: list[DatasetOutcome]) -> dict[str, str]:
     failed = [o for o in outcomes if not o.published]
     labels = {FAILED_LABEL: ",".join(o.dataset for o in failed)}
     for o in failed:
-        labels[stage_label(o.dataset)] = o.stage or "unknown"
+        labels[stage_label(o.dataset)] = str(o.stage or "unknown")
         labels[reason_label(o.dataset)] = "; ".join([o.headline, *o.reasons])[:MAX_LABEL_CHARS]
     return labels
 

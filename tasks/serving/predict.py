@@ -1,6 +1,6 @@
 """Use the production model: ``train-mnist predict --dataset mnist rows.csv`` and ``load_production_model``.
 
-The CSV is checked by the validation stage's own split checks (``tasks.validate.validate_split``:
+The CSV is checked by the validation stage's own split checks (``tasks.validation.validate.validate_split``:
 layout, parse, empty or non-integer cells, pixel range, labels in the classes) before anything is
 scored, so rows a training run would refuse are refused here with the same messages (file, line,
 column). It may be in the training layout (``label,pixel1..pixel784``, with or without its header; the
@@ -39,9 +39,9 @@ from tasks.datasets import (
 from tasks.model_io import score
 from tasks.registry import ChampionUnreadable, open_registry
 from tasks.settings import Settings
-from tasks.validate import DataValidationError, validate_split
 from tasks.validation.csvfile import read_head, read_split_table, read_text, sniff_columns
 from tasks.validation.expectations import GxRunner
+from tasks.validation.validate import DataValidationError, validate_split
 
 
 class NoProductionModel(LookupError):

@@ -14,6 +14,8 @@ import re
 import urllib.parse
 from pathlib import Path
 
+from tasks.vocabulary import Stage, StageFailure
+
 URL_SCHEMES = ("http", "https")  # full URLs allowed as a dataset path, and as redirect targets
 SOURCE_SCHEMES = (*URL_SCHEMES, "file")
 # A source is an allowed URL, or a path with no scheme (no colon before its first slash).
@@ -22,8 +24,9 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 REDACTED = "***"
 
 
-class LocationError(ValueError):
+class LocationError(StageFailure, ValueError):
     """A source or dataset path that would leave the source, or uses a scheme that is not allowed."""
+    stage = Stage.DOWNLOAD
 
 
 def scheme_of(location: str) -> str:

@@ -8,9 +8,9 @@ import pyarrow as pa
 from prefect import task
 
 from tasks import storage
-from tasks.caching import CONVERT_CACHE
+from tasks.conversion.parquet import SCHEMA, write_split
 from tasks.datasets import COLUMNS
-from tasks.parquet import SCHEMA, write_split
+from tasks.orchestration.caching import CONVERT_CACHE
 from tasks.results import RawFile
 from tasks.validation.csvfile import read_split_table
 

@@ -4,12 +4,13 @@ The decision is the same for every registry (``tasks.registry``: a folder or an 
 dataset's publish lock (``tasks.registry.lock``: the Prefect server's global concurrency limit, or a file
 lock without a server) the current production model (the champion) is loaded (Keras safe mode) and
 re-scored on the challenger's own test Parquet file, so two runs can never both beat a stale champion;
-``tasks.promote`` decides. A failed gate or a refused promotion publishes nothing and leaves the pointer
+``tasks.publishing.promote`` decides. A failed gate or a refused promotion publishes nothing and leaves the pointer
 and every version as they were; the registry records why where it keeps such records (MLflow).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -20,18 +21,17 @@ import numpy as np
 from prefect import task
 
 from tasks import artifacts
-from tasks.canary import CANARY_FILE, CanaryResult, run_canary, write_canary_batch
-from tasks.canary import markdown as canary_markdown
-from tasks.model_card import (
+from tasks.conversion.parquet import load_xy
+from tasks.publishing.canary import CANARY_FILE, CanaryResult, run_canary, write_canary_batch
+from tasks.publishing.canary import markdown as canary_markdown
+from tasks.publishing.model_card import (
     confusion_matrix_csv,
     confusion_matrix_png,
     confusion_matrix_rows,
     model_card,
     summary_markdown,
 )
-from tasks.outcome import NOT_PUBLISHED, DatasetOutcome
-from tasks.parquet import load_xy
-from tasks.promote import (
+from tasks.publishing.promote import (
     PromotionDecision,
     PromotionPolicy,
     decide_promotion,
@@ -42,17 +42,23 @@ from tasks.registry import Candidate, ChampionUnreadable, Published, Registry, o
 from tasks.registry.interface import PublishConflict
 from tasks.registry.lock import PublishLockUnsafe
 from tasks.registry.retention import RetentionPolicy
+from tasks.reporting.outcomes import NOT_PUBLISHED, DatasetOutcome
 from tasks.results import Metrics
+from tasks.vocabulary import Outcome, Stage, StageFailure
 
 logger = logging.getLogger(__name__)
 
 
-class GateFailed(Exception):
+class GateFailed(StageFailure):
     """The model did not pass its gates; nothing was published."""
+    stage = Stage.GATE
+    outcome = Outcome.GATE_FAILED
 
 
 class PromotionRefused(GateFailed):
     """The model passed its gates but is worse than the production model; nothing was published."""
+    stage = Stage.PROMOTION
+    outcome = Outcome.REFUSED
 
     def __init__(self, message: str, promotion: PromotionDecision | None = None):
         super().__init__(message)
@@ -61,17 +67,19 @@ class PromotionRefused(GateFailed):
 
 class CanaryRefused(PromotionRefused):
     """The model did not load, predict as evaluated, or answer within budget in a fresh process."""
+    stage = Stage.CANARY
 
 
-def challenger_predictions(predictions_path: Path, metrics: Metrics, labels: np.ndarray) -> np.ndarray:
-    """The challenger's predicted classes (``predictions.npy``), checked against its metrics and the test rows."""
-    predictions = np.load(predictions_path, allow_pickle=False)
+def challenger_predictions(candidate: Candidate, labels: np.ndarray) -> np.ndarray:
+    """The challenger's predicted classes (evaluation's), checked against its metrics and the test rows."""
+    predictions, metrics = np.asarray(candidate.predictions), candidate.metrics
+    where = f"{candidate.dataset} {candidate.version}"
     if predictions.shape != labels.shape or metrics.test_rows != len(labels):
-        raise ValueError(f"{predictions_path}: {predictions.shape} predictions and metrics of {metrics.test_rows} "
-                         f"rows, expected one class per test row ({labels.shape}); not the same test split")
+        raise ValueError(f"{where}: {predictions.shape} predictions and metrics of {metrics.test_rows} rows, expected "
+                         f"one class per row of {candidate.test_parquet} ({labels.shape}); not the same test split")
     accuracy = float(np.mean(predictions == labels))
     if abs(accuracy - metrics.test_accuracy) > 1e-9:
-        raise ValueError(f"{predictions_path}: accuracy {accuracy:.6f} on the test split, but metrics say "
+        raise ValueError(f"{where}: accuracy {accuracy:.6f} on {candidate.test_parquet}, but metrics say "
                          f"{metrics.test_accuracy:.6f}; predictions and metrics come from different evaluations")
     return predictions
 
@@ -92,15 +100,14 @@ def version_documents(candidate: Candidate, promotion: PromotionDecision | None,
         card = model_card(candidate.dataset, candidate.version, metrics, decision, promotion, candidate.lineage)
         if canary is not None:
             card += "\n".join(canary_markdown(canary))
-            card += f"\nTrend across this dataset's versions: [history.png](../{artifacts.TREND_PNG})\n"
+            card += f"\nTrend across this dataset's versions: [{artifacts.TREND_PNG}](../{artifacts.TREND_PNG})\n"
         documents[artifacts.MODEL_CARD] = card.encode()
     return documents
 
 
 def check_canary(candidate: Candidate, pixels: np.ndarray, challenger: np.ndarray, batch: Path) -> CanaryResult:
     """Score the candidate's model on its canary batch in a fresh process; refuse the promotion if it fails."""
-    probabilities = np.load(candidate.probabilities_path) if candidate.probabilities_path else None
-    result = run_canary(candidate.model_path, write_canary_batch(pixels, challenger, batch, probabilities))
+    result = run_canary(candidate.model_path, write_canary_batch(pixels, challenger, batch, candidate.probabilities))
     if not result.passed:
         raise CanaryRefused(f"{candidate.dataset}: {candidate.version} not promoted, its canary failed in a fresh "
                             "Python process (nothing published):\n- " + "\n- ".join(result.reasons))
@@ -116,7 +123,7 @@ def decide_and_publish(registry: Registry, candidate: Candidate, policy: Promoti
         raise refused(registry, candidate, None, "gate_failed", GateFailed(message))
     policy = policy or PromotionPolicy()
     pixels, labels = load_xy(candidate.test_parquet)
-    challenger = challenger_predictions(candidate.predictions_path, candidate.metrics, labels)
+    challenger = challenger_predictions(candidate, labels)
     with registry.lock(dataset), tempfile.TemporaryDirectory(prefix="publish-") as tmp:
         # Read under the lock: the champion is whatever the last publisher left, never a stale one.
         champion = registry.production(dataset)
@@ -137,7 +144,7 @@ def decide_and_publish(registry: Registry, candidate: Candidate, policy: Promoti
         except CanaryRefused as exc:
             raise refused(registry, candidate, promotion, "canary_refused", exc)  # noqa: B904 - it is exc
         documents = {**version_documents(candidate, promotion, canary), CANARY_FILE: batch.read_bytes()}
-        return registry.publish(candidate, promotion, documents)
+        return dataclasses.replace(registry.publish(candidate, promotion, documents), canary=canary)
 
 
 def refused(registry: Registry, candidate: Candidate, promotion: PromotionDecision | None, decision: str,
@@ -155,12 +162,12 @@ def publish_version(registry: Registry, candidate: Candidate, policy: PromotionP
     try:
         published = decide_and_publish(registry, candidate, policy)
     except Exception as exc:
-        outcome = "refused" if isinstance(exc, PromotionRefused) else "gate_failed" if isinstance(
-            exc, GateFailed) else "failed"
-        registry.record_history(candidate, outcome, time.monotonic() - started, reason=str(exc))
+        # A bug in publishing is still a failure at the publish stage; an expected one carries its own.
+        outcome, stage = (exc.outcome, exc.stage) if isinstance(exc, StageFailure) else (Outcome.FAILED, Stage.PUBLISH)
+        registry.record_history(candidate, outcome, time.monotonic() - started, reason=str(exc), stage=stage)
         raise
     try:  # the pointer has moved: what follows is bookkeeping, and must not report the model as unpublished
-        registry.record_history(candidate, "published", time.monotonic() - started, published=published)
+        registry.record_history(candidate, Outcome.PUBLISHED, time.monotonic() - started, published=published)
         registry.prune(candidate.dataset, {published.promotion.champion_version}, retention)
     except Exception as exc:  # noqa: BLE001 - logged; the published version stands
         logger.warning("%s %s is published, but its history or pruning failed: %s: %s", candidate.dataset,
@@ -187,17 +194,6 @@ def _create_artifacts(outcome: DatasetOutcome, metrics: Metrics, run_dir: Path |
 PUBLISH_REFUSALS = (GateFailed, ChampionUnreadable, PublishConflict, PublishLockUnsafe)
 
 
-def publish_stage_of(exc: BaseException) -> str:
-    """Which check stopped a model at publishing: its gate, the champion, the comparison, the canary or the lock."""
-    if isinstance(exc, CanaryRefused):
-        return "canary"
-    if isinstance(exc, PromotionRefused):
-        return "promotion"
-    if isinstance(exc, (PublishConflict, PublishLockUnsafe)):
-        return "publish"
-    return "champion" if isinstance(exc, ChampionUnreadable) else "gate"
-
-
 @task(name="publish", task_run_name="publish-{candidate.dataset}")
 def publish_task(registry: str, candidate: Candidate, policy: PromotionPolicy | None = None,
                  validation_report: Path | None = None) -> DatasetOutcome:
@@ -214,7 +210,7 @@ def publish_task(registry: str, candidate: Candidate, policy: PromotionPolicy | 
         if decision.passed:  # a failed gate was logged by the gate task
             logger.error("%s", exc)
         outcome = DatasetOutcome.from_exception(dataset, version, exc, promotion=getattr(exc, "promotion", None),
-                                                stage=publish_stage_of(exc), **known)
+                                                stage=exc.stage, **known)
     else:
         outcome = DatasetOutcome(dataset=dataset, version=version, published=True,
                                  headline=f"{dataset}: published {version}", registry_path=published.location,

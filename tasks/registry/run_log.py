@@ -1,13 +1,15 @@
-"""Per-dataset run history and its trend plot, kept in the registry.
+"""Per-dataset run log and its trend plot, kept in the folder registry.
 
-``<registry>/<dataset>/history.jsonl`` gets one JSON line per run: version, date, outcome, test
+``<registry>/<dataset>/runs.jsonl`` gets one JSON line per run: version, date, outcome, test
 accuracy, lowest class recall, the gate and promotion decisions, the canary's timings, the drift
-numbers from the run's ``validation.json`` and the wall time of each stage. Each line is appended
-with a single ``write`` on an ``O_APPEND`` descriptor and fsynced, so a kill leaves whole lines (a
-torn last line, should the disk fill mid-write, is skipped with a warning when read). Publishing
-appends under the dataset's lock.
+numbers of its validation and the wall time of each stage, all from the values the run holds. Each line
+is appended with a single ``write`` on an ``O_APPEND`` descriptor and fsynced, so a kill leaves whole
+lines; a line torn anyway (the disk full mid-write) is skipped and counted when read, and the next
+append starts on a new line, so it never swallows the entry after it. Publishing appends under the
+dataset's lock. A registry made before the log had this name keeps ``history.jsonl``: it is read first,
+never written again.
 
-``<registry>/<dataset>/history.png`` is rendered from the whole file after each publish (written under
+``<registry>/<dataset>/runs.png`` is rendered from the whole file after each publish (written under
 a temporary name and renamed): accuracy and lowest recall per version, drift per version, and stage
 times, with failed and refused runs marked, so a drop last night or drift creeping up shows at a glance.
 """
@@ -20,29 +22,31 @@ import math
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from tasks import artifacts, storage
+from tasks.publishing.canary import CanaryResult
+from tasks.publishing.promote import PromotionDecision
+from tasks.results import GateDecision, Metrics
+from tasks.vocabulary import Outcome, Stage
 
-HISTORY_FILE = artifacts.RUN_HISTORY
+RUN_LOG_FILE = artifacts.RUN_LOG
 TREND_FILE = artifacts.TREND_PNG
 # The drift numbers plotted (from validation.json's "drift" section; all of them are recorded): label
 # KL on the left axis, the mean pixel value on the right one.
 TREND_LABEL_DRIFT = ("train.label_kl", "test.label_kl")
 TREND_PIXEL_DRIFT = ("train.pixel_mean", "test.pixel_mean")
 
-Outcome = Literal["published", "gate_failed", "refused", "failed"]
-
 logger = logging.getLogger(__name__)
 
 
-class HistoryEntry(BaseModel):
+class RunLogEntry(BaseModel):
     version: str
     date: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     outcome: Outcome
-    stage: str | None = None  # where a failed run stopped
+    stage: Stage | None = None  # where a run that did not publish stopped
     reason: str | None = None
     test_accuracy: float | None = None
     lowest_class_recall: float | None = None
@@ -57,36 +61,24 @@ class HistoryEntry(BaseModel):
     stage_seconds: dict[str, float] = Field(default_factory=dict)
 
 
-def history_path(registry: Path, dataset: str) -> Path:
-    return registry / dataset / HISTORY_FILE
+def run_log_path(registry: Path, dataset: str) -> Path:
+    return registry / dataset / RUN_LOG_FILE
 
 
 def trend_path(registry: Path, dataset: str) -> Path:
     return registry / dataset / TREND_FILE
 
 
-def drift_numbers(validation_report: Path | str | None) -> dict[str, float]:
-    """The scalar drift numbers of a run's ``validation.json``, flattened (``test.label_kl``, ...)."""
-    if not validation_report or not Path(validation_report).is_file():
-        return {}
-    drift = json.loads(Path(validation_report).read_text()).get("drift", {})
-    flat: dict[str, float] = {}
-    for section, values in drift.items():
-        if section == "reference_computed_from_train" or not isinstance(values, dict):
-            continue
-        for name, value in values.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                flat[f"{section}.{name}"] = float(value)
-    return flat
-
-
-def append_entry(registry: Path, dataset: str, entry: HistoryEntry) -> Path:
-    """Append one line to the dataset's history (one write, fsynced)."""
-    path = history_path(registry, dataset)
+def append_entry(registry: Path, dataset: str, entry: RunLogEntry) -> Path:
+    """Append one line to the dataset's run log (one write, fsynced), on a line of its own."""
+    path = run_log_path(registry, dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(_finite(entry.model_dump()), separators=(",", ":")) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    line = (json.dumps(_finite(entry.model_dump(mode="json")), separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # the last entry was torn: it stays unreadable, this one must not be
         os.write(fd, line)
         os.fsync(fd)
     finally:
@@ -94,23 +86,27 @@ def append_entry(registry: Path, dataset: str, entry: HistoryEntry) -> Path:
     return path
 
 
-def read_history(registry: Path, dataset: str) -> list[HistoryEntry]:
-    """Every whole line of the dataset's history, oldest first."""
-    path = history_path(registry, dataset)
-    if not path.is_file():
-        return []
-    entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+def read_run_log(registry: Path, dataset: str) -> list[RunLogEntry]:
+    """Every whole line of the dataset's run log (its legacy ``history.jsonl`` first), oldest first; a torn or
+    foreign line is skipped, counted and logged."""
+    entries, skipped = [], 0
+    for path in (registry / dataset / artifacts.LEGACY_RUN_LOG, run_log_path(registry, dataset)):
+        if not path.is_file():
             continue
-        try:
-            entries.append(HistoryEntry.model_validate_json(line))
-        except ValueError as exc:
-            logger.warning("%s line %d skipped, not a history entry: %s", path, number, exc)
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(RunLogEntry.model_validate_json(line))
+            except ValueError as exc:
+                skipped += 1
+                logger.warning("%s line %d skipped, not a run log entry: %s", path, number, str(exc).splitlines()[0])
+    if skipped:
+        logger.warning("%s: %d line(s) of its run log skipped", dataset, skipped)
     return entries
 
 
-def render_trend(entries: list[HistoryEntry], dest: Path, title: str) -> Path:
+def render_trend(entries: list[RunLogEntry], dest: Path, title: str) -> Path:
     """The trend PNG: quality, drift and stage times per run; failed and refused runs marked in red."""
     import matplotlib
 
@@ -162,7 +158,7 @@ def render_trend(entries: list[HistoryEntry], dest: Path, title: str) -> Path:
     return dest
 
 
-def markdown_table(entries: list[HistoryEntry], last: int = 14) -> str:
+def markdown_table(entries: list[RunLogEntry], last: int = 14) -> str:
     """The last ``last`` runs as a Markdown table (the Prefect artifact)."""
     rows = ["| version | date | outcome | test accuracy | lowest recall | test label KL | wall time (s) |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -212,12 +208,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def record_run(registry: Path, dataset: str, version: str, outcome: Outcome, metrics: Any | None = None,
-               decision: Any | None = None, validation_report: str | None = None, publish_s: float | None = None,
-               *, metrics_doc: Path | None = None, reason: str | None = None, stage: str | None = None) -> HistoryEntry:
+def record_run(registry: Path, dataset: str, version: str, outcome: Outcome, metrics: Metrics | None = None,
+               decision: GateDecision | None = None, drift: dict[str, float] | None = None,
+               publish_s: float | None = None, *, promotion: PromotionDecision | None = None,
+               canary: CanaryResult | None = None, reason: str | None = None, stage: Stage | None = None) -> RunLogEntry:
     """Append this run's entry (under the caller's dataset lock), re-render the trend plot and, inside a
-    Prefect run, publish the history as an artifact. ``metrics_doc``: the published ``metrics.json``
-    (promotion and canary numbers). A failure here is logged, never raised over the run's own result."""
+    Prefect run, publish the run log as an artifact. Every number comes from the values the run holds.
+    A failure here is logged, never raised over the run's own result."""
     fields: dict[str, Any] = {"version": version, "outcome": outcome, "reason": reason, "stage": stage}
     if metrics is not None:
         worst = min(metrics.recall, key=metrics.recall.__getitem__)
@@ -225,34 +222,28 @@ def record_run(registry: Path, dataset: str, version: str, outcome: Outcome, met
                    "lowest_recall_class": worst}
     if decision is not None:
         fields["gate_passed"] = decision.passed
-        if outcome == "gate_failed":
-            fields["stage"] = "gate"
-    if outcome in ("refused", "failed") and stage is None:
-        fields["stage"] = "publish" if metrics is not None else None
-    if outcome == "refused":
+    if outcome == Outcome.REFUSED:
         fields["promoted"] = False
-    if metrics_doc is not None:
-        doc = json.loads(Path(metrics_doc).read_text())
-        promotion, canary = doc.get("promotion") or {}, doc.get("canary") or {}
-        fields |= {"promoted": promotion.get("promoted"), "champion_version": promotion.get("champion_version"),
-                   "champion_accuracy": promotion.get("champion_accuracy"), "canary_load_s": canary.get("load_s"),
-                   "canary_latency_s": canary.get("latency_s")}
+    if promotion is not None:
+        fields |= {"promoted": promotion.promoted, "champion_version": promotion.champion_version,
+                   "champion_accuracy": promotion.champion_accuracy}
+    if canary is not None:
+        fields |= {"canary_load_s": canary.load_s, "canary_latency_s": canary.latency_s}
     stage_seconds = prefect_stage_seconds()
     if publish_s is not None:
         stage_seconds["publish"] = publish_s
-    entry = HistoryEntry(**fields, drift=drift_numbers(validation_report),
-                         stage_seconds=stage_seconds)
+    entry = RunLogEntry(**fields, drift=drift or {}, stage_seconds=stage_seconds)
     try:
         append_entry(registry, dataset, entry)
-        entries = read_history(registry, dataset)
-        png = render_trend(entries, trend_path(registry, dataset), f"{dataset}: history of {len(entries)} run(s)")
+        entries = read_run_log(registry, dataset)
+        png = render_trend(entries, trend_path(registry, dataset), f"{dataset}: run log of {len(entries)} run(s)")
         _create_artifact(dataset, entries, png)
     except Exception as exc:  # noqa: BLE001 - the run's outcome stands; a broken history is reported, not fatal
         logger.warning("%s: history of run %s not recorded: %s", dataset, version, exc)
     return entry
 
 
-def _create_artifact(dataset: str, entries: list[HistoryEntry], png: Path) -> None:
+def _create_artifact(dataset: str, entries: list[RunLogEntry], png: Path) -> None:
     from prefect.context import FlowRunContext, TaskRunContext
 
     if FlowRunContext.get() is None and TaskRunContext.get() is None:

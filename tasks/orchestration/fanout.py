@@ -17,8 +17,9 @@ from uuid import UUID
 
 from prefect import task
 
-from tasks.outcome import DatasetOutcome, stage_label
-from tasks.versions import run_version_name
+from tasks.orchestration.versions import run_version_name
+from tasks.reporting.outcomes import DatasetOutcome, stage_label
+from tasks.vocabulary import Stage
 
 DATASET_DEPLOYMENT = "train-mnist/dataset"
 CHILD_POLL_SECONDS = 5.0
@@ -39,7 +40,7 @@ class ChildRun:
     state: str  # Prefect state name: Completed, Failed, Crashed, Cancelled, ...
     message: str
     completed: bool
-    stage: str | None = None  # where the child's dataset stopped, as the child run's labels say
+    stage: Stage | None = None  # where the child's dataset stopped, as the child run's labels say
 
 
 def child_parameters(parameters: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -74,12 +75,13 @@ def run_child(deployment: str, dataset: str, parameters: dict[str, Any], timeout
                     completed=completed, stage=None if completed else child_stage(run.id, dataset))
 
 
-def child_stage(run_id: UUID, dataset: str) -> str | None:
+def child_stage(run_id: UUID, dataset: str) -> Stage | None:
     """The stage the child run's dataset stopped at, from the labels it set before it ended."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return (client.read_flow_run(run_id).labels or {}).get(stage_label(dataset))
+        label = (client.read_flow_run(run_id).labels or {}).get(stage_label(dataset))
+    return Stage(label) if label in Stage._value2member_map_ else None
 
 
 def cancel_run(run_id: UUID, state_type: str) -> None:
@@ -105,6 +107,6 @@ def child_outcome(child: ChildRun) -> DatasetOutcome:
     headline = f"{child.dataset}: child run {child.name} {child.state}" + (f": {lines[0]}" if lines else "")
     return DatasetOutcome(dataset=child.dataset, version=child.version, published=child.completed,
                           headline=headline, reasons=[line.lstrip("- ") for line in lines[1:]],
-                          stage=None if child.completed else child.stage or "child run",
+                          stage=None if child.completed else child.stage or Stage.CHILD_RUN,
                           flow_run_id=str(child.flow_run_id) if child.flow_run_id else None)
 

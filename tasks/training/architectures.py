@@ -6,8 +6,9 @@ and (in training only) augments the pixels itself, so the saved ``model.keras`` 
 
 from __future__ import annotations
 
-from tasks.datasets import IMAGE_SHAPE, NUM_PIXELS, TrainConfig
+from tasks.datasets import IMAGE_SHAPE, NUM_PIXELS
 from tasks.model_io import import_keras
+from tasks.training.recipes import TrainConfig
 
 
 def build_model(config: TrainConfig, num_classes: int, steps_per_epoch: int = 1):
@@ -52,7 +53,7 @@ def build_model(config: TrainConfig, num_classes: int, steps_per_epoch: int = 1)
 
 def build_optimizer(config: TrainConfig, steps_per_epoch: int):
     """The recipe's optimizer: cosine decay to 0 after an optional linear warm-up, decoupled weight decay, and
-    (``ema`` > 0) a moving average of the weights kept beside them (``tasks.train`` saves the average)."""
+    (``ema`` > 0) a moving average of the weights kept beside them (``tasks.training.train`` saves the average)."""
     keras = import_keras()
     warmup = round(config.warmup_epochs * steps_per_epoch)
     total = max(config.epochs * steps_per_epoch - warmup, 1)

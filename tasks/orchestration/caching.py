@@ -254,7 +254,7 @@ def log_download_hit(task_ctx: TaskRunContext, value: Any, inputs: dict[str, Any
     """Say that the verified cached copy was used and that the source given to this run was not contacted."""
     from prefect import get_run_logger
 
-    from tasks.locations import redact
+    from tasks.download.locations import redact
 
     get_run_logger().info(
         "used the verified cached copy %s (sha256 %s..., fetched from %s at %s); source %s was not contacted",

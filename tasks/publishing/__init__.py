@@ -1,0 +1,5 @@
+"""Stages 6 and 7, gate and publish: the accuracy gates (``gate``), the paired comparison with the
+production model (``promote``), the fresh-process canary (``canary``), the documents a version carries
+(``model_card``) and the decision that moves production (``publish``). May import the top level,
+``registry``, ``reporting`` and ``conversion.parquet``.
+"""
