@@ -2,7 +2,7 @@
 
 Every number is a ratio (or a per-unit time) measured within one run, so a busy shared machine
 skews both sides alike. Prints a table and writes ``bench/results.json``; ``--frontier`` trains each recipe at
-several budgets instead (``bench/frontier.py``). See bench/README.md.
+several budgets instead (``research/frontier.py``). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ RESULTS_FILE = Path(__file__).with_name("results.json")
 if str(PROJECT_ROOT) not in sys.path:  # run as a script, bench/ is on the path but not the project root
     sys.path.insert(0, str(PROJECT_ROOT))
 
-from bench import flops, frontier  # noqa: E402
+from bench import flops  # noqa: E402
 from bench.common import FULL, QUICK, keep_record, log, machine  # noqa: E402
 from bench.data_stages import (  # noqa: E402
     bench_conversion,
@@ -35,6 +35,7 @@ from bench.data_stages import (  # noqa: E402
 from bench.nightly import bench_flow, bench_more_seeds  # noqa: E402
 from bench.training import bare_fit, bench_recipe_fits, bench_training, flops_utilization  # noqa: E402
 from bench.training import rows_for_steps as rows_for_steps  # noqa: E402 - part of this entry point's interface
+from research import frontier  # noqa: E402
 
 # metric: (target, "min" when bigger is better / "max" when smaller is better, what it compares)
 TARGETS: dict[str, tuple[float, str, str]] = {

@@ -1,89 +1,10 @@
-"""Serve the train-mnist deployments from this one process, no work pool: ``python deployments/serve.py``.
+"""The old name of ``deployments/serve_deployments.py`` (before 2026-12-06), kept so that existing service files
+and muscle memory still work: ``python deployments/serve.py`` runs it with the same arguments."""
 
-The same deployments as ``deployments/prefect.yaml`` (the work-pool path), defined once more in Python:
-
-* ``train-mnist/nightly``: every dataset with its own recipe's model, every night at 02:00 UTC; at most one run at a
-  time, a run that collides with a running one waits for it (ENQUEUE).
-* ``train-mnist/dataset``: one dataset's run; a nightly run with ``fan_out=true`` creates one per dataset.
-  ``serve.py`` keeps ``nightly`` sequential: on one machine the datasets would only share its cores.
-* ``train-mnist/smoke``: one epoch on 5,000 MNIST rows with low gates, on demand, published to a
-  separate registry (``data/smoke-registry``) so it never moves a production pointer.
-
-Runs execute in child processes of this one; stopping it (Ctrl-C) pauses the deployments' schedules.
-Parameters given to ``prefect deployment run ... --param k=v`` are checked against the flow's
-signature by the server before a run is created.
-"""
-
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-from typing import Any
-
-from prefect import serve
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.deployments.runner import RunnerDeployment
-from prefect.schedules import Cron
-
-from flows.train import train_mnist
-from tasks.orchestration.fanout import DATASET_DEPLOYMENT
-from tasks.settings import PROJECT_ROOT
-
-NIGHTLY_CRON = "0 2 * * *"
-TIMEZONE = "UTC"
-TAGS = ["train-mnist"]
-NIGHTLY_PARAMETERS: dict[str, Any] = {"dataset": "all"}  # model: each dataset's own recipe
-SMOKE_PARAMETERS: dict[str, Any] = {
-    "dataset": "mnist", "model": "mlp", "epochs": 1, "train_rows": 5000,
-    "min_accuracy": 0.5, "min_class_recall": 0.0,
-}
-SMOKE_REGISTRY = PROJECT_ROOT / "data" / "smoke-registry"
-
-
-def nightly() -> RunnerDeployment:
-    """Every dataset, every night; a second run waits until the first has finished."""
-    return train_mnist.to_deployment(
-        name="nightly",
-        description="Retrain and publish every dataset, nightly at 02:00 UTC; one run at a time.",
-        schedules=[Cron(NIGHTLY_CRON, timezone=TIMEZONE, slug="nightly-0200-utc")],
-        # ENQUEUE, not CANCEL_NEW: a manual run started while the nightly one trains (say with other
-        # parameters) must not be dropped silently; it waits and then runs.
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-        parameters=NIGHTLY_PARAMETERS,
-        tags=TAGS,
-    )
-
-
-def dataset() -> RunnerDeployment:
-    """One dataset's run, the child that a fanned-out nightly run creates for each dataset."""
-    return train_mnist.to_deployment(
-        name=DATASET_DEPLOYMENT.split("/", 1)[1],
-        description="One dataset's run, created by a fanned-out nightly run for each of its datasets.",
-        parameters={"fan_out": False},
-        tags=TAGS,
-    )
-
-
-def smoke() -> RunnerDeployment:
-    """A quick end-to-end check of the pipeline (about a minute), publishing to a registry of its own."""
-    return train_mnist.to_deployment(
-        name="smoke",
-        description="One epoch on 5,000 MNIST rows with low gates, into data/smoke-registry; on demand.",
-        parameters={**SMOKE_PARAMETERS, "registry": str(SMOKE_REGISTRY)},
-        tags=TAGS,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python deployments/serve.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--limit", type=int, default=None,
-                        help="most flow runs this process executes at once (default: no limit)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors in the log
-    serve(nightly(), dataset(), smoke(), limit=args.limit)
-    return 0
-
+from pathlib import Path
 
 if __name__ == "__main__":
-    sys.exit(main())
+    target = Path(__file__).with_name("serve_deployments.py")
+    os.execv(sys.executable, [sys.executable, str(target), *sys.argv[1:]])

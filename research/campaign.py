@@ -2,8 +2,8 @@
 
     nohup python research/campaign.py --commit > /tmp/campaign.log 2>&1 &
 
-Reads the queue (``research/campaign.toml``: batches of candidates x seeds, candidates from the screen's
-candidates file), skips every (candidate, seed) already in the record (``research/results/campaign-runs.jsonl``),
+Reads the queue (``research/campaign.toml``: batches of candidates x seeds, candidates from
+``research/candidates.toml``), skips every (candidate, seed) already in the record (``research/results/campaign-runs.jsonl``),
 and trains the rest in order, each in a fresh process (``screen.run_one``: the candidate's network, optimizer
 and augmentation, one ``fit`` on the bundled train split, scored on the test split). Each finished run is
 one JSON line with the machine, the date and the code's commit; with ``--commit`` that line is committed to
@@ -27,11 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import screen  # noqa: E402
 from bench.common import cpu_description  # noqa: E402
+from research import RESULTS_DIR, screen  # noqa: E402
 
 QUEUE = Path(__file__).with_name("campaign.toml")
-RECORD = Path(__file__).parent / "results" / "campaign-runs.jsonl"
+RECORD = RESULTS_DIR / "campaign-runs.jsonl"
 
 
 def queued_pairs(queue: dict) -> list[tuple[str, int]]:

@@ -26,7 +26,7 @@ def import_keras():
     """
     if "keras" in sys.modules:
         return sys.modules["keras"]
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":  # bench/screen.py on a JAX machine
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":  # research/screen.py on a JAX machine
         import keras
 
         return keras

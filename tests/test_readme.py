@@ -2,7 +2,7 @@
 
 A block is runnable when the line before its ```` ```bash ```` fence is ``<!-- runnable -->``, with
 options after a colon: ``server`` (run against a real Prefect server started here, with
-``deployments/serve.py`` serving the deployments), ``short="ARGS"`` (ARGS appended to every
+``deployments/serve_deployments.py`` serving the deployments), ``short="ARGS"`` (ARGS appended to every
 ``python flows/train.py`` line, to keep a long example short). Blocks run with ``bash -e`` in a
 scratch copy of the repository (code, the bundled mirror and a link to this virtual environment),
 one Prefect home and result storage for all of them, so later blocks reuse the data stages.
@@ -116,7 +116,7 @@ def local_env(scratch, tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def served(scratch, local_env, tmp_path_factory) -> Iterator[tuple[dict[str, str], Path]]:
-    """A Prefect server and ``python deployments/serve.py`` (from the scratch copy); the env to reach them, its log."""
+    """A Prefect server and ``python deployments/serve_deployments.py`` (from the scratch copy); the env to reach them, its log."""
     with prefect_server(tmp_path_factory.mktemp("readme-server")) as server:
         yield from _serve(scratch, local_env, server)
 
@@ -125,7 +125,7 @@ def _serve(scratch, local_env, server) -> Iterator[tuple[dict[str, str], Path]]:
     env = {**local_env, **{k: v for k, v in server.env.items() if k.startswith("PREFECT_")},
            "PREFECT_LOCAL_STORAGE_PATH": local_env["PREFECT_LOCAL_STORAGE_PATH"], "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     log = server.root / "serve.log"
-    serve = spawn([sys.executable, "deployments/serve.py"], env, scratch, log)
+    serve = spawn([sys.executable, "deployments/serve_deployments.py"], env, scratch, log)
     try:
         from prefect.client.orchestration import SyncPrefectClient
 

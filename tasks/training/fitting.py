@@ -1,4 +1,4 @@
-"""Fitting helpers that need neither Prefect nor TensorFlow (``bench/screen.py`` uses them on any Keras backend)."""
+"""Fitting helpers that need neither Prefect nor TensorFlow (``research/screen.py`` uses them on any Keras backend)."""
 
 from __future__ import annotations
 

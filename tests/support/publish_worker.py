@@ -90,20 +90,23 @@ def registry_candidate(dataset: str, candidate: Candidate, version: str | None =
                        decision: GateDecision = PASSED, files: dict[str, Path] | None = None) -> registry_module.Candidate:
     return registry_module.Candidate(dataset=dataset, version=version or new_version_name(), model_path=candidate.model_path,
                               metrics=candidate.metrics, decision=decision, lineage=LINEAGE,
-                              test_parquet=candidate.test_parquet, predictions_path=candidate.predictions_path,
-                              files=files or {}, parameters=LINEAGE.parameters)
+                              test_parquet=candidate.test_parquet,
+                              predictions=np.load(candidate.predictions_path), files=files or {},
+                              parameters=LINEAGE.parameters)
 
 
 def publish_model(registry_dir: Path, dataset: str, version: str, model_path: Path, metrics: Metrics,
                   decision: GateDecision, lineage: Lineage | dict, *, test_parquet: Path, predictions_path: Path,
                   files: dict[str, Path] | None = None, probabilities_path: Path | None = None,
-                  **kwargs) -> registry_module.Published:
+                  drift: dict[str, float] | None = None, **kwargs) -> registry_module.Published:
     """Publish a real model file to a folder registry, as the flow's publish task does."""
     lineage = Lineage.model_validate(lineage)
     candidate = registry_module.Candidate(dataset=dataset, version=version, model_path=model_path, metrics=metrics,
                                           decision=decision, lineage=lineage, test_parquet=test_parquet,
-                                          predictions_path=predictions_path, files=files or {},
-                                          parameters=lineage.parameters, probabilities_path=probabilities_path)
+                                          predictions=np.load(predictions_path), files=files or {},
+                                          parameters=lineage.parameters,
+                                          probabilities=np.load(probabilities_path) if probabilities_path else None,
+                                          drift=drift or {})
     return publish_version(FolderRegistry(registry_dir), candidate, **kwargs)
 
 

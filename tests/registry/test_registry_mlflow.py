@@ -155,7 +155,7 @@ def test_two_publishers_without_a_shared_lock_file_take_turns_on_the_server(pref
     logs = [tmp_path / f"publisher-{i}.log" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, "http://mlflow.example:5000", "mnist", str(log), "3",
                                str(tmp_path / f"machine-{i}")], env={**prefect_server.env, "PYTHONPATH": "."},
-                              cwd=Path(__file__).resolve().parents[1])
+                              cwd=Path(__file__).resolve().parents[2])
              for i, log in enumerate(logs)]
     for proc in procs:
         assert proc.wait(timeout=300) == 0

@@ -36,7 +36,7 @@ def evaluated(mnist_slice, slice_mirror, tmp_path_factory):
                                          bool(mnist_slice.header)) for split in ("train", "test")}
     run = root / "run"
     model = train_model(parquet["train"], 10, TrainConfig(model="cnn-bn", epochs=1, train_rows=1000), run)
-    metrics = evaluate_model(model, parquet["test"], list(mnist_slice.class_names), run)
+    metrics = evaluate_model(model, parquet["test"], list(mnist_slice.class_names), run).metrics_path
     pixels, _ = load_xy(parquet["test"])
     return {"model": model, "metrics": metrics, "test": parquet["test"], "pixels": pixels,
             "predictions": np.load(run / "predictions.npy"), "probabilities": np.load(run / "probabilities.npy"),

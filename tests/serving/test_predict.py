@@ -14,7 +14,6 @@ import pytest
 from tasks.conversion.convert import convert_to_parquet
 from tasks.datasets import PIXEL_COLUMNS
 from tasks.evaluation.evaluate import evaluate_model
-from tasks.results import read_metrics
 from tasks.serving.predict import NoProductionModel, load_production_model
 from tasks.training.recipes import TrainConfig
 from tasks.training.train import train_model
@@ -32,7 +31,7 @@ def registry(mnist_slice, slice_mirror, tmp_path_factory):
                                          bool(mnist_slice.header)) for split in ("train", "test")}
     run = root / "run"
     model = train_model(parquet["train"], 10, TrainConfig(model="mlp", epochs=2, train_rows=2000), run)
-    metrics = read_metrics(evaluate_model(model, parquet["test"], list(mnist_slice.class_names), run))
+    metrics = evaluate_model(model, parquet["test"], list(mnist_slice.class_names), run).metrics
     registry = root / "registry"
     publish_model(registry, "mnist", "20250101T000000Z-pred00", model, metrics, PASSED, LINEAGE,
                   test_parquet=parquet["test"], predictions_path=run / "predictions.npy")

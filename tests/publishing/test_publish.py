@@ -96,11 +96,11 @@ def test_stale_staging_folders_are_cleared_by_the_next_publish(tmp_path, candida
 def test_predictions_that_do_not_match_the_metrics_are_refused(tmp_path, candidate):
     registry = tmp_path / "registry"
     np.save(candidate.predictions_path, np.zeros(80, np.int16))  # a different evaluation's predictions
-    with pytest.raises(ValueError, match=r"predictions\.npy: accuracy 0\.100000 on the test split, "
+    with pytest.raises(ValueError, match=r"accuracy 0\.100000 on \S+test\.parquet, "
                                          r"but metrics say 0\.775000"):
         publish_candidate(registry, DATASET, candidate)
     np.save(candidate.predictions_path, np.zeros(79, np.int16))
-    with pytest.raises(ValueError, match=r"predictions\.npy: \(79,\) predictions and metrics of 80 rows"):
+    with pytest.raises(ValueError, match=r"\(79,\) predictions and metrics of 80 rows"):
         publish_candidate(registry, DATASET, candidate)
     assert list_versions(registry, DATASET) == []
 

@@ -244,7 +244,7 @@ def test_the_partial_file_of_a_sigkilled_download_is_removed_by_the_next_run(ser
     code = ("import sys; from pathlib import Path; from tasks.download.fetch import fetch_file; "
             "fetch_file(sys.argv[1], Path(sys.argv[2]), None, timeout_s=5, deadline_s=600)")
     child = subprocess.Popen([sys.executable, "-c", code, server.url(PATH), str(dest)],
-                             cwd=Path(__file__).resolve().parents[1])
+                             cwd=Path(__file__).resolve().parents[2])
     try:
         deadline = time.monotonic() + 60
         while not partial_files(tmp_path / "raw") and time.monotonic() < deadline:

@@ -1,11 +1,11 @@
 """Screen training recipes fast: several seeds of each candidate, in parallel processes, on any Keras backend.
 
-A candidate is a dataset and ``TrainConfig`` fields (``bench/candidates.toml``). Each run builds the model
+A candidate is a dataset and ``TrainConfig`` fields (``research/candidates.toml``). Each run builds the model
 with ``tasks.training.architectures.build_model`` (the pipeline's own networks and optimizers), fits it on the
 bundled train split (a seeded hold-out with early stopping when ``validation_fraction`` > 0, as
 ``tasks.training.train`` does) and scores the test split. Made for a GPU machine with JAX and no TensorFlow:
 
-    KERAS_BACKEND=jax python bench/screen.py --seeds 42,43,44 --jobs 6 --out screen.jsonl
+    KERAS_BACKEND=jax python research/screen.py --seeds 42,43,44 --jobs 6 --out screen.jsonl
 
 The numbers rank recipes; they are not the pipeline's numbers (another backend, another device, one
 ``fit`` call instead of one per epoch): confirm a recipe with ``python bench/run.py --nightly --seeds``.
@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import cpu_description, keep_record  # noqa: E402
+from research import RESULTS_DIR  # noqa: E402
 
 CANDIDATES = Path(__file__).with_name("candidates.toml")
 MIRROR = ROOT / "data" / "mirror"
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON lines, one per finished run (required unless --time-steps)")
     parser.add_argument("--time-steps", type=int, default=0,
                         help="instead of training: time this many steps of each candidate and of today's recipe, "
-                             "and print each candidate's training time as a ratio of today's (bench/step_time.py)")
+                             "and print each candidate's training time as a ratio of today's (research/step_time.py)")
     parser.add_argument("--policy", default="float32", choices=("float32", "mixed_bfloat16"),
                         help="with --time-steps: the Keras dtype policy the candidates are timed under")
     args = parser.parse_args(argv)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def time_main(candidates: list[dict], steps: int, policy: str) -> int:
     """``--time-steps``: each candidate's night of training as a ratio of today's recipe's, in one process."""
-    from bench.step_time import time_ratios
+    from research.step_time import time_ratios
 
     rows = time_ratios(candidates, steps, policy)
     for row in rows:
@@ -165,9 +166,9 @@ def time_main(candidates: list[dict], steps: int, policy: str) -> int:
 
 
 def keep(kind: str, **fields) -> Path:
-    """This run's record in bench/results: the command, the machine, and ``fields``."""
-    return keep_record(kind, {"command": " ".join(["python bench/screen.py", *sys.argv[1:]]),
-                              "machine": {"cpus": os.cpu_count(), **cpu_description()}, **fields})
+    """This run's record in research/results: the command, the machine, and ``fields``."""
+    return keep_record(kind, {"command": " ".join(["python research/screen.py", *sys.argv[1:]]),
+                              "machine": {"cpus": os.cpu_count(), **cpu_description()}, **fields}, RESULTS_DIR)
 
 
 def summary(runs: list[dict]) -> dict[str, dict]:

@@ -9,7 +9,6 @@ from tasks.datasets import NUM_PIXELS, Gates
 from tasks.evaluation.evaluate import compute_metrics, evaluate_model
 from tasks.model_io import load_model
 from tasks.publishing.gate import check_gates
-from tasks.results import read_metrics
 from tasks.training.recipes import DEFAULT_EPOCHS, TrainConfig, train_config_for
 from tasks.training.train import train_model
 
@@ -58,8 +57,8 @@ def test_same_seed_and_data_give_the_same_metrics(mnist_parquet, tmp_path):
     metrics = []
     for run in ("a", "b"):
         model = train_model(mnist_parquet["train"], 10, config, tmp_path / run)
-        metrics.append(read_metrics(evaluate_model(model, mnist_parquet["test"], [str(i) for i in range(10)],
-                                                   tmp_path / run)))
+        metrics.append(evaluate_model(model, mnist_parquet["test"], [str(i) for i in range(10)],
+                                                   tmp_path / run).metrics)
     assert metrics[0].test_accuracy == metrics[1].test_accuracy
     assert metrics[0].test_loss == metrics[1].test_loss
     assert metrics[0].confusion_matrix == metrics[1].confusion_matrix
@@ -88,8 +87,13 @@ def test_train_config_follows_the_dataset_recipe_unless_overridden(catalog):
 
 def test_evaluate_writes_metrics_json_with_the_contract(trained, mnist_parquet, tmp_path):
     model_path, _ = trained
-    path = evaluate_model(model_path, mnist_parquet["test"], [str(i) for i in range(10)], tmp_path)
-    doc = json.loads(path.read_text())
+    evaluation = evaluate_model(model_path, mnist_parquet["test"], [str(i) for i in range(10)], tmp_path)
+    doc = json.loads(evaluation.metrics_path.read_text())
+    # What the run hands on is what it wrote for people: the same numbers, no second definition.
+    assert evaluation.metrics.model_dump() == doc
+    assert np.array_equal(evaluation.predictions, np.load(evaluation.predictions_path))
+    assert np.array_equal(evaluation.probabilities, np.load(evaluation.probabilities_path))
+    assert np.array_equal(evaluation.predictions, evaluation.probabilities.argmax(axis=1))
     _, labels = load_xy(mnist_parquet["test"])
     assert isinstance(doc["test_accuracy"], float) and 0.8 < doc["test_accuracy"] <= 1.0
     cm = np.array(doc["confusion_matrix"])

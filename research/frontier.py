@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import keep_record
+from research import RESULTS_DIR
 
-BENCH_DIR = Path(__file__).resolve().parent
+RESEARCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGETS = "0.25,0.5,1.0"
 DEFAULT_SEEDS = "42"
 OUTPUT_NAMES = {"json": "frontier.json", "markdown": "frontier.md", "plot": "frontier.png"}
@@ -60,7 +61,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--datasets", default="all", help="built-in dataset names separated by commas (default all)")
     group.add_argument("--train-rows", type=int, default=None,
                        help="use only the first N train rows (a tiny test run; the test split stays whole)")
-    group.add_argument("--frontier-dir", type=Path, default=BENCH_DIR, help="where the outputs go (default bench/)")
+    group.add_argument("--frontier-dir", type=Path, default=RESEARCH_DIR, help="where the outputs go (default research/)")
 
 
 def epochs_for(budget: float, nightly_epochs: int) -> int:
@@ -100,7 +101,6 @@ def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, tra
     from bench.fitclock import FitClock
     from tasks.artifacts import CURVES_JSON
     from tasks.evaluation.evaluate import evaluate_model
-    from tasks.results import read_metrics
     from tasks.training.recipes import train_config_for
     from tasks.training.train import train_model
 
@@ -112,7 +112,7 @@ def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, tra
         model_path = train_model(parquets["train"], spec.num_classes, config, out_dir)
     train_cpu, train_wall = time.process_time() - cpu, time.perf_counter() - wall
     cpu, wall = time.process_time(), time.perf_counter()
-    metrics = read_metrics(evaluate_model(model_path, parquets["test"], list(spec.class_names), out_dir))
+    metrics = evaluate_model(model_path, parquets["test"], list(spec.class_names), out_dir).metrics
     eval_cpu, eval_wall = time.process_time() - cpu, time.perf_counter() - wall
     curves = json.loads((out_dir / CURVES_JSON).read_text())
     return {"dataset": spec.name, "model": config.model, "budget": budget, "epochs": config.epochs,
@@ -268,7 +268,7 @@ def main(args: argparse.Namespace, machine: dict[str, Any]) -> int:
         print("no frontier points measured or kept", file=sys.stderr)
         return 1
     print(markdown(report["summary"], report))
-    kept = keep_record("frontier", report) if args.frontier_dir == BENCH_DIR else None  # not a test's tiny run
+    kept = keep_record("frontier", report, RESULTS_DIR) if args.frontier_dir == RESEARCH_DIR else None  # not a test's tiny run
     print("wrote " + ", ".join(str(args.frontier_dir / name) for name in OUTPUT_NAMES.values())
           + (f" and {kept}" if kept else ""))
     return 0

@@ -16,7 +16,6 @@ import pytest
 
 from tasks.conversion.convert import convert_to_parquet
 from tasks.evaluation.evaluate import evaluate_model
-from tasks.results import read_metrics
 from tasks.settings import PROJECT_ROOT
 from tasks.training.recipes import TrainConfig
 from tasks.training.resume import BACKUP_PREFIX, EPOCH_PREFIX, STATE_FILE, backup_key
@@ -55,7 +54,7 @@ def snapshots(backups: Path) -> list[int]:
 
 
 def score(parquet, out: Path):
-    metrics = read_metrics(evaluate_model(out / "model.keras", parquet["test"], CLASSES, out))
+    metrics = evaluate_model(out / "model.keras", parquet["test"], CLASSES, out).metrics
     return metrics, np.load(out / "predictions.npy")
 
 

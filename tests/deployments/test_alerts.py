@@ -1,4 +1,4 @@
-"""Alerts end to end: a real Prefect server, ``deployments/serve.py``, ``deployments/alerts.py`` and a webhook
+"""Alerts end to end: a real Prefect server, ``deployments/serve_deployments.py``, ``deployments/alerts.py`` and a webhook
 receiver on 127.0.0.1. A failed night sends exactly one notification naming each failed dataset, its stage, its
 reason and the run; a run past the deadline sends an overdue one and, once it succeeds, nothing else."""
 
@@ -11,11 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from test_deployments import QUICK, trigger
 
 from deployments.alerts import FAILED_AUTOMATION, OVERDUE_AUTOMATION
 from tasks.registry.run_log import TREND_FILE, read_run_log
 from tasks.settings import BUNDLED_MIRROR, PROJECT_ROOT
+from tests.deployments.test_deployments import QUICK, trigger
 from tests.support.held_mirror import held_mirror
 from tests.support.prefect_server import RUN_TIMEOUT_S, prefect_server
 from tests.support.processes import spawn, stop, wait_for
@@ -61,7 +61,7 @@ def receiver() -> Iterator:
 @pytest.fixture(scope="module")
 def served(server, started, tmp_path_factory) -> Iterator[subprocess.Popen]:
     log = server.root / "serve.log"
-    proc = spawn([sys.executable, str(PROJECT_ROOT / "deployments" / "serve.py")], server.env,
+    proc = spawn([sys.executable, str(PROJECT_ROOT / "deployments" / "serve_deployments.py")], server.env,
                  tmp_path_factory.mktemp("serve-cwd"), log)
     started.append(proc)
     try:

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import flops, frontier
+from bench import flops
 from bench.fitclock import FitClock
 from bench.run import PROJECT_ROOT, rows_for_steps
+from research import frontier
 from tasks.datasets import load_catalog
 from tasks.training.architectures import build_model
 from tasks.training.recipes import TrainConfig, train_config_for
@@ -165,14 +166,14 @@ def test_the_serving_load_counts_requests_rows_failures_and_nearest_rank_percent
 
 
 def test_a_night_counts_the_steps_of_the_rows_left_after_the_hold_out():
-    from bench.step_time import night_steps
+    from research.step_time import night_steps
 
     assert night_steps(TrainConfig(model="cnn-bn", epochs=12)) == 422 * 12  # 54,000 fit rows in batches of 128
     assert night_steps(TrainConfig(model="cnn7", epochs=13, validation_fraction=0.0)) == 469 * 13  # all 60,000
 
 
 def test_the_time_ratio_scales_seconds_per_step_by_each_recipes_night(monkeypatch, tmp_path):
-    from bench import screen, step_time
+    from research import screen, step_time
 
     per_step = {"cnn-bn": 0.02, "cnn7": 0.03}  # seconds per step, as if timed
 
@@ -195,7 +196,7 @@ def test_the_time_ratio_scales_seconds_per_step_by_each_recipes_night(monkeypatc
 def test_seconds_per_step_times_each_model_in_rounds_under_its_policy():
     import keras
 
-    from bench.step_time import seconds_per_step
+    from research.step_time import seconds_per_step
 
     configs = {"f32": (TrainConfig(model="mlp", batch_size=32), "float32"),
                "bf16": (TrainConfig(model="mlp", batch_size=32), "mixed_bfloat16")}

@@ -1,7 +1,7 @@
 """The deployments against a real Prefect server: served from one process, and deployed to a work pool.
 
 One server (SQLite, 127.0.0.1, a temporary PREFECT_HOME) is shared by the module. ``TestServe`` serves
-``deployments/serve.py``; ``TestWorkPool`` deploys ``deployments/prefect.yaml`` from a copy of the
+``deployments/serve_deployments.py``; ``TestWorkPool`` deploys ``deployments/prefect.yaml`` from a copy of the
 repository at another path and runs a process worker elsewhere. Runs are triggered exactly as a user
 would, with ``prefect deployment run``, and kept short (one epoch on 5,000 MNIST rows).
 Every process started here is stopped by its process group, also when a test fails.
@@ -99,14 +99,14 @@ def assert_nightly_shape(deployment, parameters: dict | None = None) -> None:
     assert deployment.paused is False
 
 
-# --- one process: deployments/serve.py ---------------------------------------------------------------
+# --- one process: deployments/serve_deployments.py ---------------------------------------------------------------
 
 @pytest.fixture(scope="class")
 def served(server, started, tmp_path_factory) -> Iterator[subprocess.Popen]:
-    """``python deployments/serve.py`` started from a folder outside the repository."""
+    """``python deployments/serve_deployments.py`` started from a folder outside the repository."""
     elsewhere = tmp_path_factory.mktemp("serve-cwd")
     log = server.root / "serve.log"
-    proc = spawn([sys.executable, str(PROJECT_ROOT / "deployments" / "serve.py")], server.env, elsewhere, log)
+    proc = spawn([sys.executable, str(PROJECT_ROOT / "deployments" / "serve_deployments.py")], server.env, elsewhere, log)
     started.append(proc)
     try:
         def registered() -> bool:
