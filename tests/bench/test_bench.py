@@ -183,7 +183,7 @@ def test_the_time_ratio_scales_seconds_per_step_by_each_recipes_night(monkeypatc
         return {key: per_step[config.model] for key, (config, _) in configs.items()}
 
     monkeypatch.setattr(step_time, "seconds_per_step", timed)
-    monkeypatch.setattr(screen, "keep_record", lambda kind, record: tmp_path / f"{kind}.json")
+    monkeypatch.setattr(screen, "keep_record", lambda kind, record, folder=None: tmp_path / f"{kind}.json")
     candidate = {"name": "mnist-cnn7", "dataset": "mnist", "model": "cnn7", "epochs": 13, "validation_fraction": 0.0}
     row, control = step_time.time_ratios([candidate], steps=3, policy="mixed_bfloat16")
     assert control["time_ratio"] == 1.0 and control["policy"] == "float32"

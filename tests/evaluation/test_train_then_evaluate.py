@@ -30,7 +30,7 @@ def trained(mnist_parquet, tmp_path_factory):
 
 def test_training_lowers_the_loss_and_writes_its_outputs(trained):
     model_path, out = trained
-    history = json.loads((out / "history.json").read_text())
+    history = json.loads((out / "training_curves.json").read_text())
     assert len(history["loss"]) == 3
     assert history["loss"][-1] < history["loss"][0]
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -171,7 +171,7 @@ def test_shift_views_average_the_image_and_its_four_one_pixel_shifts(mnist_parqu
 def test_without_a_hold_out_every_row_trains_for_exactly_the_epochs(mnist_parquet, tmp_path):
     config = TrainConfig(model="mlp", epochs=2, train_rows=640, validation_fraction=0, batch_size=64)
     train_model(mnist_parquet["train"], 10, config, tmp_path)
-    history = json.loads((tmp_path / "history.json").read_text())
+    history = json.loads((tmp_path / "training_curves.json").read_text())
     assert sorted(history) == ["accuracy", "loss"]  # nothing held out, nothing to validate on
     assert len(history["loss"]) == 2
     events = list((tmp_path / "tensorboard" / "train").glob("events.out.tfevents.*"))

@@ -113,10 +113,10 @@ def test_publish_records_the_canary_and_a_failing_one_publishes_nothing(evaluate
     broken = tmp_path / "broken" / "model.keras"
     broken.parent.mkdir()
     broken.write_bytes(b"PK\x03\x04 not a zip archive at all")
-    before = sorted(p.relative_to(registry) for p in registry.rglob("*") if "history" not in p.name)
+    before = sorted(p.relative_to(registry) for p in registry.rglob("*") if p.name not in ("runs.jsonl", "runs.png"))
     with pytest.raises(CanaryRefused, match=r"canary failed in a fresh Python process \(nothing published\)"):
         publish_model(registry, DATASET, "20250102T000000Z-broken", broken, metrics, PASSED, LINEAGE, **kwargs)
     assert read_production(registry, DATASET) == good.version
     assert list_versions(registry, DATASET) == [good.version]
     assert not list((registry / DATASET).glob(f"{STAGING_PREFIX}*"))
-    assert sorted(p.relative_to(registry) for p in registry.rglob("*") if "history" not in p.name) == before
+    assert sorted(p.relative_to(registry) for p in registry.rglob("*") if p.name not in ("runs.jsonl", "runs.png")) == before

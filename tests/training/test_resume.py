@@ -100,7 +100,7 @@ def test_killed_training_resumes_after_its_last_epoch_and_ends_with_the_same_mod
         score(parquet, tmp_path / "resumed"), score(parquet, tmp_path / "straight"))
     assert np.array_equal(resumed_pred, straight_pred)
     assert resumed_metrics == straight_metrics
-    curves = [json.loads((tmp_path / run / "history.json").read_text()) for run in ("resumed", "straight")]
+    curves = [json.loads((tmp_path / run / "training_curves.json").read_text()) for run in ("resumed", "straight")]
     assert curves[0] == curves[1] and len(curves[0]["loss"]) == CONFIG.epochs
 
 
