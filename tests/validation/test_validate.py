@@ -96,7 +96,8 @@ def test_data_docs_are_built_into_the_report_folder_and_list_the_suites(fashion_
     # A second run in the same folder replaces the docs whole; no staging folders are left behind.
     validate_dataset(fashion_slice, *paths(fashion_slice, slice_mirror), tmp_path)
     assert len(list((tmp_path / "data_docs" / "validations").rglob("*.html"))) == 8
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_docs", "data_profile.json", "validation.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_docs", "data_profile.json", "validation.html",
+                                                          "validation.json"]
 
 
 def test_a_failed_run_also_writes_report_and_docs(mnist_slice, slice_mirror, tmp_path):
