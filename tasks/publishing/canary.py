@@ -42,6 +42,7 @@ LATENCY_ROWS = 256
 # kind; the budget leaves room for a busy machine and catches a model that is pathologically slow.
 LATENCY_BUDGET_S = 2.0
 TIMED_CALLS = 5  # warm calls after the first; the median is the latency
+SLOWER_THAN_REFERENCE = 3.0  # a new version may be this much slower than the one serving, whatever the budget
 PROCESS_TIMEOUT_S = 300.0  # import + load + score; a hung canary counts as a failed load
 
 
@@ -88,7 +89,11 @@ def decide(measured: dict, expected: np.ndarray, budget_s: float,
         return CanaryResult(passed=False, loaded=bool(measured.get("loaded")), matched=False, rows=rows,
                             latency_budget_s=budget_s, reasons=[f"FAIL load: {measured['error']}"], **timings)
     predictions = np.asarray(measured["predictions"], dtype=np.int64)
+    found = np.asarray(measured.get("probabilities", []), dtype=np.float64)
     reasons = []
+    not_finite = int(np.size(found) - np.isfinite(found).sum())
+    if not_finite:  # NaN compares unequal to everything, so no other check would notice it
+        reasons.append(f"FAIL outputs: {not_finite} of {found.size} probabilities are not finite (NaN or infinite)")
     if predictions.shape != expected.shape:
         mismatched = rows
         reasons.append(f"FAIL predictions: {predictions.shape} classes for {rows} canary rows")
@@ -99,8 +104,7 @@ def decide(measured: dict, expected: np.ndarray, budget_s: float,
                        else f"FAIL predictions: {mismatched} of {rows} canary rows differ from the evaluation's "
                             f"predictions (first rows {first})")
     difference = None
-    if expected_probabilities is not None and not mismatched:
-        found = np.asarray(measured["probabilities"], dtype=np.float64)
+    if expected_probabilities is not None and not mismatched and not not_finite:
         if found.shape != expected_probabilities.shape:
             difference, mismatched = float("inf"), rows
         else:
@@ -113,7 +117,7 @@ def decide(measured: dict, expected: np.ndarray, budget_s: float,
     reasons.append(f"{'PASS' if fast else 'FAIL'} latency: {measured['latency_s']:.4f} s per "
                    f"{measured.get('latency_rows', rows)}-row batch {'<=' if fast else '>'} budget {budget_s:.4f} s "
                    f"(load {measured['load_s']:.2f} s)")
-    matched = mismatched == 0
+    matched = mismatched == 0 and not not_finite
     return CanaryResult(passed=matched and fast, loaded=True, matched=matched, rows=rows, mismatched_rows=mismatched,
                         max_probability_difference=difference, latency_budget_s=budget_s, reasons=reasons, **timings)
 
@@ -182,9 +186,14 @@ def measure(model, pixels: np.ndarray) -> dict:
                        "predictions": probabilities.argmax(axis=1).tolist(), "probabilities": probabilities.tolist()}
 
 
-def check_loaded(model, batch_path: Path, load_s: float, budget_s: float = LATENCY_BUDGET_S) -> CanaryResult:
+def check_loaded(model, batch_path: Path, load_s: float, budget_s: float = LATENCY_BUDGET_S,
+                 reference_latency_s: float | None = None) -> CanaryResult:
     """The canary's verdict on a model already loaded in this process (the model server's check before it
-    swaps a new version in): the same predictions and probabilities as recorded at publish, within budget."""
+    swaps a new version in): the same predictions and probabilities as recorded at publish, within budget.
+    ``reference_latency_s``: the latency of the model serving now, timed at the same moment; a busy server
+    slows both, so the budget grows to ``SLOWER_THAN_REFERENCE`` times it."""
+    if reference_latency_s is not None:
+        budget_s = max(budget_s, SLOWER_THAN_REFERENCE * reference_latency_s)
     expected, probabilities = recorded(batch_path)
     with np.load(batch_path, allow_pickle=False) as batch:
         pixels = batch["pixels"]

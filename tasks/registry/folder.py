@@ -33,7 +33,7 @@ from tasks.registry.interface import (
     check_fence,
     scored_champion,
 )
-from tasks.registry.lock import publish_lock
+from tasks.registry.lock import folder_identity, publish_lock
 from tasks.registry.retention import RetentionPolicy, prune_versions
 from tasks.vocabulary import Outcome, Stage
 
@@ -94,7 +94,7 @@ def remove_stale_staging(registry: Path, dataset: str) -> None:
 @contextlib.contextmanager
 def dataset_lock(registry: Path, dataset: str) -> Iterator[str]:
     """The publish lock of one dataset of a folder registry (server-wide when a Prefect server is configured)."""
-    with publish_lock(str(Path(registry).resolve()), dataset, Path(registry) / dataset) as how:
+    with publish_lock(lambda: folder_identity(registry), dataset, Path(registry) / dataset) as how:
         yield how
 
 

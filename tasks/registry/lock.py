@@ -17,8 +17,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import re
-from collections.abc import Iterator
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tasks.vocabulary import Stage, StageFailure
@@ -36,10 +40,54 @@ def server_configured() -> bool:
     return bool(get_current_settings().api.url)
 
 
-def limit_name(registry: str, dataset: str) -> str:
-    """One global concurrency limit per (registry, dataset); names allow letters, digits, - and _."""
-    digest = hashlib.sha256(registry.encode()).hexdigest()[:12]
+def limit_name(identity: str, dataset: str) -> str:
+    """One global concurrency limit per (registry, dataset); names allow letters, digits, - and _. ``identity``
+    names the registry whatever its spelling on a machine (``folder_identity``, ``url_identity``)."""
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return f"{LIMIT_PREFIX}-{re.sub(r'[^A-Za-z0-9_-]', '_', dataset)}-{digest}"
+
+
+IDENTITY_FILE = ".registry-id"
+
+
+def folder_identity(root: Path) -> str:
+    """A folder registry's identity: the id written in it when first used, so two machines that mount it at
+    different paths (or spell the path differently) take the same publish lock."""
+    path = Path(root) / IDENTITY_FILE
+    try:
+        return "folder:" + path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    Path(root).mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:  # another run created it first: its id stands
+        return "folder:" + wait_for_id(path)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(uuid.uuid4().hex + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return "folder:" + path.read_text().strip()
+
+
+def wait_for_id(path: Path, seconds: float = 10.0) -> str:
+    """The id another process is writing (created, maybe not yet written)."""
+    deadline = time.monotonic() + seconds
+    while not (text := path.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not text:
+        raise PublishLockUnsafe(f"{path} is empty: the registry's identity (its publish lock's name) is unknown; "
+                                "delete the empty file and publish again")
+    return text
+
+
+def url_identity(url: str) -> str:
+    """A registry URL as one server is named however it is spelled: scheme and host in lower case, the
+    default port made explicit, no credentials, query or trailing slash."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port}{parts.path.rstrip('/')}"
 
 
 @contextlib.contextmanager
@@ -98,11 +146,12 @@ def server_lock(name: str, dataset: str, timeout_s: float = ACQUIRE_TIMEOUT_S) -
 
 
 @contextlib.contextmanager
-def publish_lock(registry: str, dataset: str, local_folder: Path) -> Iterator[str]:
-    """Serialise publishing of ``dataset`` to ``registry``; yields which locks were taken, for the log."""
+def publish_lock(identity: Callable[[], str], dataset: str, local_folder: Path) -> Iterator[str]:
+    """Serialise publishing of ``dataset`` to the registry named by ``identity()`` (called only when a Prefect
+    server is configured); yields which locks were taken, for the log."""
     local = f"file lock {local_folder / LOCK_FILE}"
     if server_configured():
-        name = limit_name(registry, dataset)
+        name = limit_name(identity(), dataset)
         with server_lock(name, dataset), file_lock(local_folder):
             yield f"Prefect global concurrency limit {name} and {local}"
     else:

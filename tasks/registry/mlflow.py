@@ -18,7 +18,7 @@ from tasks import artifacts, storage
 from tasks.model_io import score
 from tasks.publishing.promote import PromotionDecision
 from tasks.registry.interface import Candidate, Published, champion_fix_hint, scored_champion
-from tasks.registry.lock import publish_lock
+from tasks.registry.lock import publish_lock, url_identity
 from tasks.registry.mlflow_client import MlflowServer, is_mlflow_uri
 from tasks.registry.retention import RetentionPolicy
 from tasks.results import Lineage, Metrics
@@ -48,8 +48,9 @@ class MlflowRegistry:
 
     def lock(self, dataset: str):
         # Without a Prefect server the lock is a file on this machine, as for a folder registry.
-        local = Path(tempfile.gettempdir()) / "train-mnist-locks" / f"{uuid.uuid5(uuid.NAMESPACE_URL, self.location)}"
-        return publish_lock(self.location, dataset, local / dataset)
+        local = (Path(tempfile.gettempdir()) / "train-mnist-locks" /
+                 f"{uuid.uuid5(uuid.NAMESPACE_URL, url_identity(self.location))}")
+        return publish_lock(lambda: url_identity(self.location), dataset, local / dataset)
 
     @_credentials_kept_out
     def production(self, dataset: str) -> str | None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import tempfile
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +31,8 @@ import numpy as np
 
 from tasks import artifacts
 from tasks.datasets import NUM_PIXELS
-from tasks.download.locations import redact
-from tasks.registry.interface import check_fence
+from tasks.download.locations import credentials_of, redact
+from tasks.registry.interface import PublishConflict, check_fence
 
 PRODUCTION_ALIAS = "production"
 EXPERIMENT_PREFIX = "train-mnist"
@@ -41,8 +41,10 @@ REASON_TAG = "train_mnist.reason"
 VERSION_TAG = "train_mnist.version"
 PROFILE_ARTIFACT = artifacts.PROFILE_FILE
 MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value is 8000
+AUTH_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # how MLflow's client takes credentials
 
-Decision = str  # "published" | "gate_failed" | "refused" | "champion_unreadable" | "failed"
+Decision = str  # "published" | "gate_failed" | "refused" | "canary_refused" | "champion_unreadable" | "failed"
+PUBLISH_CONFLICT = "refused_publish_conflict"  # registered, but production moved meanwhile: never served
 
 
 class MlflowRegistryError(RuntimeError):
@@ -74,10 +76,11 @@ class MlflowServer:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        self.tracking_uri = tracking_uri.rstrip("/")  # for MLflow's client only: it may hold credentials
+        # MLflow's client never sees the credentials in the URI (it would print them in run URLs): they reach
+        # it as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, set only while it talks to this server.
+        bare, self._auth = credentials_of(tracking_uri.rstrip("/"))
+        self.tracking_uri = bare
         self.shown = redact(self.tracking_uri)  # for everything a person or another host sees
-        netloc = urllib.parse.urlsplit(self.tracking_uri).netloc
-        self._secret = netloc.rsplit("@", 1)[0] + "@" if "@" in netloc else None
         self._mlflow = mlflow
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
 
@@ -86,15 +89,28 @@ class MlflowServer:
 
     @contextlib.contextmanager
     def credentials_kept_out(self) -> Iterator[None]:
-        """MLflow's own errors quote the tracking URI, credentials included: such an error is raised again
-        without them, and without the original chained to it (a traceback would print it)."""
+        """Talk to this server: its credentials in MLflow's environment variables for the duration (and the
+        variables as they were afterwards, so they never reach another server), and an error that quotes
+        them raised again without them, and without the original chained to it (a traceback would print it)."""
+        if self._auth is None:
+            yield
+            return
+        saved = {name: os.environ.get(name) for name in AUTH_VARIABLES}
+        os.environ.update(zip(AUTH_VARIABLES, self._auth, strict=True))
         try:
             yield
         except Exception as exc:
-            if self._secret is None or self._secret not in str(exc):
+            password = self._auth[1]
+            if not password or password not in str(exc):
                 raise
-            text = str(exc).replace(self._secret, "***@")
+            text = str(exc).replace(password, "***")
             raise MlflowRegistryError(f"{self.shown}: {type(exc).__name__}: {text}") from None
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     # ---- reading the champion ------------------------------------------------------------------
 
@@ -158,15 +174,26 @@ class MlflowServer:
                 if promote:
                     self._fence(dataset, version, compared)
                 model_version = self._log_model(run_id, dataset, version, model_path)
-                self.client.set_model_version_tag(dataset, model_version, DECISION_TAG, decision)
                 if promote:
-                    self._fence(dataset, version, compared)
+                    try:
+                        self._fence(dataset, version, compared)
+                    except PublishConflict as exc:
+                        self._mark_refused(run_id, dataset, model_version, str(exc))
+                        raise
                     self.client.set_registered_model_alias(dataset, PRODUCTION_ALIAS, model_version)
+                # Tagged once the decision holds: a version that lost the fence is never tagged published.
+                self.client.set_model_version_tag(dataset, model_version, DECISION_TAG, decision)
         except BaseException:
             self.client.set_terminated(run_id, status="FAILED")
             raise
         self.client.set_terminated(run_id, status="FINISHED")
         return MlflowRecord(run_id, model_version, f"{self.shown}/#/experiments/{experiment_id}/runs/{run_id}")
+
+    def _mark_refused(self, run_id: str, dataset: str, model_version: str, reason: str) -> None:
+        """The run and its registered version lost the fence: both say refused, and why."""
+        for key, value in ((DECISION_TAG, PUBLISH_CONFLICT), (REASON_TAG, reason[:MAX_TAG_CHARS])):
+            self.client.set_tag(run_id, key, value)
+            self.client.set_model_version_tag(dataset, model_version, key, value)
 
     def _fence(self, dataset: str, version: str, compared: str | None) -> None:
         where = f"alias {PRODUCTION_ALIAS!r} of registered model {dataset!r} in {self.shown}"

@@ -19,11 +19,14 @@ ran in the process, so a resumed run would train on other batches than an uninte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,8 @@ EPOCH_PREFIX = "epoch-"
 STATE_FILE = "state.json"
 ARRAYS_FILE = "arrays.npz"
 KEY_CHARS = 24
+TMP_PREFIX = ".tmp-"  # + <host>-<pid>-<random>: whose snapshot is being written
+ABANDONED_AFTER_S = 6 * 3600.0  # a snapshot of another machine's run still unfinished after this is left over
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +145,7 @@ class TrainingBackup:
         """Snapshot after ``state.epochs_done`` epochs; older snapshots are dropped once it is in place."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / f"{EPOCH_PREFIX}{state.epochs_done:04d}"
-        tmp = self.dir / f".tmp-{uuid.uuid4().hex}"
+        tmp = self.dir / f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
         tmp.mkdir()
         stopping = state.early_stopping
         arrays = {f"model_{i}": np.asarray(v) for i, v in enumerate(model.variables)}
@@ -167,12 +172,39 @@ class TrainingBackup:
         for older in self.snapshots():
             if older != final:
                 shutil.rmtree(older, ignore_errors=True)
-        for stale in self.dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.dir.glob(f"{TMP_PREFIX}*"):
+            if abandoned(stale):
+                shutil.rmtree(stale, ignore_errors=True)
         return final
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """This training is done: its snapshots go, and the folder once no other run is writing into it (a run
+        with the same key may be mid-snapshot: its temporary folder stays, and so does the folder)."""
+        for snapshot in self.snapshots():
+            shutil.rmtree(snapshot, ignore_errors=True)
+        for tmp in self.dir.glob(f"{TMP_PREFIX}*"):
+            if abandoned(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):  # not empty: another run still writes here
+            self.dir.rmdir()
+
+
+def abandoned(tmp: Path) -> bool:
+    """A snapshot being written by no one: its writer (on this machine) is dead, or it is older than
+    ``ABANDONED_AFTER_S``. Another run with the same key may be writing its own right now; that one stays."""
+    parts = tmp.name.removeprefix(TMP_PREFIX).rsplit("-", 2)
+    if len(parts) == 3 and parts[0] == socket.gethostname() and parts[1].isdigit():
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, someone else's
+        return False
+    try:
+        return time.time() - tmp.stat().st_mtime > ABANDONED_AFTER_S
+    except FileNotFoundError:
+        return False
 
 
 def _ordered(arrays, prefix: str) -> list[np.ndarray]:

@@ -120,3 +120,21 @@ def test_publish_records_the_canary_and_a_failing_one_publishes_nothing(evaluate
     assert list_versions(registry, DATASET) == [good.version]
     assert not list((registry / DATASET).glob(f"{STAGING_PREFIX}*"))
     assert sorted(p.relative_to(registry) for p in registry.rglob("*") if p.name not in ("runs.jsonl", "runs.png")) == before
+
+
+def test_a_model_that_outputs_nan_is_refused_naming_the_count(evaluated, tmp_path):
+    """Before: NaN compares unequal to everything, so the probability check let a NaN model through."""
+    from tasks.model_io import load_model, save_model, score
+
+    model = load_model(evaluated["model"])
+    last = model.layers[-1]
+    last.kernel.assign(np.full(last.kernel.shape, np.nan, np.float32))
+    broken = save_model(model, tmp_path / "nan" / "model.keras")
+    probabilities = score(model, evaluated["pixels"])
+    assert np.isnan(probabilities).all()
+    batch = write_canary_batch(evaluated["pixels"], probabilities.argmax(axis=1), tmp_path / "canary.npz",
+                               probabilities)
+    result = run_canary(broken, batch)  # a real fresh process, as at publish
+    assert not result.passed and not result.matched
+    values = min(len(probabilities), CANARY_ROWS) * probabilities.shape[1]
+    assert f"FAIL outputs: {values} of {values} probabilities are not finite (NaN or infinite)" in result.reasons

@@ -11,7 +11,7 @@ from tasks import storage
 from tasks.publishing import publish
 from tasks.registry.folder import list_versions, read_production, set_production
 from tasks.registry.interface import PublishConflict
-from tasks.registry.lock import PublishLockUnsafe, limit_name
+from tasks.registry.lock import PublishLockUnsafe, folder_identity, limit_name, url_identity
 from tests.support.publish_worker import (
     leftovers,
     publish_candidate,
@@ -38,7 +38,7 @@ def test_a_server_limit_that_would_admit_two_publishers_is_refused_naming_it(pre
                                                                             active, limit, said):
     """Before: an inactive limit, or one of 2 slots, held nothing while the log said the lock was taken."""
     registry = tmp_path / "registry"
-    name = limit_name(str(registry.resolve()), DATASET)
+    name = limit_name(folder_identity(registry), DATASET)
     set_limit(prefect_api, name, active=active, limit=limit)
     with pytest.raises(PublishLockUnsafe) as info:
         publish_candidate(registry, DATASET, candidate)
@@ -84,3 +84,20 @@ def test_production_moved_by_another_run_meanwhile_is_never_moved_again(tmp_path
     assert read_production(registry, DATASET) == older  # what the other run set stays
     assert list_versions(registry, DATASET) == [older, champion]
     assert leftovers(registry, DATASET) == []
+
+
+def test_the_publish_limit_is_named_after_the_registry_not_its_spelling(tmp_path):
+    """Before: the name hashed the path or URL as spelt, so two machines spelling one registry differently
+    (a symlink, another mount point, a trailing slash, an explicit port) took different locks."""
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (tmp_path / "mounted-elsewhere").symlink_to(registry)
+    spellings = [registry, tmp_path / "mounted-elsewhere", Path(f"{registry}/"), tmp_path / "x" / ".." / "registry"]
+    assert len({limit_name(folder_identity(path), DATASET) for path in spellings}) == 1
+    copy = tmp_path / "a copy, another registry"
+    copy.mkdir()
+    assert limit_name(folder_identity(copy), DATASET) != limit_name(folder_identity(registry), DATASET)
+    urls = ["http://mlflow.internal:80/", "http://MLflow.Internal", "http://alice:s3cret@mlflow.internal:80"]
+    assert len({limit_name(url_identity(url), DATASET) for url in urls}) == 1
+    assert limit_name(url_identity("http://mlflow.internal:5000"), DATASET) != \
+        limit_name(url_identity("http://mlflow.internal:5001"), DATASET)

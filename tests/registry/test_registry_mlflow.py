@@ -219,7 +219,14 @@ def test_the_alias_moves_only_if_it_still_names_the_compared_champion(server, da
     with pytest.raises(PublishConflict, match="moved from 2 to 1"):
         publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-late"))
     assert registry.production(dataset) == "1"
-    assert runs_of(registry, dataset)["v-late"].info.status == "FAILED"
+    late = runs_of(registry, dataset)["v-late"]
+    assert late.info.status == "FAILED"
+    # The loser is registered (the fence lost after logging it) but says so; never "published".
+    loser = registry.mlflow.client.get_model_version(dataset, "3")
+    assert loser.run_id == late.info.run_id
+    for tags in (loser.tags, late.data.tags):
+        assert tags[DECISION_TAG] == "refused_publish_conflict"
+        assert "moved from 2 to 1" in tags[REASON_TAG]
 
 
 def test_champion_comparisons_leave_no_temporary_copies_behind(server, dataset, trained_models, tmp_path,

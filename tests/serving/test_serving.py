@@ -97,7 +97,9 @@ def test_health_and_metadata_name_the_version_serving(server, first_version, pla
     assert meta["versions"] == [first_version] and meta["parameters"]["version"] == first_version
     assert meta["inputs"] == [{"name": "pixels", "datatype": "UINT8", "shape": [-1, 784]}]
     assert {o["name"] for o in meta["outputs"]} == {"probabilities", "class", "label"}
-    assert meta["parameters"]["registry"] == str(place["registry"]) and meta["parameters"]["last_refusal"] is None
+    assert meta["parameters"]["registry"] == "folder" and meta["parameters"]["last_refusal"] is None
+    assert meta["parameters"]["source"] == f"served/{first_version}/model.keras"  # inside the registry, not the disk
+    assert str(place["root"]) not in httpx.get(f"{server}/v2/models/served").text
     assert httpx.get(f"{server}/v2/models/nope").status_code == 404
 
 
@@ -130,9 +132,9 @@ BAD = {
     "negative pixel": ({"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "INT32",
                                     "data": [-1] + [0] * 783}]}, 400, "pixel 1 is -1;"),
     "fractional pixel": ({"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32",
-                                      "data": [0.5] * 784}]}, 400, "pixels are integers 0..255"),
+                                      "data": [0.5] * 784}]}, 400, "datatype 'FP32' is not accepted"),
     "not numbers": ({"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "UINT8",
-                                 "data": ["a"] * 784}]}, 400, "not numbers"),
+                                 "data": ["a"] * 784}]}, 400, 'row 1, pixel 1 is "a"; pixels are JSON integers'),
     "wrong datatype": ({"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "BOOL", "data": [0] * 784}]},
                        400, "datatype 'BOOL'"),
     "batch over the limit": ({"inputs": [{"name": "pixels", "shape": [MAX_BATCH + 1, 784], "datatype": "UINT8",

@@ -117,3 +117,35 @@ def test_backup_key_changes_with_data_recipe_seed_and_classes(parquet, tmp_path)
     ]
     assert base == backup_key(parquet["train"], 10, CONFIG.model_dump_json())
     assert len({base, *variants}) == len(variants) + 1
+
+
+def test_two_runs_with_one_backup_key_never_delete_each_others_snapshot_in_progress(tmp_path):
+    """Before: a run saving (or finishing) deleted every ``.tmp-*`` folder under the shared key, including the
+    snapshot another run with the same key was writing at that moment, which then failed to rename it."""
+    import keras
+
+    from tasks.training.resume import TMP_PREFIX, EarlyStoppingState, TrainingBackup, TrainingState
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live run, mid-snapshot
+    try:
+        backup = TrainingBackup(tmp_path, "k" * 64)
+        backup.dir.mkdir(parents=True)
+        host = __import__("socket").gethostname()
+        writing = backup.dir / f"{TMP_PREFIX}{host}-{other.pid}-0123abcd"
+        writing.mkdir()
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        left_over = backup.dir / f"{TMP_PREFIX}{host}-{dead.pid}-4567ef00"
+        left_over.mkdir()
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        model.compile(optimizer="adam", loss="mse")
+        model.fit(np.zeros((4, 4)), np.zeros((4, 2)), epochs=1, verbose=0)
+        backup.save(model, TrainingState(1, EarlyStoppingState(patience=2)))
+        assert writing.is_dir() and not left_over.exists()
+        backup.remove()  # this run is done; the other one is still writing
+        assert writing.is_dir() and backup.snapshots() == []
+    finally:
+        other.kill()
+        other.wait()
+    backup.remove()
+    assert not backup.dir.exists()
