@@ -85,7 +85,7 @@ def oip_sender(url: str, pixels: np.ndarray) -> Callable[[Any], None]:
 
 
 def mlflow_sender(url: str, pixels: np.ndarray) -> Callable[[Any], None]:
-    body = json.dumps({"inputs": pixels.astype(np.float32).tolist()})
+    body = json.dumps({"inputs": pixels.tolist()})  # raw 0..255 integers: the registered signature is uint8
 
     def send(http) -> None:
         answer = http.post(f"{url}/invocations", content=body, headers={"content-type": "application/json"})

@@ -8,6 +8,8 @@ The same deployments as ``deployments/prefect.yaml`` (the work-pool path), defin
   ``serve.py`` keeps ``nightly`` sequential: on one machine the datasets would only share its cores.
 * ``train-mnist/smoke``: one epoch on 5,000 MNIST rows with low gates, on demand, published to a
   separate registry (``data/smoke-registry``) so it never moves a production pointer.
+* ``rollback/train-mnist``, ``pin/train-mnist``, ``unpin/train-mnist``: the operator's actions
+  (``flows/operations.py``), on demand from the UI's run form.
 
 Runs execute in child processes of this one; stopping it (Ctrl-C) pauses the deployments' schedules.
 Parameters given to ``prefect deployment run ... --param k=v`` are checked against the flow's
@@ -26,11 +28,14 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
+from flows.operations import pin_flow, rollback_flow, unpin_flow
 from flows.train import train_mnist
 from tasks.orchestration.fanout import DATASET_DEPLOYMENT
 from tasks.settings import PROJECT_ROOT
 
 NIGHTLY_CRON = "0 2 * * *"
+# Prefect names a deployment <flow>/<name>: the operator's flows are rollback, pin and unpin.
+OPERATIONS_DEPLOYMENT = "train-mnist"
 TIMEZONE = "UTC"
 TAGS = ["train-mnist"]
 NIGHTLY_PARAMETERS: dict[str, Any] = {"dataset": "all"}  # model: each dataset's own recipe
@@ -75,13 +80,19 @@ def smoke() -> RunnerDeployment:
     )
 
 
+def operations() -> list[RunnerDeployment]:
+    """rollback/train-mnist, pin/train-mnist, unpin/train-mnist: the operator's actions, run from the UI's form."""
+    return [flow.to_deployment(name=OPERATIONS_DEPLOYMENT, description=(flow.fn.__doc__ or "").splitlines()[0],
+                               tags=TAGS) for flow in (rollback_flow, pin_flow, unpin_flow)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python deployments/serve_deployments.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=None,
                         help="most flow runs this process executes at once (default: no limit)")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors in the log
-    serve(nightly(), dataset(), smoke(), limit=args.limit)
+    serve(nightly(), dataset(), smoke(), *operations(), limit=args.limit)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The command line: ``python flows/train.py [options]``, ``train-mnist [options]``, ``train-mnist predict`` and
-``train-mnist serve``.
+"""The command line: ``python flows/train.py [options]``, ``train-mnist [options]``, ``train-mnist predict``,
+``train-mnist serve`` and the operator's ``train-mnist rollback | pin | unpin``.
 
 The options are the flow's own parameters, described as the flow's docstring describes them (the
 Prefect UI's run form shows the same text), so the CLI and the UI cannot drift apart. Exit codes: 0 when
@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python flows/train.py",
         description="Download, validate, convert, train, evaluate, gate and publish MNIST-like datasets.",
         epilog="`train-mnist predict --help`: score a CSV with a dataset's production model; "
-               "`train-mnist serve --help`: serve the production models over HTTP.",
+               "`train-mnist serve --help`: serve the production models over HTTP; "
+               "`train-mnist rollback|pin|unpin --help`: move production back, or freeze it.",
     )
     kinds: dict[str, dict[str, Any]] = {
         "model": {"choices": list(get_args(ModelKind))}, "epochs": {"type": int}, "min_accuracy": {"type": float},
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.serving.app import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] and argv[0] in ("rollback", "pin", "unpin"):
+        from tasks.publishing.operations import main as operation_main
+
+        return operation_main(argv[0], argv[1:])
     args = parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors in the log
     from flows.train import train_mnist

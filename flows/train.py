@@ -18,6 +18,7 @@ from pydantic import Field
 from tasks.conversion.convert import convert_task
 from tasks.datasets import DatasetConfigError, DatasetSpec, load_catalog, select_datasets, with_gate_overrides
 from tasks.download.fetch import (
+    RETRY_JITTER,
     ChecksumMismatch,
     DownloadError,
     DownloadRefused,
@@ -84,7 +85,7 @@ def dataset_run_name() -> str:
 def prepare_data(spec: DatasetSpec, settings: Settings, run_dir: Path) -> PreparedData:
     """download -> validate -> convert for one dataset (the data stages; each is content-cached)."""
     download = download_task.with_options(retries=settings.download_retries, retry_delay_seconds=retry_delays(
-        settings.download_retries, settings.download_retry_backoff_s))
+        settings.download_retries, settings.download_retry_backoff_s), retry_jitter_factor=RETRY_JITTER)
     limits = {"timeout_s": settings.download_timeout_s, "deadline_s": settings.download_deadline_s,
               "max_bytes": settings.download_max_bytes, "total_deadline_s": settings.download_total_deadline_s}
     train_raw = download(spec, "train", settings.source, settings.raw_dir, **limits)
@@ -119,7 +120,7 @@ def train_dataset(spec: DatasetSpec, settings: Settings, config: TrainConfig, ve
         drift=report.drift_numbers(),
         files={path.name: path for path in (trained.curves, report.report_path, report.profile_path) if path})
     outcome = publish_task(settings.registry_location, candidate, policy=policy, validation_report=report.html_path)
-    return outcome if outcome.published else Failed(message=outcome.state_message(), data=outcome)
+    return outcome if outcome.published or outcome.held else Failed(message=outcome.state_message(), data=outcome)
 
 
 @flow(name="train-mnist", flow_run_name=parent_run_name)

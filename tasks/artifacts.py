@@ -31,6 +31,7 @@ VERSION_FILES = (MODEL_FILE, METRICS_FILE, CONFUSION_CSV, CONFUSION_PNG, MODEL_C
 
 # ---- a dataset in the folder registry ------------------------------------------------------------
 POINTER = "production"  # the current version's name
+PIN_FILE = "pin.json"  # present while production is pinned: who pinned it, when and why
 RUN_LOG = "runs.jsonl"  # one line per run, published or not (the registry's run log)
 TREND_PNG = "runs.png"  # that log as a plot
 # Names an earlier train-mnist wrote (before 2026-12-06): still read, never written.

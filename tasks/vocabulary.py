@@ -35,6 +35,10 @@ class Outcome(StrEnum):
     GATE_FAILED = "gate_failed"
     REFUSED = "refused"  # passed its gates, but not promoted (champion comparison or canary)
     FAILED = "failed"  # stopped by an expected failure before publishing could decide
+    PINNED = "pinned"  # trained and evaluated, but production is pinned: it stays where it is
+    ROLLED_BACK = "rolled_back"  # an operator moved production back (train-mnist rollback)
+    PIN = "pin"  # an operator pinned production (train-mnist pin)
+    UNPIN = "unpin"
 
 
 class StageFailure(Exception):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from prefect import task
+from prefect.tasks import exponential_backoff
 
 from tasks import storage
 from tasks.datasets import DatasetSpec, Split
@@ -152,9 +153,12 @@ def is_retryable(exc: BaseException | None) -> bool:
 # ---- Prefect wrapper -----------------------------------------------------------------------------
 
 
+RETRY_JITTER = 0.5  # each delay varies by up to +-50 %: mirrors hit by many workers at once are not hit in step
+
+
 def retry_delays(retries: int, backoff_s: float) -> list[float]:
-    """Exponential backoff: b, 2b, 4b, ... seconds before each retry."""
-    return [backoff_s * 2**i for i in range(retries)]
+    """Prefect's exponential backoff: b, 2b, 4b, ... seconds before each retry (jittered by ``RETRY_JITTER``)."""
+    return exponential_backoff(backoff_factor=backoff_s)(retries)
 
 
 def _retry_on_network_errors(task_, task_run, state) -> bool:
@@ -188,7 +192,7 @@ class FileDeadline:
 
 
 @task(name="download", retries=DOWNLOAD_RETRIES,
-      retry_delay_seconds=retry_delays(DOWNLOAD_RETRIES, DOWNLOAD_RETRY_BACKOFF_S),
+      retry_delay_seconds=retry_delays(DOWNLOAD_RETRIES, DOWNLOAD_RETRY_BACKOFF_S), retry_jitter_factor=RETRY_JITTER,
       retry_condition_fn=_retry_on_network_errors, task_run_name="download-{spec.name}-{split}",
       cache_policy=DOWNLOAD_CACHE, persist_result=True)
 def download_task(spec: DatasetSpec, split: Split, source: str, raw_dir: Path, timeout_s: float,

@@ -65,6 +65,17 @@ class PromotionRefused(GateFailed):
         self.promotion = promotion  # the comparison that refused it, for the run's summary
 
 
+class ProductionPinned(StageFailure):
+    """Production is pinned by an operator: this model was trained, evaluated and recorded, not published."""
+
+    stage = Stage.PUBLISH
+    outcome = Outcome.PINNED
+
+    def __init__(self, message: str, promotion: PromotionDecision | None = None):
+        super().__init__(message)
+        self.promotion = promotion
+
+
 class CanaryRefused(PromotionRefused):
     """The model did not load, predict as evaluated, or answer within budget in a fresh process."""
     stage = Stage.CANARY
@@ -143,6 +154,12 @@ def decide_and_publish(registry: Registry, candidate: Candidate, policy: Promoti
             canary = check_canary(candidate, pixels, challenger, batch)
         except CanaryRefused as exc:
             raise refused(registry, candidate, promotion, "canary_refused", exc)  # noqa: B904 - it is exc
+        pin = registry.pin(dataset)
+        if pin is not None:
+            raise refused(registry, candidate, promotion, "pinned", ProductionPinned(
+                f"{dataset}: {version} not published: production is pinned at {pin.version} by {pin.by} on "
+                f"{pin.at}{': ' + pin.reason if pin.reason else ''} (it would have been promoted; "
+                f"train-mnist unpin --dataset {dataset} ends the pin)", promotion))
         documents = {**version_documents(candidate, promotion, canary), CANARY_FILE: batch.read_bytes()}
         return dataclasses.replace(registry.publish(candidate, promotion, documents), canary=canary)
 
@@ -191,7 +208,7 @@ def _create_artifacts(outcome: DatasetOutcome, metrics: Metrics, run_dir: Path |
 
 
 # Why publishing may refuse a model that passed training: each is told as one clean message, not a traceback.
-PUBLISH_REFUSALS = (GateFailed, ChampionUnreadable, PublishConflict, PublishLockUnsafe)
+PUBLISH_REFUSALS = (GateFailed, ChampionUnreadable, PublishConflict, PublishLockUnsafe, ProductionPinned)
 
 
 @task(name="publish", task_run_name="publish-{candidate.dataset}")
@@ -210,7 +227,7 @@ def publish_task(registry: str, candidate: Candidate, policy: PromotionPolicy | 
         if decision.passed:  # a failed gate was logged by the gate task
             logger.error("%s", exc)
         outcome = DatasetOutcome.from_exception(dataset, version, exc, promotion=getattr(exc, "promotion", None),
-                                                stage=exc.stage, **known)
+                                                stage=exc.stage, held=isinstance(exc, ProductionPinned), **known)
     else:
         outcome = DatasetOutcome(dataset=dataset, version=version, published=True,
                                  headline=f"{dataset}: published {version}", registry_path=published.location,

@@ -27,6 +27,7 @@ from tasks.registry import run_log
 from tasks.registry.interface import (
     Candidate,
     ChampionUnreadable,
+    Pin,
     PublishConflict,
     Published,
     champion_fix_hint,
@@ -200,6 +201,33 @@ class FolderRegistry:
         """A run that stopped before training (download, validation): its line in the run log, under the lock."""
         with self.lock(dataset):
             run_log.record_run(self.root, dataset, version, Outcome.FAILED, reason=reason, stage=stage, drift=drift)
+
+    def has_version(self, dataset: str, version: str) -> bool:
+        return "/" not in version and not version.startswith(".") and (self.root / dataset / version).is_dir()
+
+    def production_history(self, dataset: str) -> list[str]:
+        return run_log.production_history(run_log.read_run_log(self.root, dataset))
+
+    def move_production(self, dataset: str, version: str, compared: str | None) -> None:
+        """Point production at an existing ``version`` (caller holds the lock), fenced like a publish."""
+        check_fence(dataset, version, compared, read_production(self.root, dataset),
+                    str(self.root / dataset / POINTER))
+        set_production(self.root, dataset, version)
+
+    def pin(self, dataset: str) -> Pin | None:
+        path = self.root / dataset / artifacts.PIN_FILE
+        return Pin.model_validate_json(path.read_text()) if path.is_file() else None
+
+    def set_pin(self, dataset: str, pin: Pin | None) -> None:
+        path = self.root / dataset / artifacts.PIN_FILE
+        if pin is None:
+            path.unlink(missing_ok=True)
+        else:
+            storage.write_text(path, pin.model_dump_json(indent=2))
+
+    def record_operation(self, dataset: str, outcome: Outcome, version: str, from_version: str | None,
+                         reason: str | None, requested_by: str) -> None:
+        run_log.record_operation(self.root, dataset, outcome, version, from_version, reason, requested_by)
 
     def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None:
         """Retention after a publish: never the production version, nor any of ``protected``."""

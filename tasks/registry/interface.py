@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from pydantic import BaseModel
 
 from tasks.publishing.canary import CanaryResult
 from tasks.publishing.promote import PromotionDecision
@@ -58,6 +59,15 @@ class Candidate:
     drift: dict[str, float] = field(default_factory=dict)  # validation's drift numbers, for the run log
 
 
+class Pin(BaseModel):
+    """Production frozen at ``version`` by an operator: nightly runs train and record, but never move it."""
+
+    version: str
+    reason: str
+    by: str
+    at: str
+
+
 @dataclass(frozen=True)
 class Published:
     dataset: str
@@ -98,6 +108,21 @@ class Registry(Protocol):
                        validation_report: Path | None = None, drift: dict[str, float] | None = None) -> None: ...
 
     def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None: ...
+
+    # ---- what an operator does (train-mnist rollback / pin / unpin), under ``lock`` ----
+
+    def has_version(self, dataset: str, version: str) -> bool: ...
+
+    def production_history(self, dataset: str) -> list[str]: ...
+
+    def move_production(self, dataset: str, version: str, compared: str | None) -> None: ...
+
+    def pin(self, dataset: str) -> Pin | None: ...
+
+    def set_pin(self, dataset: str, pin: Pin | None) -> None: ...
+
+    def record_operation(self, dataset: str, outcome: Outcome, version: str, from_version: str | None,
+                         reason: str | None, requested_by: str) -> None: ...
 
 
 def champion_fix_hint(where: str) -> str:

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from tasks import artifacts, storage
+from tasks.conversion.parquet import load_xy
 from tasks.model_io import score
 from tasks.publishing.promote import PromotionDecision
-from tasks.registry.interface import Candidate, Published, champion_fix_hint, scored_champion
+from tasks.registry.interface import Candidate, Pin, Published, champion_fix_hint, scored_champion
 from tasks.registry.lock import publish_lock, url_identity
-from tasks.registry.mlflow_client import MlflowServer, is_mlflow_uri
+from tasks.registry.mlflow_client import EXAMPLE_ROWS, PIN_TAG, MlflowServer, is_mlflow_uri
 from tasks.registry.retention import RetentionPolicy
 from tasks.results import Lineage, Metrics
 from tasks.vocabulary import Outcome, Stage
@@ -104,6 +105,32 @@ class MlflowRegistry:
         self.mlflow.record_failure(dataset, version, stage, reason,
                                    {artifacts.VALIDATION_JSON: validation_report} if validation_report else {})
 
+    @_credentials_kept_out
+    def has_version(self, dataset: str, version: str) -> bool:
+        return self.mlflow.has_version(dataset, version)
+
+    @_credentials_kept_out
+    def production_history(self, dataset: str) -> list[str]:
+        return self.mlflow.production_history(dataset)
+
+    @_credentials_kept_out
+    def move_production(self, dataset: str, version: str, compared: str | None) -> None:
+        self.mlflow.move_alias(dataset, version, compared)
+
+    @_credentials_kept_out
+    def pin(self, dataset: str) -> Pin | None:
+        text = self.mlflow.registered_model_tag(dataset, PIN_TAG)
+        return Pin.model_validate_json(text) if text else None
+
+    @_credentials_kept_out
+    def set_pin(self, dataset: str, pin: Pin | None) -> None:
+        self.mlflow.set_registered_model_tag(dataset, PIN_TAG, pin.model_dump_json() if pin else None)
+
+    @_credentials_kept_out
+    def record_operation(self, dataset: str, outcome: Outcome, version: str, from_version: str | None,
+                         reason: str | None, requested_by: str) -> None:
+        self.mlflow.record_operation(dataset, str(outcome), version, from_version, reason or "", requested_by)
+
     def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None:
         """Registered versions are MLflow's to keep; nothing is deleted from the server."""
 
@@ -113,8 +140,13 @@ class MlflowRegistry:
             paths = dict(candidate.files)
             for name, data in documents.items():
                 paths[name] = storage.write_bytes(Path(tmp) / name, data)
+            example = None
+            if candidate.decision.passed:
+                pixels, _ = load_xy(candidate.test_parquet)
+                example = pixels[:EXAMPLE_ROWS]
             return self.mlflow.record_run(
-                candidate.dataset, candidate.version, params=candidate.parameters,
+                candidate.dataset, candidate.version, params=candidate.parameters, datasets=candidate.lineage.data,
+                example=example,
                 metrics=mlflow_metrics(candidate.metrics, promotion), tags=lineage_tags(candidate.lineage),
                 artifacts=paths, decision=decision, reason=reason,
                 # A model that failed its gates is not a version anyone should load; the run keeps its numbers.

@@ -39,6 +39,8 @@ TREND_FILE = artifacts.TREND_PNG
 TREND_LABEL_DRIFT = ("train.label_kl", "test.label_kl")
 TREND_PIXEL_DRIFT = ("train.pixel_mean", "test.pixel_mean")
 
+OPERATIONS = (Outcome.ROLLED_BACK, Outcome.PIN, Outcome.UNPIN)  # an operator's actions, not training runs
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,6 +59,8 @@ class RunLogEntry(BaseModel):
     champion_accuracy: float | None = None
     canary_load_s: float | None = None
     canary_latency_s: float | None = None
+    from_version: str | None = None  # a rollback's or pin's production before it
+    requested_by: str | None = None  # who or what asked for a rollback, pin or unpin
     drift: dict[str, float] = Field(default_factory=dict)
     stage_seconds: dict[str, float] = Field(default_factory=dict)
 
@@ -113,13 +117,14 @@ def render_trend(entries: list[RunLogEntry], dest: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    entries = [e for e in entries if e.outcome not in OPERATIONS]  # runs only; rollbacks and pins are in the table
     x = list(range(len(entries)))
     labels = [e.version.split("-")[0] for e in entries]
     fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 0.5 * len(entries) + 4), 10), dpi=100, sharex=True)
     quality, drift, times = axes
     for field_name, label in (("test_accuracy", "test accuracy"), ("lowest_class_recall", "lowest class recall")):
         quality.plot(x, [_nan(getattr(e, field_name)) for e in entries], marker="o", label=label)
-    bad = [i for i, e in enumerate(entries) if e.outcome != "published"]
+    bad = [i for i, e in enumerate(entries) if e.outcome not in (Outcome.PUBLISHED, Outcome.PINNED)]
     for i in bad:
         quality.axvline(i, color="red", alpha=0.25, linewidth=6)
     if bad:
@@ -241,6 +246,21 @@ def record_run(registry: Path, dataset: str, version: str, outcome: Outcome, met
     except Exception as exc:  # noqa: BLE001 - the run's outcome stands; a broken history is reported, not fatal
         logger.warning("%s: history of run %s not recorded: %s", dataset, version, exc)
     return entry
+
+
+def record_operation(registry: Path, dataset: str, outcome: Outcome, version: str, from_version: str | None,
+                     reason: str | None, requested_by: str) -> RunLogEntry:
+    """An operator's rollback, pin or unpin as a line of the run log (under the caller's dataset lock);
+    ``version`` is production after it, ``from_version`` before."""
+    entry = RunLogEntry(version=version, outcome=outcome, from_version=from_version, reason=reason,
+                        requested_by=requested_by)
+    append_entry(registry, dataset, entry)
+    return entry
+
+
+def production_history(entries: list[RunLogEntry]) -> list[str]:
+    """The versions production has named, oldest first: each publish and each rollback moved it."""
+    return [e.version for e in entries if e.outcome in (Outcome.PUBLISHED, Outcome.ROLLED_BACK)]
 
 
 def _create_artifact(dataset: str, entries: list[RunLogEntry], png: Path) -> None:

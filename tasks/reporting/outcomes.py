@@ -45,6 +45,7 @@ class DatasetOutcome(BaseModel):
     dataset: str
     version: str
     published: bool
+    held: bool = False  # not published because an operator pinned production: the run did what it should
     headline: str  # what happened, one line
     reasons: list[str] = []  # why (failed checks), one per line
     test_accuracy: float | None = None
@@ -84,7 +85,7 @@ def run_failure_message(outcomes: list[DatasetOutcome]) -> str:
 
     Plain lines, no Markdown emphasis: the UI shows state messages as text.
     """
-    failed = [o for o in outcomes if not o.published]
+    failed = [o for o in outcomes if not o.published and not o.held]
     lines = [f"{len(failed)} of {len(outcomes)} dataset(s) not published: {', '.join(o.dataset for o in failed)}"]
     for outcome in failed:
         lines += ["", outcome.headline]
@@ -97,7 +98,8 @@ def run_failure_message(outcomes: list[DatasetOutcome]) -> str:
 
 def outcome_line(outcome: DatasetOutcome, url: str | None) -> str:
     """One log line for the parent run: the dataset's outcome, its numbers and where its run is."""
-    what = f"published {outcome.version}" if outcome.published else \
+    what = f"published {outcome.version}" if outcome.published else f"held by a pin ({outcome.headline})" \
+        if outcome.held else \
         f"{NOT_PUBLISHED} ({outcome.headline.removeprefix(outcome.dataset + ': ')})"
     accuracy = f"; test accuracy {outcome.test_accuracy:.4f}" if outcome.test_accuracy is not None else ""
     gate = f"; gate {gate_cell(outcome)}; champion comparison: {champion_cell(outcome)}" if outcome.gate else ""
@@ -165,19 +167,19 @@ def summarize_outcomes(outcomes: list[DatasetOutcome], version: str):
                                  description=f"train-mnist {version}: {published} of {len(outcomes)} published")
     except Exception as exc:  # noqa: BLE001 - a view; the outcome must not depend on it
         logger.warning("could not create the run's summary artifact: %s: %s", type(exc).__name__, exc)
-    if published < len(outcomes):
+    if any(not o.published and not o.held for o in outcomes):
         try:
             label_failures(outcomes)
         except Exception as exc:  # noqa: BLE001 - the alert falls back to the state message
             logger.warning("could not label the run with its failures: %s: %s", type(exc).__name__, exc)
         message = run_failure_message(outcomes)
         return Failed(message=message, data=NotPublished(message))
-    return {o.dataset: o.version for o in outcomes}
+    return {o.dataset: o.version for o in outcomes if o.published}  # a pinned dataset published nothing
 
 
 def failure_labels(outcomes: list[DatasetOutcome]) -> dict[str, str]:
     """Each unpublished dataset, the stage it stopped at and why, as flow-run labels."""
-    failed = [o for o in outcomes if not o.published]
+    failed = [o for o in outcomes if not o.published and not o.held]
     labels = {FAILED_LABEL: ",".join(o.dataset for o in failed)}
     for o in failed:
         labels[stage_label(o.dataset)] = str(o.stage or "unknown")

@@ -242,3 +242,29 @@ def test_champion_comparisons_leave_no_temporary_copies_behind(server, dataset, 
     publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-second", tmp=tmp_path / "second"))
     registry.champion_profile(dataset, tmp_path / "run")
     assert sorted(p.name for p in scratch.iterdir() if p.name != "train-mnist-locks") == []  # the lock stays
+
+
+def test_a_run_records_its_datasets_and_the_model_its_uint8_signature_and_input_example(server, dataset,
+                                                                                      trained_models):
+    """What a user of MLflow expects: "Datasets used" on the run; a registered model whose signature is the
+    contract (raw 0..255 uint8 rows in, float32 probabilities out) and that carries an input example."""
+    import mlflow
+
+    registry = open_registry(server.url)
+    publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-data"))
+    run = registry.mlflow.client.get_run(runs_of(registry, dataset)["v-data"].info.run_id)
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {f"{dataset}-train", f"{dataset}-test"}
+    for split, info in LINEAGE.data.items():
+        logged = inputs[f"{dataset}-{split}"]
+        tags = {t.key: t.value for t in logged.tags}
+        assert logged.dataset.digest == info.sha256[:36] and tags["sha256"] == info.sha256
+        assert tags["mlflow.data.context"] == {"train": "training", "test": "testing"}[split]
+        assert info.location in logged.dataset.source and "uint8" in logged.dataset.schema
+    registry.mlflow._use_server()
+    model = mlflow.models.get_model_info(f"models:/{dataset}/1")
+    [pixels] = model.signature.inputs.inputs
+    [probabilities] = model.signature.outputs.inputs
+    assert (pixels.name, pixels.type, pixels.shape) == ("pixels", np.dtype(np.uint8), (-1, 784))
+    assert (probabilities.type, probabilities.shape) == (np.dtype(np.float32), (-1, 10))
+    assert model.saved_input_example_info is not None
