@@ -13,7 +13,7 @@ from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed, State
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from tasks.conversion.convert import convert_task
 from tasks.datasets import DatasetConfigError, DatasetSpec, load_catalog, select_datasets, with_gate_overrides
@@ -43,7 +43,7 @@ from tasks.reporting.outcomes import (
     summarize_outcomes,
 )
 from tasks.results import Lineage, PreparedData
-from tasks.settings import Settings
+from tasks.settings import Settings, settings_problems
 from tasks.training.recipes import DEFAULT_SEED, ModelKind, TrainConfig, applied_parameters, train_config_for
 from tasks.training.train import train_task
 from tasks.validation.validate import DataValidationError, champion_profile_task, keep_report_task, validate_task
@@ -170,12 +170,13 @@ def train_mnist(
 
     quiet_expected_failures(EXPECTED_FAILURES)
     overrides = {"source": source, "registry": registry, "data_dir": data_dir, "datasets_file": datasets_file}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
         specs = select_datasets(load_catalog(settings.datasets_file), [n.strip() for n in dataset.split(",")])
-    except DatasetConfigError as exc:
-        get_run_logger().error("%s", exc)
-        return Failed(message=f"{exc}", data=NotPublished(str(exc)))
+    except (DatasetConfigError, ValidationError) as exc:
+        message = settings_problems(exc)
+        get_run_logger().error("%s", message)
+        return Failed(message=message, data=NotPublished(message))
     specs = [with_gate_overrides(s, min_accuracy, min_class_recall) for s in specs]
     version = run_version()
     if fan_out:

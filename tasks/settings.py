@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.download.locations import check_source
@@ -64,3 +64,13 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.data_dir / "runs"
+
+
+def settings_problems(exc: Exception) -> str:
+    """A settings (or datasets) error as one line per problem, without the values themselves: a location may
+    hold a password, and pydantic's own message would quote it."""
+    if isinstance(exc, ValidationError):
+        return "invalid settings: " + "; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors())
+    return str(exc)

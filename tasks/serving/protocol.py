@@ -130,6 +130,11 @@ def json_pixels(data: Any, rows: int) -> np.ndarray:
     if not isinstance(data, list):
         raise InferenceError(f"input {INPUT_NAME}: data must be a list of integers")
     if data and all(type(row) is list for row in data):
+        short = next((i for i, row in enumerate(data) if len(row) != NUM_PIXELS), None)
+        if short is not None or len(data) != rows:
+            which = f"row {short + 1} has {len(data[short])} values" if short is not None else f"{len(data)} rows"
+            raise InferenceError(f"input {INPUT_NAME}: {which}; shape [{rows}, {NUM_PIXELS}] takes {rows} rows of "
+                                 f"{NUM_PIXELS}")
         flat = list(chain.from_iterable(data))
     else:
         flat = data

@@ -19,20 +19,13 @@ from tasks.registry import open_registry
 from tasks.registry.folder import read_production
 from tasks.registry.run_log import read_run_log
 from tasks.vocabulary import Outcome
-from tests.support.processes import free_port, spawn, stop, tail, wait_for
+from tests.support.processes import free_port, http_ok, spawn, stop, tail, wait_for
 from tests.support.publish_worker import registry_candidate
+from tests.support.slices import mnist_like_datasets
 
 pytestmark = pytest.mark.slow
 
 TRAIN_MNIST = str(Path(sys.executable).with_name("train-mnist"))
-DATASETS_TOML = """
-[[dataset]]
-name = "{name}"
-class_names = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
-train = {{ path = "mnist/mnist_train.csv.gz" }}
-test = {{ path = "mnist/mnist_test.csv.gz" }}
-gates = {{ min_accuracy = 0.5, min_class_recall = 0.0 }}
-"""
 
 
 def published(registry, name: str, models, *which: str) -> list[str]:
@@ -123,7 +116,7 @@ def test_rollback_pin_and_unpin_on_mlflow(mlflow, trained_models):
 def test_the_command_line_acts_in_one_line_and_refuses_in_one_line(trained_models, tmp_path):
     root = tmp_path / "registry"
     datasets = tmp_path / "datasets.toml"
-    datasets.write_text(DATASETS_TOML.format(name="ops"))
+    datasets.write_text(mnist_like_datasets("ops"))
     first, second = published(open_registry(root), "ops", trained_models, "strong", "strong")
     common = ["--dataset", "ops", "--registry", str(root), "--datasets-file", str(datasets)]
 
@@ -144,7 +137,7 @@ def test_the_command_line_acts_in_one_line_and_refuses_in_one_line(trained_model
 def test_a_served_model_follows_a_rollback_with_no_failed_request(trained_models, tmp_path):
     root = tmp_path / "registry"
     datasets = tmp_path / "datasets.toml"
-    datasets.write_text(DATASETS_TOML.format(name="ops-served"))
+    datasets.write_text(mnist_like_datasets("ops-served"))
     registry = open_registry(root)
     first, second = published(registry, "ops-served", trained_models, "strong", "strong")
     port, log = free_port(), tmp_path / "serve.log"
@@ -165,8 +158,7 @@ def test_a_served_model_follows_a_rollback_with_no_failed_request(trained_models
                     seen.append((0, str(exc)))
 
     try:
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
-                 if proc.poll() is None and _up(port) else False, 180, "serve ready", log, proc)
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/v2/health/ready"), 180, "serve ready", log, proc)
         thread = threading.Thread(target=client, daemon=True)
         thread.start()
         wait_for(lambda: any(v == second for _, v in seen), 60, f"answers from {second}", log, proc)
@@ -182,11 +174,3 @@ def test_a_served_model_follows_a_rollback_with_no_failed_request(trained_models
     versions = [v for _, v in seen]
     assert versions.index(first) > versions.index(second) and np.all(
         [v == first for v in versions[versions.index(first):]])
-
-
-def _up(port: int) -> bool:
-    try:
-        httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2)
-        return True
-    except httpx.HTTPError:
-        return False

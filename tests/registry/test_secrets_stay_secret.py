@@ -19,7 +19,8 @@ import pytest
 from flows.train import train_mnist
 from tasks.download.locations import LocationError, checked_url, redact
 from tasks.registry import open_registry
-from tests.support.processes import free_port, spawn, stop, tail, wait_for
+from tests.support.processes import free_port, http_ok, spawn, stop, tail, wait_for
+from tests.support.slices import mnist_like_datasets
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -27,14 +28,6 @@ TRAIN_MNIST = str(Path(sys.executable).with_name("train-mnist"))
 PASSWORD = "Pa/ss#w?rd@7"  # every reserved character, percent-encoded where the URL needs it
 ENCODED = urllib.parse.quote(PASSWORD, safe="")
 RESERVED = "/#?@"
-DATASETS_TOML = """
-[[dataset]]
-name = "secret"
-class_names = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
-train = { path = "mnist/mnist_train.csv.gz" }
-test = { path = "mnist/mnist_test.csv.gz" }
-gates = { min_accuracy = 0.3, min_class_recall = 0.0 }
-"""
 
 
 def leaks(text: str, password: str = PASSWORD) -> list[str]:
@@ -66,29 +59,26 @@ def test_redaction_hides_a_password_holding_a_reserved_character(reserved):
 @pytest.mark.parametrize("reserved", list(RESERVED))
 def test_a_run_from_a_source_whose_password_holds_a_reserved_character_leaks_it_nowhere(
         reserved, prefect_api, slice_mirror, http_mirror, tmp_path, caplog):
-    password = f"s3c{reserved}ret{reserved}pw"
-    base = http_mirror(slice_mirror)
-    source = base.replace("http://", f"http://mirror-user:{password}@")
+    password = f"Zq9vT{reserved}Xw7mB{reserved}Kp4nR"
+    source = http_mirror(slice_mirror).replace("http://", f"http://mirror-user:{password}@")
     datasets = tmp_path / "datasets.toml"
-    datasets.write_text(DATASETS_TOML)
+    datasets.write_text(mnist_like_datasets("secret", min_accuracy=0.3))
     registry = tmp_path / "registry"
     state = train_mnist(dataset="secret", source=source, datasets_file=str(datasets), registry=str(registry),
                         data_dir=str(tmp_path / "data"), model="mlp", epochs=1, train_rows=600, return_state=True)
-    outcomes = [state.message or ""]
-    if reserved == "@":  # unambiguous: it runs, and publishes
+    seen = [state.message or "", caplog.text]
+    if reserved == "@":  # unambiguous: it runs, and publishes; nothing it wrote holds the password
         assert state.is_completed(), state.message
         version = state.result()["secret"]
-        files = [p for p in (registry / "secret" / version).rglob("*") if p.is_file() and p.suffix in (".json", ".md")]
-        outcomes += [p.read_text() for p in files]
-    else:  # ambiguous: refused at download, naming how to fix it
-        assert state.is_failed() and "percent-encode" in state.message
-        with prefect_api.client() as client:  # what the failure alert is built from
-            labels = client.read_flow_run(state.state_details.flow_run_id).labels
-        assert labels["train-mnist.secret.stage"] == "download" and "percent-encode" in labels["train-mnist.secret.reason"]
-        outcomes.append(json.dumps(labels))
-    outcomes.append((registry / "secret" / "runs.jsonl").read_text())
-    outcomes.append(caplog.text)
-    assert [leaks(text, password) for text in outcomes] == [[] for _ in outcomes]
+        seen += [p.read_text() for p in (registry / "secret" / version).rglob("*") if p.suffix in (".json", ".md")]
+        seen.append((registry / "secret" / "runs.jsonl").read_text())
+    else:  # ambiguous: refused before any download, naming how to fix it
+        assert state.is_failed() and "percent-encode" in state.message, state.message
+        assert not (registry / "secret").exists()
+    with prefect_api.client() as client:  # the run's labels and parameters as the alert and the UI read them
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    seen.append(json.dumps(run.labels))
+    assert [leaks(text, password) for text in seen] == [[] for _ in seen]
 
 
 def test_the_command_line_predict_and_the_server_never_print_mlflow_credentials(mlflow, prefect_server, slice_mirror,
@@ -96,7 +86,7 @@ def test_the_command_line_predict_and_the_server_never_print_mlflow_credentials(
     """Before: MLflow's client printed "View run ... at http://user:password@..." on every run."""
     registry = mlflow.url.replace("http://", f"http://alice:{ENCODED}@")
     datasets = tmp_path / "datasets.toml"
-    datasets.write_text(DATASETS_TOML.replace('name = "secret"', 'name = "secret-mlflow"'))
+    datasets.write_text(mnist_like_datasets("secret-mlflow", min_accuracy=0.3))
     env = {**prefect_server.env, "TRAIN_MNIST_DATA_DIR": str(tmp_path / "data")}
     run = subprocess.run([TRAIN_MNIST, "--dataset", "secret-mlflow", "--source", str(slice_mirror), "--registry",
                           registry, "--datasets-file", str(datasets), "--model", "mlp", "--epochs", "1",
@@ -117,8 +107,7 @@ def test_the_command_line_predict_and_the_server_never_print_mlflow_credentials(
     proc = spawn([TRAIN_MNIST, "serve", "--dataset", "secret-mlflow", "--registry", registry, "--datasets-file",
                   str(datasets), "--port", str(port), "--log-level", "debug"], env, tmp_path, log)
     try:
-        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
-                 if _listening(port) else False, 180, "serve ready", log, proc)
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/v2/health/ready"), 180, "serve ready", log, proc)
         meta = httpx.get(f"http://127.0.0.1:{port}/v2/models/secret-mlflow").text
     finally:
         stop(proc)
@@ -127,11 +116,3 @@ def test_the_command_line_predict_and_the_server_never_print_mlflow_credentials(
     experiment = client.get_experiment_by_name("train-mnist/secret-mlflow")
     [recorded] = client.search_runs([experiment.experiment_id])
     assert leaks(json.dumps([recorded.data.tags, recorded.data.params])) == []
-
-
-def _listening(port: int) -> bool:
-    try:
-        httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2)
-        return True
-    except httpx.HTTPError:
-        return False

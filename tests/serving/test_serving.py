@@ -19,18 +19,12 @@ from tasks.conversion.parquet import load_xy
 from tasks.model_io import load_model
 from tasks.registry.folder import read_production, set_production
 from tests.support.processes import free_port, spawn, stop, tail, wait_for
+from tests.support.slices import mnist_like_datasets
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 TRAIN_MNIST = str(Path(sys.executable).with_name("train-mnist"))
-DATASETS_TOML = """
-[[dataset]]
-name = "served"
-class_names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-train = { path = "mnist/mnist_train.csv.gz" }
-test = { path = "mnist/mnist_test.csv.gz" }
-gates = { min_accuracy = 0.5, min_class_recall = 0.0 }
-"""
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RUN = {"model": "mlp", "epochs": 2, "train_rows": 2000, "dataset": "served"}
 MAX_BATCH = 16
 
@@ -39,7 +33,7 @@ MAX_BATCH = 16
 def place(prefect_api, slice_mirror, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serving")
     datasets_file = root / "datasets.toml"
-    datasets_file.write_text(DATASETS_TOML)
+    datasets_file.write_text(mnist_like_datasets("served", class_names=NAMES))
     return {"root": root, "registry": root / "registry", "datasets_file": datasets_file, "mirror": slice_mirror}
 
 
@@ -114,8 +108,7 @@ def test_infer_answers_probabilities_and_class_names_from_the_production_model(s
     expected = model.predict(rows.astype(np.float32), verbose=0)
     assert probabilities.shape == (8, 10) and np.allclose(probabilities, expected, atol=1e-5)
     assert outputs["class"]["data"] == expected.argmax(axis=1).tolist()
-    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-    assert outputs["label"]["data"] == [names[i] for i in expected.argmax(axis=1)]
+    assert outputs["label"]["data"] == [NAMES[i] for i in expected.argmax(axis=1)]
 
 
 BAD = {
@@ -220,7 +213,7 @@ def test_the_server_follows_an_mlflow_alias(mlflow, trained_models, tmp_path):
     from tests.support.publish_worker import registry_candidate
 
     datasets_file = tmp_path / "datasets.toml"
-    datasets_file.write_text(DATASETS_TOML.replace('name = "served"', 'name = "served-mlflow"'))
+    datasets_file.write_text(mnist_like_datasets("served-mlflow", class_names=NAMES))
     registry = open_registry(mlflow.url)
     publish_version(registry, registry_candidate("served-mlflow", trained_models["strong"], "v-one"))
     port, log = free_port(), tmp_path / "serve.log"

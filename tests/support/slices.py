@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 from tasks.datasets import DatasetSpec
@@ -40,3 +41,20 @@ def slice_spec(spec: DatasetSpec, mirror: Path, rows: dict[str, int] = SLICE_ROW
         for split, n in rows.items()
     }
     return spec.model_copy(update=splits)
+
+
+DIGITS = tuple(str(i) for i in range(10))
+
+
+def mnist_like_datasets(*names: str, class_names: tuple[str, ...] = DIGITS, min_accuracy: float = 0.5,
+                        test: str = "mnist/mnist_test.csv.gz") -> str:
+    """A datasets file (TOML) defining each of ``names`` on the MNIST files of a (slice) mirror, with gates low
+    enough for the small runs tests make."""
+    return "".join(f"""
+[[dataset]]
+name = "{name}"
+class_names = {json.dumps(list(class_names))}
+train = {{ path = "mnist/mnist_train.csv.gz" }}
+test = {{ path = "{test}" }}
+gates = {{ min_accuracy = {min_accuracy}, min_class_recall = 0.0 }}
+""" for name in names)
