@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.registry.folder import FolderRegistry
-from tasks.registry.interface import Candidate, ChampionUnreadable, Published, Registry
+from tasks.registry.interface import Candidate, ChampionUnreadable, Pin, Published, Registry
 from tasks.registry.mlflow import MlflowRegistry, is_mlflow_uri
 
-__all__ = ["Candidate", "ChampionUnreadable", "FolderRegistry", "MlflowRegistry", "Published", "Registry",
+__all__ = ["Candidate", "ChampionUnreadable", "FolderRegistry", "MlflowRegistry", "Pin", "Published", "Registry",
            "open_registry"]
 
 
