@@ -18,6 +18,7 @@ from tasks import artifacts, storage
 from tasks.conversion.parquet import load_xy
 from tasks.model_io import score
 from tasks.publishing.promote import PromotionDecision
+from tasks.registry import mlflow_operations
 from tasks.registry.interface import Candidate, Pin, Published, champion_fix_hint, scored_champion
 from tasks.registry.lock import publish_lock, url_identity
 from tasks.registry.mlflow_client import EXAMPLE_ROWS, PIN_TAG, MlflowServer, is_mlflow_uri
@@ -107,29 +108,29 @@ class MlflowRegistry:
 
     @_credentials_kept_out
     def has_version(self, dataset: str, version: str) -> bool:
-        return self.mlflow.has_version(dataset, version)
+        return mlflow_operations.has_version(self.mlflow, dataset, version)
 
     @_credentials_kept_out
     def production_history(self, dataset: str) -> list[str]:
-        return self.mlflow.production_history(dataset)
+        return mlflow_operations.production_history(self.mlflow, dataset)
 
     @_credentials_kept_out
     def move_production(self, dataset: str, version: str, compared: str | None) -> None:
-        self.mlflow.move_alias(dataset, version, compared)
+        mlflow_operations.move_alias(self.mlflow, dataset, version, compared)
 
     @_credentials_kept_out
     def pin(self, dataset: str) -> Pin | None:
-        text = self.mlflow.registered_model_tag(dataset, PIN_TAG)
+        text = mlflow_operations.registered_model_tag(self.mlflow, dataset, PIN_TAG)
         return Pin.model_validate_json(text) if text else None
 
     @_credentials_kept_out
     def set_pin(self, dataset: str, pin: Pin | None) -> None:
-        self.mlflow.set_registered_model_tag(dataset, PIN_TAG, pin.model_dump_json() if pin else None)
+        mlflow_operations.set_registered_model_tag(self.mlflow, dataset, PIN_TAG, pin.model_dump_json() if pin else None)
 
     @_credentials_kept_out
     def record_operation(self, dataset: str, outcome: Outcome, version: str, from_version: str | None,
                          reason: str | None, requested_by: str) -> None:
-        self.mlflow.record_operation(dataset, str(outcome), version, from_version, reason or "", requested_by)
+        mlflow_operations.record_operation(self.mlflow, dataset, str(outcome), version, from_version, reason or "", requested_by)
 
     def prune(self, dataset: str, protected: set[str | None], policy: RetentionPolicy | None = None) -> None:
         """Registered versions are MLflow's to keep; nothing is deleted from the server."""

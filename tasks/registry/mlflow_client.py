@@ -33,6 +33,7 @@ from tasks import artifacts
 from tasks.datasets import NUM_PIXELS
 from tasks.download.locations import credentials_of, redact
 from tasks.registry.interface import PublishConflict, check_fence
+from tasks.registry.mlflow_inputs import log_datasets, log_example
 from tasks.results import DataLineage
 
 PRODUCTION_ALIAS = "production"
@@ -42,9 +43,7 @@ REASON_TAG = "train_mnist.reason"
 VERSION_TAG = "train_mnist.version"
 PROFILE_ARTIFACT = artifacts.PROFILE_FILE
 MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value is 8000
-MAX_DIGEST_CHARS = 36  # MLflow's limit on a dataset digest
-CONTEXTS = {"train": "training", "test": "testing"}  # MLflow's words for what a dataset input was used for
-EXAMPLE_ROWS = 2  # test rows stored with a registered model as its input example
+EXAMPLE_ROWS = 2  # test rows stored with a registered model's run as a request example
 TO_VERSION_TAG = "train_mnist.to_version"  # a rollback's target
 PIN_TAG = "train_mnist.pin"  # on the registered model while production is pinned (the Pin as JSON)
 AUTH_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # how MLflow's client takes credentials
@@ -167,7 +166,7 @@ class MlflowServer:
         """One MLflow run for one dataset; the model logged as a new registered version when given, and the
         production alias moved to it when ``promote``, fenced: only if it still names ``compared`` (the champion
         the run was compared against; None: no alias yet)."""
-        experiment_id = self._experiment(dataset)
+        experiment_id = self.experiment_id(dataset)
         run = self.client.create_run(experiment_id, run_name=version, tags={
             VERSION_TAG: version, DECISION_TAG: decision, REASON_TAG: reason[:MAX_TAG_CHARS],
             **{k: v[:MAX_TAG_CHARS] for k, v in tags.items()}})
@@ -176,17 +175,19 @@ class MlflowServer:
         try:
             self._log_values(run_id, params, metrics)
             if datasets:
-                self._log_datasets(run_id, dataset, datasets)
+                log_datasets(self.client, run_id, dataset, datasets)
             for name, path in artifacts.items():
                 if path.is_file():
                     self.client.log_artifact(run_id, str(path), artifact_path=_artifact_folder(name))
             if model_path is not None:
                 if promote:
-                    self._fence(dataset, version, compared)
-                model_version = self._log_model(run_id, dataset, version, model_path, example)
+                    self.fence(dataset, version, compared)
+                if example is not None:
+                    log_example(self.client, run_id, example)
+                model_version = self._log_model(run_id, dataset, version, model_path)
                 if promote:
                     try:
-                        self._fence(dataset, version, compared)
+                        self.fence(dataset, version, compared)
                     except PublishConflict as exc:
                         self._mark_refused(run_id, dataset, model_version, str(exc))
                         raise
@@ -199,68 +200,13 @@ class MlflowServer:
         self.client.set_terminated(run_id, status="FINISHED")
         return MlflowRecord(run_id, model_version, f"{self.shown}/#/experiments/{experiment_id}/runs/{run_id}")
 
-    # ---- what an operator does -------------------------------------------------------------------
-
-    def has_version(self, dataset: str, version: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_model_version(dataset, version)
-        except MlflowException:
-            return False
-        return True
-
-    def production_history(self, dataset: str) -> list[str]:
-        """The registered versions the alias named, oldest first: each published run's version, each rollback's
-        target, from the experiment's runs."""
-        found = self.client.get_experiment_by_name(f"{EXPERIMENT_PREFIX}/{dataset}")
-        if found is None:
-            return []
-        runs = self.client.search_runs([found.experiment_id], filter_string=(
-            f"tags.`{DECISION_TAG}` IN ('published', 'rolled_back')"), order_by=["attributes.start_time ASC"],
-            max_results=10_000)
-        by_run = {v.run_id: v.version for v in self.client.search_model_versions(f"name='{dataset}'")}
-        history = []
-        for run in runs:
-            rollback = run.data.tags[DECISION_TAG] == "rolled_back"
-            version = run.data.tags.get(TO_VERSION_TAG) if rollback else by_run.get(run.info.run_id)
-            if version:
-                history.append(version)
-        return history
-
-    def move_alias(self, dataset: str, version: str, compared: str | None) -> None:
-        self._fence(dataset, version, compared)
-        self.client.set_registered_model_alias(dataset, PRODUCTION_ALIAS, version)
-
-    def registered_model_tag(self, dataset: str, tag: str) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_registered_model(dataset).tags.get(tag)
-        except MlflowException:
-            return None
-
-    def set_registered_model_tag(self, dataset: str, tag: str, value: str | None) -> None:
-        if value is None:
-            self.client.delete_registered_model_tag(dataset, tag)
-        else:
-            self.client.set_registered_model_tag(dataset, tag, value)
-
-    def record_operation(self, dataset: str, outcome: str, version: str, from_version: str | None, reason: str,
-                         requested_by: str) -> None:
-        """An operator's rollback, pin or unpin as a run of the dataset's experiment (its history)."""
-        run = self.client.create_run(self._experiment(dataset), run_name=f"{outcome} {version}", tags={
-            DECISION_TAG: outcome, REASON_TAG: reason[:MAX_TAG_CHARS], TO_VERSION_TAG: version,
-            "train_mnist.from_version": from_version or "", "train_mnist.requested_by": requested_by})
-        self.client.set_terminated(run.info.run_id, status="FINISHED")
-
     def _mark_refused(self, run_id: str, dataset: str, model_version: str, reason: str) -> None:
         """The run and its registered version lost the fence: both say refused, and why."""
         for key, value in ((DECISION_TAG, PUBLISH_CONFLICT), (REASON_TAG, reason[:MAX_TAG_CHARS])):
             self.client.set_tag(run_id, key, value)
             self.client.set_model_version_tag(dataset, model_version, key, value)
 
-    def _fence(self, dataset: str, version: str, compared: str | None) -> None:
+    def fence(self, dataset: str, version: str, compared: str | None) -> None:
         where = f"alias {PRODUCTION_ALIAS!r} of registered model {dataset!r} in {self.shown}"
         check_fence(dataset, version, compared, self.production(dataset), where)
 
@@ -270,7 +216,7 @@ class MlflowServer:
         return self.record_run(dataset, version, params={}, metrics={}, tags={"train_mnist.stage": stage},
                                artifacts=artifacts, decision="failed", reason=reason)
 
-    def _experiment(self, dataset: str) -> str:
+    def experiment_id(self, dataset: str) -> str:
         name = f"{EXPERIMENT_PREFIX}/{dataset}"
         found = self.client.get_experiment_by_name(name)
         if found is not None:
@@ -291,33 +237,9 @@ class MlflowServer:
             metrics=[Metric(metric_key(k), float(v), 0, 0) for k, v in metrics.items() if v is not None],
         )
 
-    def _log_datasets(self, run_id: str, dataset: str, splits: dict[str, DataLineage]) -> None:
-        """Each split as an MLflow dataset input (the UI's "Datasets used"): its source, a digest (the first
-        36 hex digits of its SHA-256, MLflow's limit; the whole hash in the ``sha256`` tag), rows and schema."""
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-        from mlflow.types import Schema, TensorSpec
-
-        schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, NUM_PIXELS), "pixels"),
-                         TensorSpec(np.dtype(np.uint8), (-1,), "label")])
-        inputs = []
-        for split, info in splits.items():
-            try:
-                source = resolve_dataset_source(info.location)
-            except Exception:  # noqa: BLE001 - a location MLflow has no source type for is still named
-                source = HTTPDatasetSource(info.location)
-            data = MetaDataset(source, name=f"{dataset}-{split}", digest=info.sha256[:MAX_DIGEST_CHARS], schema=schema)
-            tags = {"mlflow.data.context": CONTEXTS.get(split, split), "sha256": info.sha256,
-                    "rows": str(info.rows or ""), "bytes": str(info.bytes)}
-            inputs.append(DatasetInput(data._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()]))
-        self.client.log_inputs(run_id, datasets=inputs)
-
-    def _log_model(self, run_id: str, dataset: str, version: str, model_path: Path,
-                   example: np.ndarray | None = None) -> str:
+    def _log_model(self, run_id: str, dataset: str, version: str, model_path: Path) -> str:
         """Log the Keras model under the run and register it, with its signature (raw 0..255 uint8 rows
-        ``[-1, 784]`` in, float32 probabilities out) and an input example; the registered version number."""
+        ``[-1, 784]`` in, float32 probabilities out); the registered version number."""
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
@@ -335,7 +257,6 @@ class MlflowServer:
         with self._mlflow_run(run_id):
             info = self._mlflow.keras.log_model(
                 model, name="model", signature=signature, registered_model_name=dataset,
-                input_example=None if example is None else np.asarray(example, np.uint8),
                 # Given, not inferred: inference loads the model in a subprocess, which costs seconds.
                 pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
                 tags={VERSION_TAG: version},

@@ -184,6 +184,36 @@ class TestServe:
         assert other.start_time >= done.end_time, "the two nightly runs overlapped"
         assert list_versions(registry, "mnist") == [read_production(registry, "mnist")]
 
+    def test_the_operators_pin_rollback_and_unpin_run_as_deployments_and_say_what_changed(
+            self, server, trained_models, tmp_path):
+        """rollback/train-mnist, pin/train-mnist, unpin/train-mnist: run from the server (as the UI's form does),
+        each under the lock, each posting an artifact; a refused rollback fails naming why."""
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        from tasks.publishing.publish import publish_version
+        from tasks.registry import open_registry
+        from tests.support.publish_worker import registry_candidate
+
+        registry = tmp_path / "registry"
+        first, second = (publish_version(open_registry(registry), registry_candidate(
+            "mnist", trained_models["strong"])).version for _ in range(2))
+        for deployment, params, production in (
+                ("pin/train-mnist", {"reason": "freeze"}, second),
+                ("unpin/train-mnist", {}, second),
+                ("rollback/train-mnist", {"reason": "bad night"}, first)):
+            run = trigger(server, deployment, {"dataset": "mnist", "registry": str(registry), **params})
+            done = server.wait_terminal(run, log=server.root / "serve.log")
+            assert done.state_type.value == "COMPLETED", f"{deployment}: {done.state}\n{tail(server.root / 'serve.log')}"
+            assert read_production(registry, "mnist") == production
+        refused = trigger(server, "rollback/train-mnist", {"dataset": "mnist", "registry": str(registry),
+                                                           "to": "20250101T000000Z-gone00"})
+        done = server.wait_terminal(refused, log=server.root / "serve.log")
+        assert done.state_type.value == "FAILED" and "does not exist" in done.state.message
+        assert read_production(registry, "mnist") == first
+        with server.client() as client:
+            [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mnist-rollback"])))
+        assert f"production rolled back from {second} to {first}" in artifact.data
+
     def test_scheduler_starts_a_run_by_itself(self, server, data_dir, tmp_path):
         """A one-off schedule on the smoke deployment: the server creates the run, the served process runs it."""
         smoke = server.deployment("train-mnist/smoke")

@@ -247,7 +247,7 @@ def test_champion_comparisons_leave_no_temporary_copies_behind(server, dataset, 
 def test_a_run_records_its_datasets_and_the_model_its_uint8_signature_and_input_example(server, dataset,
                                                                                       trained_models):
     """What a user of MLflow expects: "Datasets used" on the run; a registered model whose signature is the
-    contract (raw 0..255 uint8 rows in, float32 probabilities out) and that carries an input example."""
+    contract (raw 0..255 uint8 rows in, float32 probabilities out), and a request example beside it."""
     import mlflow
 
     registry = open_registry(server.url)
@@ -267,4 +267,6 @@ def test_a_run_records_its_datasets_and_the_model_its_uint8_signature_and_input_
     [probabilities] = model.signature.outputs.inputs
     assert (pixels.name, pixels.type, pixels.shape) == ("pixels", np.dtype(np.uint8), (-1, 784))
     assert (probabilities.type, probabilities.shape) == (np.dtype(np.float32), (-1, 10))
-    assert model.saved_input_example_info is not None
+    example = registry.mlflow.client.download_artifacts(run.info.run_id, "serving_input_example.json")
+    rows = np.array(json.loads(Path(example).read_text())["inputs"])
+    assert rows.shape == (2, 784) and rows.min() >= 0 and rows.max() <= 255
