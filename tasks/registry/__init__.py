@@ -1,11 +1,11 @@
 """Where published models live: one interface, two implementations (a folder, an MLflow server).
 
 ``open_registry(location)`` picks the implementation: an ``http(s)://`` URL is an MLflow tracking server
-(``tasks.registry.mlflow``), anything else a folder (``tasks.registry.folder``). Beside them: the publish
-lock (``lock``), the folder registry's run log and trend plot (``run_log``), the MLflow client calls (``mlflow_client``)
-and the pruning of old
-versions (``retention``). ``tasks.publishing.publish`` holds the decision logic shared by both registries. May import the top
-level, ``download.locations`` (redaction), ``publishing.promote`` and ``orchestration.versions``.
+(``mlflow``, over ``mlflow_client``, ``mlflow_inputs`` and ``mlflow_operations``), anything else a folder
+(``folder``). Beside them: the publish lock (``lock``), the folder registry's run log and trend plot
+(``run_log``) and the pruning of old versions (``retention``). ``tasks.publishing`` holds the decisions
+both registries carry out. May import the top level, ``download.locations`` (redaction),
+``conversion.parquet``, ``publishing.promote``, ``publishing.canary`` and ``orchestration.versions``.
 """
 
 from __future__ import annotations
