@@ -30,9 +30,10 @@ def production_history(server: MlflowServer, dataset: str) -> list[str]:
     found = server.client.get_experiment_by_name(f"{EXPERIMENT_PREFIX}/{dataset}")
     if found is None:
         return []
-    runs = server.client.search_runs([found.experiment_id], filter_string=(
-        f"tags.`{DECISION_TAG}` IN ('published', 'rolled_back')"), order_by=["attributes.start_time ASC"],
-        max_results=10_000)
+    # MLflow's search has no IN for tags: the runs are filtered here.
+    runs = [run for run in server.client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
+                                                     max_results=10_000)
+            if run.data.tags.get(DECISION_TAG) in ("published", "rolled_back")]
     by_run = {v.run_id: v.version for v in server.client.search_model_versions(f"name='{dataset}'")}
     history = []
     for run in runs:
