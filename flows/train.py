@@ -17,23 +17,15 @@ from pydantic import Field, ValidationError
 
 from tasks.conversion.convert import convert_task
 from tasks.datasets import DatasetConfigError, DatasetSpec, load_catalog, select_datasets, with_gate_overrides
-from tasks.download.fetch import (
-    RETRY_JITTER,
-    ChecksumMismatch,
-    DownloadError,
-    DownloadRefused,
-    SourceNotFound,
-    download_task,
-    retry_delays,
-)
-from tasks.download.locations import SOURCE_PATTERN, LocationError
+from tasks.download.fetch import RETRY_JITTER, download_task, retry_delays
+from tasks.download.locations import SOURCE_PATTERN
 from tasks.evaluation.evaluate import evaluate_task
 from tasks.orchestration.fanout import CHILD_TIMEOUT_MINUTES, DATASET_DEPLOYMENT, child_outcome, run_child_task
 from tasks.orchestration.versions import run_version_name
 from tasks.publishing.gate import gate_task
 from tasks.publishing.promote import DEFAULT_TOLERANCE, PromotionPolicy
-from tasks.publishing.publish import PUBLISH_REFUSALS, publish_task
-from tasks.registry import Candidate, ChampionUnreadable
+from tasks.publishing.publish import publish_task
+from tasks.registry import Candidate
 from tasks.reporting.expected_failures import quiet_expected_failures
 from tasks.reporting.outcomes import (
     DatasetOutcome,
@@ -46,14 +38,14 @@ from tasks.results import Lineage, PreparedData
 from tasks.settings import Settings, settings_problems
 from tasks.training.recipes import DEFAULT_SEED, ModelKind, TrainConfig, applied_parameters, train_config_for
 from tasks.training.train import train_task
-from tasks.validation.validate import DataValidationError, champion_profile_task, keep_report_task, validate_task
+from tasks.validation.validate import champion_profile_task, keep_report_task, validate_task
+from tasks.vocabulary import StageFailure
 
 SEED_MAX = 2**32 - 1  # numpy's (and so Keras') seed range
 DATASET_NAMES = r"^\s*[a-z0-9][a-z0-9_-]*\s*(,\s*[a-z0-9][a-z0-9_-]*\s*)*$"
-# Expected failures end a dataset's run Failed with one clean message; anything else is a bug and keeps its traceback.
-EXPECTED_FAILURES: tuple[type[BaseException], ...] = (
-    DownloadError, ChecksumMismatch, SourceNotFound, DownloadRefused, LocationError, DataValidationError,
-    ChampionUnreadable, *PUBLISH_REFUSALS)
+# Expected failures (each carries its stage) end a dataset's run Failed with one clean message; anything else is
+# a bug and keeps its traceback.
+EXPECTED_FAILURES: tuple[type[BaseException], ...] = (StageFailure,)
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Text = Annotated[str, Field(min_length=1)]

@@ -28,7 +28,7 @@ class ExpectedFailureLogFilter(logging.Filter):
     def __init__(self, expected: tuple[type[BaseException], ...]):
         super().__init__("train-mnist-expected-failures")
         self.expected = (*expected, NotPublished)
-        self._markers = tuple(f"encountered an exception {cls.__name__}:" for cls in self.expected)
+        self._markers = tuple(f"encountered an exception {cls.__name__}:" for cls in with_subclasses(self.expected))
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -41,6 +41,17 @@ class ExpectedFailureLogFilter(logging.Filter):
                                                           "exception ", "Finished in state Failed: ", 1),)
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+def with_subclasses(classes: tuple[type[BaseException], ...]) -> set[type[BaseException]]:
+    """``classes`` and every subclass of theirs defined so far (the engine's messages name the concrete class)."""
+    found, todo = set(), list(classes)
+    while todo:
+        cls = todo.pop()
+        if cls not in found:
+            found.add(cls)
+            todo.extend(cls.__subclasses__())
+    return found
 
 
 def quiet_expected_failures(expected: tuple[type[BaseException], ...]) -> None:
