@@ -22,7 +22,7 @@ import pytest
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
 
-from tasks.registry.mlflow_client import MlflowServer
+from tasks.registry.mlflow_client import PRODUCTION_ALIAS, MlflowServer
 from tasks.settings import PROJECT_ROOT
 from tests.support.prefect_server import PREFECT, Server
 from tests.support.processes import spawn, stop, tail
@@ -155,6 +155,10 @@ def test_a_child_failing_its_gate_fails_the_parent_naming_it_and_the_other_still
     registry = MlflowServer(mlflow.url)
     before = registry.production("fashion-mnist")
     mnist_before = registry.production("mnist")
+    # mnist publishes on its gates alone: this test is about the failing sibling, not about whether a retrain
+    # on another worker ties with the champion (once, with a training job beside the suite, it did not:
+    # 0.7685 against 0.7829 for the same seed).
+    registry.client.delete_registered_model_alias("mnist", PRODUCTION_ALIAS)
     parent = nightly_run(prefect_server, machines[0], {**SHORT, "dataset": "mnist,fashion-mnist",
                                                        "registry": mlflow.url})
     assert parent.state_type.value == "FAILED", worker_logs(machines)
@@ -164,7 +168,7 @@ def test_a_child_failing_its_gate_fails_the_parent_naming_it_and_the_other_still
     assert children["mnist"].state_type.value == "COMPLETED", children["mnist"].state.message
     assert children["fashion-mnist"].state_type.value == "FAILED"
     assert registry.production("fashion-mnist") == before
-    assert registry.production("mnist") != mnist_before
+    assert registry.production("mnist") not in (None, mnist_before)
 
 
 # ---- no run waits forever ----------------------------------------------------------------------------
