@@ -25,10 +25,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from deployments.team_servers import Postgres  # noqa: E402
 from tasks.datasets import DatasetSpec, SplitFile, load_catalog  # noqa: E402
 from tasks.settings import BUNDLED_MIRROR  # noqa: E402
 from tests.support.mlflow_server import MlflowServer  # noqa: E402
 from tests.support.mlflow_server import mlflow_server as start_mlflow_server  # noqa: E402
+from tests.support.postgres import fresh_database, postgres_cluster  # noqa: E402
 from tests.support.prefect_server import Server  # noqa: E402
 from tests.support.prefect_server import prefect_server as start_prefect_server  # noqa: E402
 from tests.support.publish_worker import dummy_candidate, fake_champion_scoring, stand_in_canary  # noqa: E402
@@ -37,17 +39,27 @@ from tests.support.trained import trained_models  # noqa: E402, F401 - a fixture
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory) -> Iterator[Server]:
-    """The one real Prefect server of the test run (started on first use)."""
-    with start_prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
+def postgres() -> Iterator[Postgres]:
+    """The real PostgreSQL server of the test run (of each xdist worker), set up as a team's server host is."""
+    with postgres_cluster() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory, postgres) -> Iterator[Server]:
+    """The one real Prefect server of the test run (of each xdist worker), started on first use, with its state
+    in PostgreSQL as in a team's setup (the fan-out, the publish lock and the deployments run against it; the
+    README's walkthrough and the alert tests start servers of their own on the SQLite default)."""
+    with start_prefect_server(tmp_path_factory.mktemp("prefect-server"), postgres,
+                              fresh_database(postgres, "prefect")) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
-def mlflow(tmp_path_factory) -> Iterator[MlflowServer]:
-    """The one real ``mlflow server`` of the test run (of each xdist worker), started on first use; tests keep
-    apart by registering models and experiments of their own names."""
-    with start_mlflow_server(tmp_path_factory.mktemp("mlflow")) as running:
+def mlflow(tmp_path_factory, postgres) -> Iterator[MlflowServer]:
+    """The one real ``mlflow server`` of the test run (of each xdist worker), started on first use, its backend
+    store in PostgreSQL; tests keep apart by registering models and experiments of their own names."""
+    with start_mlflow_server(tmp_path_factory.mktemp("mlflow"), postgres, fresh_database(postgres, "mlflow")) as running:
         yield running
 
 

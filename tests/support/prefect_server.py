@@ -19,6 +19,7 @@ from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun
 
+from deployments.team_servers import Postgres
 from tests.support.processes import free_port, http_ok, spawn, stop, wait_for
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -83,14 +84,17 @@ def server_env(root: Path, url: str) -> dict[str, str]:
 
 
 @contextmanager
-def prefect_server(root: Path) -> Iterator[Server]:
-    """``prefect server start`` on a free port of 127.0.0.1 with a fresh SQLite database under ``root``."""
+def prefect_server(root: Path, postgres: Postgres | None = None, database: str = "prefect") -> Iterator[Server]:
+    """``prefect server start`` on a free port of 127.0.0.1: its state in ``database`` of ``postgres`` (a
+    team's setup), or without one in a fresh SQLite file under ``root`` (the one-machine default)."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = server_env(root, url)
+    server_only = postgres.prefect_env(database) if postgres else {}  # the clients need no database
     log = root / "server.log"
-    proc = spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root, log)
+    proc = spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], {**env, **server_only},
+                 root, log)
     try:
         wait_for(lambda: http_ok(f"{url}/health"), SERVER_START_TIMEOUT_S,
                  f"prefect server on port {port} answering /api/health", log, proc)
