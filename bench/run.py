@@ -103,6 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layouts", action="store_true", help="also compare candidate Parquet layouts")
     parser.add_argument("--serving", action="store_true",
                         help="only: train-mnist serve against mlflow models serve (bench/serving.py, ~3 min)")
+    parser.add_argument("--server-load", action="store_true",
+                        help="only: many concurrent flow runs against a Prefect server on SQLite and on PostgreSQL (~10 min)")
     parser.add_argument("--nightly", action="store_true",
                         help="overhead, accuracies and FLOPs utilization of the default nightly run (~25 min on 2 cores)")
     parser.add_argument("--only", type=steps_of, default=set(STEPS),
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return frontier.main(args, machine())
     if args.serving:
         return serving_main(args)
+    if args.server_load:
+        return server_load_main(args)
 
     mode = QUICK if args.quick else FULL
     if args.nightly and "flops" in args.only:
@@ -236,6 +240,28 @@ def serving_main(args: argparse.Namespace) -> int:
             print(f"{key:28} {row['requests_per_s']:9.1f} req/s {row['rows_per_s']:10.1f} rows/s "
                   f"p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  failures {row['failures']}")
     print(f"swap: {details['swap']}")
+    print(f"\nwrote {args.output} and {kept.relative_to(PROJECT_ROOT)}")
+    return 0
+
+
+def server_load_main(args: argparse.Namespace) -> int:
+    """``--server-load``: the same concurrent load against a SQLite- and a PostgreSQL-backed Prefect server."""
+    from bench.server_load import bench_server_load
+
+    work = Path(tempfile.mkdtemp(prefix="train-mnist-bench-load-"))
+    results: dict[str, Any] = {"command": "python bench/run.py --server-load", "mode": "server-load",
+                               "machine": machine()}
+    try:
+        results["details"] = {"server_load": bench_server_load(work)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    kept = keep_record("server-load", results)
+    print(f"{'database':12} {'created':>8} {'completed':>10} {'failed API calls':>17} {'lock errors':>12} "
+          f"{'runs lost':>10} {'s to all final':>15}")
+    for row in results["details"]["server_load"].values():
+        print(f"{row['database']:12} {row['created']:8} {row['completed']:10} {row['failed_api_calls']:17} "
+              f"{row['lock_errors']:12} {row['runs_lost']:10} {row['seconds_to_all_final']:15}")
     print(f"\nwrote {args.output} and {kept.relative_to(PROJECT_ROOT)}")
     return 0
 
