@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return predict_main(argv[1:])
     if argv[:1] == ["serve"]:
-        from tasks.serving.app import main as serve_main
+        from tasks.serving.server import main as serve_main
 
         return serve_main(argv[1:])
     if argv[:1] and argv[0] in ("rollback", "pin", "unpin"):

@@ -30,6 +30,7 @@ from tasks.reporting.expected_failures import quiet_expected_failures
 from tasks.reporting.outcomes import (
     DatasetOutcome,
     NotPublished,
+    emit_outcome_events,
     outcome_of,
     stopped_task,
     summarize_outcomes,
@@ -179,7 +180,9 @@ def train_mnist(
                                        version, PromotionPolicy(tolerance=promotion_tolerance), deployment.name,
                                        return_state=True)
               for spec in specs}
-    return summarize_outcomes([outcome_of(name, version, state) for name, state in states.items()], version)
+    outcomes = [outcome_of(name, version, state) for name, state in states.items()]
+    emit_outcome_events(outcomes)
+    return summarize_outcomes(outcomes, version)
 
 
 if __name__ == "__main__":

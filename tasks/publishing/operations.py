@@ -24,6 +24,7 @@ from prefect import task
 
 from tasks.publishing.canary import check_loaded
 from tasks.registry import Pin, Registry
+from tasks.reporting import events
 from tasks.vocabulary import Outcome, Stage, StageFailure
 
 
@@ -88,6 +89,8 @@ def rollback(registry: Registry, dataset: str, to: str | None = None, reason: st
         canary_passes(registry, dataset, target)
         registry.move_production(dataset, target, compared=current)
         registry.record_operation(dataset, Outcome.ROLLED_BACK, target, current, reason, requested_by)
+    events.emit(events.ROLLED_BACK, dataset, target, {"from": current, "to": target, "reason": reason,
+                                                      "requested_by": requested_by})
     return OperationResult(dataset, Outcome.ROLLED_BACK, current, target, reason, requested_by)
 
 
@@ -176,6 +179,7 @@ def main(action: str, argv: list[str] | None = None) -> int:
         print(f"train-mnist {action}: {exc}", file=sys.stderr)
         return 1
     print(result.line())
+    events.flush()  # the rolled-back event, when a Prefect server is configured
     return 0
 
 

@@ -118,8 +118,12 @@ class FolderRegistry:
     def champion_profile(self, dataset: str, dest_dir: Path | None = None) -> Path | None:
         """The production version's stored data profile (in place), if there is a production version with one."""
         version = read_production(self.root, dataset)
-        path = self.root / dataset / version / artifacts.PROFILE_FILE if version else None
-        return path if path is not None and path.is_file() else None
+        return self.version_profile(dataset, version) if version else None
+
+    def version_profile(self, dataset: str, version: str, dest_dir: Path | None = None) -> Path | None:
+        """A version's stored data profile (in place), if it has one."""
+        path = self.root / dataset / version / artifacts.PROFILE_FILE
+        return path if path.is_file() else None
 
     def load_version(self, dataset: str, version: str) -> tuple[str, Any]:
         """(model file, loaded Keras model) of a version; FileNotFoundError naming the file if it is gone."""

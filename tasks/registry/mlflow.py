@@ -62,8 +62,12 @@ class MlflowRegistry:
     def champion_profile(self, dataset: str, dest_dir: Path) -> Path | None:
         """The data profile stored with the production version's run, downloaded into ``dest_dir``."""
         version = self.mlflow.production(dataset)
-        return (self.mlflow.download_run_artifact(dataset, version, artifacts.PROFILE_FILE, dest_dir / "champion")
-                if version else None)
+        return self.version_profile(dataset, version, dest_dir) if version else None
+
+    @_credentials_kept_out
+    def version_profile(self, dataset: str, version: str, dest_dir: Path) -> Path | None:
+        """The data profile stored with a version's run, downloaded into ``dest_dir``, if it has one."""
+        return self.mlflow.download_run_artifact(dataset, version, artifacts.PROFILE_FILE, dest_dir / "champion")
 
     @_credentials_kept_out
     def load_version(self, dataset: str, version: str) -> tuple[str, Any]:

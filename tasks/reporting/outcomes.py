@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from tasks.publishing.promote import PromotionDecision
+from tasks.reporting import events
 from tasks.results import GateDecision
 from tasks.vocabulary import Stage, stage_of
 
@@ -147,6 +148,15 @@ def outcome_of(name: str, version: str, state) -> DatasetOutcome:
                                  reasons=[f"{type(exc).__name__}: {exc}"])
     run_id = state.state_details.flow_run_id
     return outcome.model_copy(update={"flow_run_id": str(run_id) if run_id else None})
+
+
+def emit_outcome_events(outcomes: list[DatasetOutcome]) -> None:
+    """One event per dataset's result (``tasks.reporting.events``); a fanned-out parent leaves this to its children."""
+    for outcome in outcomes:
+        name = events.event_for_outcome(outcome.published, outcome.held, outcome.stage)
+        events.emit(name, outcome.dataset, outcome.version, {
+            "headline": outcome.headline, "reasons": outcome.reasons[:20], "test_accuracy": outcome.test_accuracy,
+            "stage": outcome.stage.value if outcome.stage else None, "flow_run_id": outcome.flow_run_id})
 
 
 def summarize_outcomes(outcomes: list[DatasetOutcome], version: str):

@@ -1,4 +1,6 @@
-"""Serving the production models: ``train-mnist serve`` (``app``), the Open Inference Protocol (``protocol``),
-the model that follows the registry's production pointer (``champion``) and ``train-mnist predict`` (``predict``).
-May import the top level, ``registry``, ``validation`` and ``publishing.canary``.
+"""Serving the production models: ``train-mnist serve`` (``server`` wires ``app``), the Open Inference Protocol
+(``protocol``, ``limits``), the model that follows the registry's production pointer (``champion``), what the
+server reports (``metrics``, ``monitor`` for live drift, ``notices`` for Prefect events and alerts, ``sampling``)
+and ``train-mnist predict`` (``predict``). May import the top level, ``registry``, ``validation``,
+``publishing.canary``, ``reporting.events`` and ``download.locations``.
 """

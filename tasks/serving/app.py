@@ -1,9 +1,11 @@
 """``train-mnist serve``: the production models over the Open Inference Protocol (KServe v2 REST).
 
+    GET  /metrics                                     Prometheus metrics (``tasks.serving.metrics``)
     GET  /v2                                          server metadata: name, version, extensions
     GET  /v2/health/live                              the process answers
     GET  /v2/health/ready                             every model asked for is loaded (503 naming why not)
-    GET  /v2/models/{name}[/versions/{version}]       metadata: input pixels [-1, 784], outputs, the version
+    GET  /v2/models/{name}[/versions/{version}]       metadata: input pixels [-1, 784], outputs, the version,
+                                                      its live drift scores
     GET  /v2/models/{name}[/versions/{version}]/ready
     POST /v2/models/{name}[/versions/{version}]/infer {"inputs": [{"name": "pixels", "shape": [N, 784],
                                                                     "datatype": "UINT8", "data": [...]}]}
@@ -19,11 +21,8 @@ Great Expectations are tested with. Listens on 127.0.0.1 unless told otherwise; 
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
-import threading
+import time
 import zlib
 from importlib.metadata import PackageNotFoundError, version
 
@@ -34,25 +33,21 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from tasks.serving.champion import POLL_SECONDS, Champion, follow
-from tasks.serving.limits import (
-    BODY_TIMEOUT_S,
-    HEADER_TIMEOUT_S,
-    MAX_CONNECTIONS,
-    Limits,
-    guarded_protocol,
-)
+from tasks.serving.champion import Champion
+from tasks.serving.limits import Limits
+from tasks.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from tasks.serving.metrics import ServerMetrics
+from tasks.serving.monitor import DriftMonitor
 from tasks.serving.protocol import (
     HEADER_LENGTH,
-    MAX_BATCH,
     InferenceError,
     infer_response,
     model_metadata,
     parse_infer_request,
 )
+from tasks.serving.sampling import PredictionSampler
 
 logger = logging.getLogger("train_mnist.serving")
-DEFAULT_PORT = 8080
 SERVER_NAME = "train-mnist"
 EXTENSIONS = ["binary_tensor_data"]
 
@@ -97,10 +92,15 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     return plain
 
 
-def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]], limits: Limits | None = None):
-    """The FastAPI application serving ``champions`` (dataset name -> its production model)."""
+def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]], limits: Limits | None = None,
+               monitors: dict[str, DriftMonitor] | None = None, sampler: PredictionSampler | None = None):
+    """The FastAPI application serving ``champions`` (dataset name -> its production model), with each model's
+    drift monitor and the optional prediction sampler fed from the request path."""
     limits = limits or Limits()
+    monitors = monitors or {}
+    metrics = ServerMetrics(champions, monitors, class_names)
     app = FastAPI(title="train-mnist model server", description="Open Inference Protocol (KServe v2 REST)")
+    app.state.metrics = metrics
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -125,6 +125,10 @@ def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]]
     def server_metadata() -> dict:
         return {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
 
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/v2/health/live")
     def live() -> dict:
         return {"live": True}
@@ -143,7 +147,8 @@ def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]]
         if isinstance(champion, JSONResponse):
             return champion
         current = champion.current
-        return model_metadata(name, current.version if current else None, len(class_names[name]), champion.status())
+        status = champion.status() | ({"drift": monitors[name].status()} if name in monitors else {})
+        return model_metadata(name, current.version if current else None, len(class_names[name]), status)
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
@@ -158,10 +163,19 @@ def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]]
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request, version: str | None = None):
-        champion = champion_of(name, version)
-        if isinstance(champion, JSONResponse):
-            return champion
+        started = time.perf_counter()
+        if name not in champions:  # not counted: an unknown name would be a label anyone could add
+            return champion_of(name)
+        champion = champions[name]
         served = champion.current  # read once: this request finishes on this version, whatever is swapped in
+        wrong_version = champion_of(name, version) if version is not None else None
+        response = (wrong_version if isinstance(wrong_version, JSONResponse)
+                    else await answer(name, served, champion, request))
+        metrics.answered(name, served.version if served else None, response.status_code,
+                         time.perf_counter() - started)
+        return response
+
+    async def answer(name: str, served, champion: Champion, request: Request) -> Response:
         if served is None:
             return error(503, f"{name}: no production model loaded yet ({champion.waiting_reason()})")
         try:
@@ -170,7 +184,7 @@ def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]]
             parsed = await run_in_threadpool(parse_infer_request, body, limits.max_batch,
                                              request.headers.get(HEADER_LENGTH))
             probabilities = await run_in_threadpool(served.forward, parsed.pixels)
-            answer, binary = infer_response(name, served.version, probabilities, class_names[name], parsed)
+            reply, binary = infer_response(name, served.version, probabilities, class_names[name], parsed)
         except ClientDisconnect:
             logger.debug("%s infer: the client went away before its request arrived whole", name)
             return Response(status_code=499)
@@ -179,70 +193,20 @@ def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]]
             # Connection: close: a refused body may still be arriving; the client must not send the next on it.
             return error(exc.status, str(exc), Connection="close")
         logger.debug("%s infer: %d rows, version %s", name, len(parsed.pixels), served.version)
+        observe(name, served.version, parsed.pixels, probabilities)
         if not binary:
-            return answer
-        header = JSONResponse(answer).body
+            return JSONResponse(reply)
+        header = JSONResponse(reply).body
         return Response(header + binary, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(len(header))})
 
+    def observe(name: str, version: str, pixels, probabilities) -> None:
+        """What the answer feeds: the class counts, the drift window and the sampled rows."""
+        classes = probabilities.argmax(axis=1)
+        metrics.predicted(name, version, classes)
+        if name in monitors:
+            monitors[name].observe(version, pixels, classes)
+        if sampler is not None:
+            sampler.observe(name, version, pixels, probabilities)
+
     return app
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train-mnist serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, help="whose production models to serve: a name, or several "
-                        "separated by commas (each is a model of the server, named after its dataset)")
-    parser.add_argument("--registry", help="a folder or an MLflow URL (default <data-dir>/registry; env "
-                        "TRAIN_MNIST_REGISTRY)")
-    parser.add_argument("--datasets-file", help="TOML file with more dataset definitions")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
-    parser.add_argument("--poll-seconds", type=float, default=POLL_SECONDS,
-                        help=f"how often to look for a new production version (default {POLL_SECONDS:g})")
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
-                        help=f"rows per request (default {MAX_BATCH}); the largest body read follows from it")
-    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
-                        help=f"seconds a request's head may take to arrive (default {HEADER_TIMEOUT_S:g})")
-    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
-                        help=f"seconds a request's body may take to arrive (default {BODY_TIMEOUT_S:g})")
-    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS,
-                        help=f"open connections at once; more are answered 503 (default {MAX_CONNECTIONS})")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import uvicorn
-
-    from tasks.datasets import DatasetConfigError, load_catalog, select_datasets
-    from tasks.model_io import import_keras
-    from tasks.settings import Settings
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        specs = select_datasets(load_catalog(args.datasets_file), [n.strip() for n in args.dataset.split(",")])
-    except DatasetConfigError as exc:
-        print(f"train-mnist serve: {exc}", file=sys.stderr)
-        return 2
-    # The server retries the registry itself, with a backoff; MLflow's client must not stall a try for minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    import_keras()
-    location = args.registry or Settings().registry_location
-    names = {spec.name: list(spec.class_names) for spec in specs}
-    champions = {name: Champion(name, location, len(classes)) for name, classes in names.items()}
-    stop = threading.Event()
-    follow(list(champions.values()), args.poll_seconds, stop)  # the first look at once, in the background
-    limits = Limits(args.max_batch, args.header_timeout, args.body_timeout, args.max_connections)
-    app = create_app(champions, names, limits)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                    http=guarded_protocol(limits), limit_concurrency=limits.max_connections)
-    finally:
-        stop.set()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

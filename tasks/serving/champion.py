@@ -28,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from tasks.datasets import ImageProfile
 from tasks.model_io import compiled_forward
 from tasks.publishing.canary import LATENCY_ROWS, check_loaded
+from tasks.validation.profiling import read_profile
 
 logger = logging.getLogger("train_mnist.serving")
 POLL_SECONDS = 5.0
@@ -53,6 +55,7 @@ class Served:
     forward: Callable[[np.ndarray], np.ndarray]  # (N, 784) raw pixels -> (N, classes) probabilities, traced once
     where: str  # inside the registry: <dataset>/<version>/model.keras, or models:/<dataset>/<version>
     since: str  # when it was swapped in (UTC, ISO 8601)
+    trained_on: ImageProfile | None = None  # its train split's profile, what live drift is measured against
 
 
 @dataclass
@@ -88,6 +91,10 @@ class Champion:
     classes: int  # the dataset's classes: a version answering with another number is not served
     current: Served | None = None
     problem: Problem | None = None
+    on_swap: Callable[[Served], None] | None = None  # told of each version swapped in (drift monitor, metrics)
+    swaps: int = 0
+    refusals: int = 0  # failed tries of a version production names
+    registry_failures: int = 0  # failed reads of the production pointer
     _registry: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -129,11 +136,15 @@ class Champion:
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, the old version keeps serving
                 reason = f"{type(exc).__name__}: {self._scrubbed(first_line(exc))}"
                 self.problem = self.problem.again(reason) if retry else first_problem(reason, version)
+                self.refusals += 1
                 logger.warning("%s: production names %s, but it is not served (try %d: %s); still serving %s; next "
                                "try at %s", self.dataset, version, self.problem.attempts, reason,
                                self.current.version if self.current else "nothing", stamp(self.problem.next_try))
                 return
             previous, self.current, self.problem = self.current, candidate, None
+            self.swaps += 1
+            if self.on_swap is not None:
+                self.on_swap(candidate)
             logger.info("%s: now serving %s (was %s)", self.dataset, version, previous.version if previous else "none")
 
     def _open(self):
@@ -143,6 +154,7 @@ class Champion:
         return self._registry
 
     def _failed(self, reason: str) -> None:
+        self.registry_failures += 1
         retry = self.problem is not None and self.problem.version is None
         self.problem = self.problem.again(reason) if retry else first_problem(reason)
         logger.warning("%s: %s (try %d; next try at %s)", self.dataset, reason, self.problem.attempts,
@@ -160,10 +172,17 @@ class Champion:
             if batch is None:
                 raise ValueError(f"{version} has no canary batch; it cannot be checked before serving")
             check = check_loaded(model, batch, load_s, reference_latency_s=self._serving_latency(batch))
-        if not check.passed:
-            raise ValueError("its canary check failed: " + "; ".join(r for r in check.reasons if r.startswith("FAIL")))
+            if not check.passed:
+                raise ValueError("its canary check failed: "
+                                 + "; ".join(r for r in check.reasons if r.startswith("FAIL")))
+            trained_on = self._training_profile(registry, version, Path(tmp))
         return Served(version, compiled_forward(model), self._inside_registry(where, version),
-                      stamp(now()))
+                      stamp(now()), trained_on)
+
+    def _training_profile(self, registry, version: str, tmp: Path) -> ImageProfile | None:
+        """The version's train-split profile, if it was published with one (older versions were not)."""
+        profile = read_profile(registry.version_profile(self.dataset, version, tmp))
+        return profile.get("train") if profile else None
 
     def _serving_latency(self, batch: Path) -> float | None:
         """How long the version serving now takes for the canary's latency rows, timed now, under today's load."""

@@ -22,6 +22,7 @@ from tasks.datasets import (
     DatasetSpec,
     ImageProfile,
     Reference,
+    Tolerances,
 )
 
 PROFILE_FILE = artifacts.PROFILE_FILE
@@ -101,6 +102,13 @@ def mean_image_distance(a: ImageProfile, b: ImageProfile) -> dict[str, float]:
     return {"mean_image_rmse": rmse, "noise": noise}
 
 
+def image_drift(current: ImageProfile, reference: ImageProfile, tolerances: Tolerances) -> dict[str, float]:
+    """The mean-image distance and the threshold it is checked against: the tolerance plus sampling noise."""
+    distance = mean_image_distance(current, reference)
+    distance["threshold"] = tolerances.max_mean_image_rmse + NOISE_SIGMAS * distance["noise"]
+    return distance
+
+
 def geometry_drift(spec: DatasetSpec, profiles: dict[str, SplitProfile | None],
                    champion: dict[str, ImageProfile] | None) -> dict[str, dict[str, float]]:
     """Mean-image distances of each split to the reference profile, to the champion's same split, and of
@@ -109,9 +117,7 @@ def geometry_drift(spec: DatasetSpec, profiles: dict[str, SplitProfile | None],
     current = {split: p.image_profile() for split, p in profiles.items() if p is not None and p.mean_image is not None}
 
     def add(name: str, a: ImageProfile, b: ImageProfile) -> None:
-        distance = mean_image_distance(a, b)
-        distance["threshold"] = spec.tolerances.max_mean_image_rmse + NOISE_SIGMAS * distance["noise"]
-        measured[name] = distance
+        measured[name] = image_drift(a, b, spec.tolerances)
 
     reference = spec.reference.profile if spec.reference is not None else None
     for split, profile in current.items():
@@ -181,3 +187,30 @@ def label_drift(counts: list[int], reference: Reference) -> dict[str, float]:
              for p, q in zip(observed, expected, strict=True) if p > 0)
     ratio = min(p / q for p, q in zip(observed, expected, strict=True) if q > 0)
     return {"label_kl": kl, "min_class_share_ratio": ratio}
+
+
+def serving_drift(pixels: np.ndarray, predicted_counts: list[int], spec: DatasetSpec,
+                  trained_on: ImageProfile) -> dict[str, dict[str, float]]:
+    """Validation's drift statistics for rows a model server scored, against the profile of the rows the model
+    was trained on: each statistic's ``value`` and the ``threshold`` it must stay at or under.
+
+    The same definitions and tolerances as validation's checks: the relative shift of the pixel mean and of
+    the pixel std (``pixel_mean_rel_tol``, ``pixel_std_rel_tol``), the mean-image distance with its noise
+    allowance (``max_mean_image_rmse``), and the label KL divergence (``max_label_kl``), here of the predicted
+    classes, since served rows come without labels, against the dataset's reference class balance."""
+    tol = spec.tolerances
+    mean, std = pixel_mean_std(pixels)
+    trained_mean = float(np.mean(trained_on.mean_image))
+    window = ImageProfile(rows=len(pixels), pixel_std=std,
+                          mean_image=tuple(pixels.sum(axis=0, dtype=np.float64) / len(pixels)))
+    image = image_drift(window, trained_on, tol)
+    scores = {
+        "pixel_mean_shift": {"value": abs(mean - trained_mean) / trained_mean, "threshold": tol.pixel_mean_rel_tol},
+        "pixel_std_shift": {"value": abs(std - trained_on.pixel_std) / trained_on.pixel_std,
+                            "threshold": tol.pixel_std_rel_tol},
+        "mean_image_rmse": {"value": image["mean_image_rmse"], "threshold": image["threshold"]},
+    }
+    if spec.reference is not None:
+        scores["predicted_class_kl"] = {"value": label_drift(predicted_counts, spec.reference)["label_kl"],
+                                        "threshold": tol.max_label_kl}
+    return scores
