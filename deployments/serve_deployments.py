@@ -8,6 +8,10 @@ The same deployments as ``deployments/prefect.yaml`` (the work-pool path), defin
   ``serve.py`` keeps ``nightly`` sequential: on one machine the datasets would only share its cores.
 * ``train-mnist/smoke``: one epoch on 5,000 MNIST rows with low gates, on demand, published to a
   separate registry (``data/smoke-registry``) so it never moves a production pointer.
+* ``train-mnist/dataset`` also starts on ``train-mnist.data.changed`` and ``train-mnist.drift.detected`` events for
+  the dataset they name (debounced by the run's guard, ``tasks.orchestration.triggers``).
+* ``data-watch/train-mnist``: every 10 minutes, emits ``train-mnist.data.changed`` for each dataset whose files at the
+  source changed since its last look (``flows/data_watch.py``).
 * ``rollback/train-mnist``, ``pin/train-mnist``, ``unpin/train-mnist``: the operator's actions
   (``flows/operations.py``), on demand from the UI's run form.
 
@@ -21,19 +25,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
-from prefect.schedules import Cron
+from prefect.schedules import Cron, Interval
 
+from flows.data_watch import data_watch
 from flows.operations import pin_flow, rollback_flow, unpin_flow
 from flows.train import train_mnist
 from tasks.orchestration.fanout import DATASET_DEPLOYMENT
+from tasks.orchestration.triggers import DEBOUNCE_MINUTES, retrain_trigger
 from tasks.settings import PROJECT_ROOT
 
 NIGHTLY_CRON = "0 2 * * *"
+DATA_WATCH_MINUTES = 10.0
 # Prefect names a deployment <flow>/<name>: the operator's flows are rollback, pin and unpin.
 OPERATIONS_DEPLOYMENT = "train-mnist"
 TIMEZONE = "UTC"
@@ -60,12 +68,27 @@ def nightly() -> RunnerDeployment:
     )
 
 
-def dataset() -> RunnerDeployment:
-    """One dataset's run, the child that a fanned-out nightly run creates for each dataset."""
+def dataset(debounce_minutes: float = DEBOUNCE_MINUTES) -> RunnerDeployment:
+    """One dataset's run: the child that a fanned-out nightly run creates for each dataset, and the run that new
+    data or live drift starts (its event trigger, debounced by the run's guard)."""
     return train_mnist.to_deployment(
         name=DATASET_DEPLOYMENT.split("/", 1)[1],
-        description="One dataset's run, created by a fanned-out nightly run for each of its datasets.",
+        description="One dataset's run, created by a fanned-out nightly run for each of its datasets, or by new "
+                    "data or drift.",
         parameters={"fan_out": False},
+        triggers=[retrain_trigger(debounce_minutes)],
+        tags=TAGS,
+    )
+
+
+def data_watch_deployment(every_minutes: float = DATA_WATCH_MINUTES) -> RunnerDeployment:
+    """The data-arrival check on a short interval; a check still running when the next is due is dropped."""
+    return data_watch.to_deployment(
+        name=OPERATIONS_DEPLOYMENT,
+        description="Look for changed files at the source; emit train-mnist.data.changed for each dataset that "
+                    "has some.",
+        schedules=[Interval(timedelta(minutes=every_minutes), slug="data-watch")],
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
         tags=TAGS,
     )
 
@@ -90,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python deployments/serve_deployments.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=None,
                         help="most flow runs this process executes at once (default: no limit)")
+    parser.add_argument("--data-watch-minutes", type=float, default=DATA_WATCH_MINUTES,
+                        help=f"how often data-watch looks at the source (default {DATA_WATCH_MINUTES:g})")
+    parser.add_argument("--trigger-debounce-minutes", type=float, default=DEBOUNCE_MINUTES,
+                        help="least time between two event-triggered runs of a dataset (default "
+                             f"{DEBOUNCE_MINUTES:g})")
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors in the log
-    serve(nightly(), dataset(), smoke(), *operations(), limit=args.limit)
+    serve(nightly(), dataset(args.trigger_debounce_minutes), smoke(), data_watch_deployment(args.data_watch_minutes),
+          *operations(), limit=args.limit)
     return 0
 
 

@@ -12,15 +12,23 @@ from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, get_run_logger
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 from pydantic import Field, ValidationError
 
 from tasks.conversion.convert import convert_task
-from tasks.datasets import DatasetConfigError, DatasetSpec, load_catalog, select_datasets, with_gate_overrides
+from tasks.datasets import (
+    DATASET_NAMES,
+    DatasetConfigError,
+    DatasetSpec,
+    load_catalog,
+    select_datasets,
+    with_gate_overrides,
+)
 from tasks.download.fetch import RETRY_JITTER, download_task, retry_delays
 from tasks.download.locations import SOURCE_PATTERN
 from tasks.evaluation.evaluate import evaluate_task
 from tasks.orchestration.fanout import CHILD_TIMEOUT_MINUTES, DATASET_DEPLOYMENT, child_outcome, run_child_task
+from tasks.orchestration.triggers import DEBOUNCE_MINUTES, SKIPPED, trigger_guard_task
 from tasks.orchestration.versions import run_version_name
 from tasks.publishing.gate import gate_task
 from tasks.publishing.promote import DEFAULT_TOLERANCE, PromotionPolicy
@@ -43,7 +51,6 @@ from tasks.validation.validate import champion_profile_task, keep_report_task, v
 from tasks.vocabulary import StageFailure
 
 SEED_MAX = 2**32 - 1  # numpy's (and so Keras') seed range
-DATASET_NAMES = r"^\s*[a-z0-9][a-z0-9_-]*\s*(,\s*[a-z0-9][a-z0-9_-]*\s*)*$"
 # Expected failures (each carries its stage) end a dataset's run Failed with one clean message; anything else is
 # a bug and keeps its traceback.
 EXPECTED_FAILURES: tuple[type[BaseException], ...] = (StageFailure,)
@@ -132,6 +139,8 @@ def train_mnist(
     promotion_tolerance: Fraction = DEFAULT_TOLERANCE,
     fan_out: bool = False,
     child_timeout_minutes: Annotated[float, Field(gt=0)] = CHILD_TIMEOUT_MINUTES,
+    triggered_by: Text | None = None,
+    trigger_debounce_minutes: Annotated[float, Field(ge=0)] = DEBOUNCE_MINUTES,
 ) -> dict[str, str] | State:
     """Retrain and publish each requested dataset (``all``, one name, or names separated by commas).
 
@@ -158,6 +167,10 @@ def train_mnist(
             worker is free, and wait for all of them (default: one after the other, in this process).
         child_timeout_minutes: With fan_out, how long to wait for each dataset's run; one still not finished
             is cancelled and named in the failure (with no worker on the train queue it would wait forever).
+        triggered_by: Set by an event trigger (the event's name): the run first checks that no other run is
+            training the dataset and that no triggered run of it started within trigger_debounce_minutes, and
+            ends Skipped if one is or did.
+        trigger_debounce_minutes: With triggered_by, the least time between two triggered runs of a dataset.
     """
     from prefect.runtime import deployment, flow_run
 
@@ -171,6 +184,9 @@ def train_mnist(
         get_run_logger().error("%s", message)
         return Failed(message=message, data=NotPublished(message))
     specs = [with_gate_overrides(s, min_accuracy, min_class_recall) for s in specs]
+    if triggered_by and (skip := trigger_guard_task([s.name for s in specs], trigger_debounce_minutes)):
+        get_run_logger().info("%s: not training now: %s", triggered_by, skip)
+        return Completed(name=SKIPPED, message=skip)
     version = run_version()
     if fan_out:
         children = [run_child_task.submit(DATASET_DEPLOYMENT, spec.name, dict(flow_run.parameters),

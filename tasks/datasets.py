@@ -19,6 +19,8 @@ from tasks.training.recipes import Recipe
 IMAGE_SIDE = 28
 IMAGE_SHAPE = (IMAGE_SIDE, IMAGE_SIDE)
 NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+# A flow's ``dataset`` parameter: "all", one name, or names separated by commas.
+DATASET_NAMES = r"^\s*[a-z0-9][a-z0-9_-]*\s*(,\s*[a-z0-9][a-z0-9_-]*\s*)*$"
 PIXEL_MIN, PIXEL_MAX = 0, 255
 LABEL_COLUMN = "label"
 PIXEL_COLUMNS = tuple(f"pixel{i}" for i in range(1, NUM_PIXELS + 1))

@@ -6,6 +6,8 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
+
 from tasks.datasets import DatasetSpec
 from tasks.settings import BUNDLED_MIRROR
 from tasks.storage import sha256_file
@@ -14,12 +16,14 @@ SLICE_ROWS = {"train": 3000, "test": 600}
 TINY_TRAIN, TINY_ROWS = "mnist/mnist_train.csv.gz", 40  # the download tests' mirror (conftest's tiny_mirror)
 
 
-def cut_slice(src: Path, dest: Path, rows: int, keep_header: bool) -> Path:
-    """The first ``rows`` data rows of a real .csv.gz file (plus its header line, if it has one)."""
+def cut_slice(src: Path, dest: Path, rows: int, keep_header: bool, skip: int = 0) -> Path:
+    """``rows`` data rows of a real .csv.gz file after its first ``skip`` (plus its header line, if it has one)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(src, "rt", newline="") as fin, gzip.open(dest, "wt", newline="") as fout:
         if keep_header:
             fout.write(fin.readline())
+        for _ in zip(range(skip), fin, strict=False):
+            pass
         for _, line in zip(range(rows), fin, strict=False):
             fout.write(line)
     return dest
@@ -58,3 +62,10 @@ train = {{ path = "mnist/mnist_train.csv.gz" }}
 test = {{ path = "{test}" }}
 gates = {{ min_accuracy = {min_accuracy}, min_class_recall = 0.0 }}
 """ for name in names)
+
+
+def slice_pixels(path: Path, rows: int | None = None) -> np.ndarray:
+    """The pixels (N, 784) uint8 of a headerless .csv.gz slice, the first ``rows`` of them."""
+    with gzip.open(path, "rt") as fin:
+        lines = [line for _, line in zip(range(rows) if rows else iter(int, 1), fin, strict=False)]
+    return np.array([[int(v) for v in line.split(",")[1:]] for line in lines], dtype=np.uint8)
