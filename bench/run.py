@@ -239,6 +239,11 @@ def serving_main(args: argparse.Namespace) -> int:
         if isinstance(row, dict) and "rows_per_s" in row:
             print(f"{key:28} {row['requests_per_s']:9.1f} req/s {row['rows_per_s']:10.1f} rows/s "
                   f"p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  failures {row['failures']}")
+    scrape = details["metrics_scrape"]
+    print(f"/metrics read every {scrape['scrape_every_s']:g} s ({scrape['scrapes']} reads): batch-1 rows/s "
+          f"{scrape['rows_per_s']['with']:.1f} with, {scrape['rows_per_s']['without']:.1f} without "
+          f"(ratio {scrape['rows_per_s_ratio']:.3f}); p99 {scrape['p99_ms']['with']:.2f} / "
+          f"{scrape['p99_ms']['without']:.2f} ms")
     print(f"swap: {details['swap']}")
     print(f"\nwrote {args.output} and {kept.relative_to(PROJECT_ROOT)}")
     return 0

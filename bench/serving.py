@@ -135,6 +135,8 @@ def bench_serving(work: Path) -> dict[str, Any]:
                 ratio = results[f"train_mnist_batch_{rows}"]["rows_per_s"] / results[f"mlflow_batch_{rows}"]["rows_per_s"]
                 results[f"rows_per_s_ratio_batch_{rows}"] = ratio
             results["p99_ratio_batch_1"] = results["train_mnist_batch_1"]["p99_ms"] / results["mlflow_batch_1"]["p99_ms"]
+            log("train-mnist serve at batch 1 with and without a scraper on /metrics ...")
+            results["metrics_scrape"] = scrape_cost(ours, pixels[:1])
             log("moving the alias with a second flow run; timing the swap ...")
             results["swap"] = time_the_swap(ours, tracking.url, work, version, pixels[:1])
         finally:
@@ -142,6 +144,40 @@ def bench_serving(work: Path) -> dict[str, Any]:
                 stop(proc)
     results["served_version"] = version
     return results
+
+
+SCRAPE_EVERY_S = 0.1  # 150x Prometheus's usual 15 s: a scrape's cost, if any, shows
+SCRAPE_ROUNDS = 3
+
+
+def scrape_cost(url: str, pixels: np.ndarray) -> dict[str, Any]:
+    """The same batch-1 load with and without a thread reading ``/metrics`` every ``SCRAPE_EVERY_S``, alternated
+    ``SCRAPE_ROUNDS`` times; the median of each side and their ratio (1.0: no cost)."""
+    import httpx
+
+    def scraper(stop: threading.Event, scrapes: list[int]) -> None:
+        with httpx.Client(timeout=10) as http:
+            while not stop.wait(SCRAPE_EVERY_S):
+                http.get(f"{url}/metrics").raise_for_status()
+                scrapes[0] += 1
+
+    sides: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
+    scrapes = [0]
+    for _ in range(SCRAPE_ROUNDS):
+        for side in sides:
+            stop = threading.Event()
+            thread = threading.Thread(target=scraper, args=(stop, scrapes)) if side == "with" else None
+            if thread:
+                thread.start()
+            sides[side].append(load(oip_sender(url, pixels), len(pixels), seconds=SECONDS / 2))
+            stop.set()
+            if thread:
+                thread.join()
+    median = {side: sorted(r["rows_per_s"] for r in runs)[len(runs) // 2] for side, runs in sides.items()}
+    p99 = {side: sorted(r["p99_ms"] for r in runs)[len(runs) // 2] for side, runs in sides.items()}
+    return {"rows_per_s": median, "p99_ms": p99, "rows_per_s_ratio": median["with"] / median["without"],
+            "scrapes": scrapes[0], "scrape_every_s": SCRAPE_EVERY_S, "rounds": sides,
+            "failures": sum(r["failures"] for runs in sides.values() for r in runs)}
 
 
 def time_the_swap(url: str, registry: str, work: Path, old: str, pixels: np.ndarray) -> dict[str, Any]:
