@@ -200,6 +200,10 @@ def mlflow_server_command(pg: Postgres, artifacts: Path, host: str, port: int, d
             "--backend-store-uri", pg.url(database), "--artifacts-destination", str(artifacts)]
 
 
+def _stop_like_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="folder for the database cluster and artifacts")
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-port", type=int, default=5000)
     args = parser.parse_args(argv)
     root = args.root.expanduser().resolve()
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a service manager's stop must stop all three too
     try:
         postgres, pg = start_postgres(root, args.postgres_port, root / "postgres.log")
     except PostgresTrouble as trouble:

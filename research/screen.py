@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-steps", type=int, default=0,
                         help="instead of training: time this many steps of each candidate and of today's recipe, "
                              "and print each candidate's training time as a ratio of today's (research/step_time.py)")
+    parser.add_argument("--fresh", type=int, default=0, metavar="REPEATS",
+                        help="with --time-steps: time each model in a fresh process, alternating, REPEATS times")
     parser.add_argument("--policy", default="float32", choices=("float32", "mixed_bfloat16"),
                         help="with --time-steps: the Keras dtype policy the candidates are timed under")
     args = parser.parse_args(argv)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.only.split(","))
         candidates = [c for c in candidates if c["name"] in wanted]
     if args.time_steps:
-        return time_main(candidates, args.time_steps, args.policy)
+        return time_main(candidates, args.time_steps, args.policy, args.fresh)
     if args.out is None:
         parser.error("--out is required to screen")
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -152,15 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def time_main(candidates: list[dict], steps: int, policy: str) -> int:
+def time_main(candidates: list[dict], steps: int, policy: str, fresh: int = 0) -> int:
     """``--time-steps``: each candidate's night of training as a ratio of today's recipe's, in one process."""
     from research.step_time import time_ratios
 
-    rows = time_ratios(candidates, steps, policy)
+    rows = time_ratios(candidates, steps, policy, fresh)
     for row in rows:
         print(f"{row['name']:46} {row['policy']:15} {row['steps_per_s']:7.2f} steps/s  night {row['night_seconds']:7.1f} s"
               f"  today's {row['todays_night_seconds']:7.1f} s  time ratio {row['time_ratio']:.3f}")
-    kept = keep("time-ratio", steps=steps, policy=policy, candidates=rows)
+    kept = keep("time-ratio", steps=steps, policy=policy, fresh_process_repeats=fresh, candidates=rows)
     print(f"wrote {kept}")
     return 0
 

@@ -30,6 +30,7 @@ def step_timer(config, steps: int, policy: str = "float32", num_classes: int = 1
 
     from tasks.datasets import NUM_PIXELS
     from tasks.training.architectures import build_model
+    from tasks.training.fitting import training_targets
     from tasks.training.train import seed_everything
 
     seed_everything(config.seed)
@@ -37,7 +38,7 @@ def step_timer(config, steps: int, policy: str = "float32", num_classes: int = 1
     rng = np.random.default_rng(config.seed)
     rows = config.batch_size * steps
     x = rng.integers(0, 256, (rows, NUM_PIXELS)).astype(np.float32)
-    y = rng.integers(0, num_classes, rows)
+    y = training_targets(config, rng.integers(0, num_classes, rows), num_classes)  # one-hot with label smoothing
     model = build_model(config, num_classes, steps_per_epoch=steps)
     warm = config.batch_size * WARMUP_STEPS
     model.fit(x[:warm], y[:warm], batch_size=config.batch_size, epochs=1, verbose=0)
@@ -62,6 +63,31 @@ def seconds_per_step(configs: dict[str, tuple[Any, str]], steps: int) -> dict[st
     return {key: statistics.median(times) for key, times in passes.items()}
 
 
+def _one_config_seconds_per_step(job: tuple[dict, str, int]) -> float:
+    """In a fresh process: one config's median seconds per step over ``ROUNDS`` passes."""
+    from tasks.training.recipes import TrainConfig
+
+    fields, policy, steps = job
+    one_pass = step_timer(TrainConfig(**fields), steps, policy)
+    return statistics.median(one_pass() for _ in range(ROUNDS))
+
+
+def fresh_seconds_per_step(configs: dict[str, tuple[Any, str]], steps: int, repeats: int) -> dict[str, float]:
+    """Like ``seconds_per_step``, but each measurement in a fresh process (nothing one model's run leaves behind
+    in the allocator, the thread pools or the traced graphs can slow the next one), the configs alternating
+    ``repeats`` times; each config's median over its repeats."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    times: dict[str, list[float]] = {key: [] for key in configs}
+    for _ in range(repeats):
+        for key, (config, policy) in configs.items():
+            with context.Pool(1, maxtasksperchild=1) as pool:
+                times[key].append(pool.apply(_one_config_seconds_per_step,
+                                             ((config.model_dump(), policy, steps),)))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def night_steps(config) -> int:
     """Training steps of ``config`` in a nightly run on the full train split, at its planned epochs."""
     from tasks.training.fitting import split_rows
@@ -70,7 +96,8 @@ def night_steps(config) -> int:
     return math.ceil(len(fit_idx) / config.batch_size) * config.epochs
 
 
-def time_ratios(candidates: list[dict[str, Any]], steps: int, policy: str = "float32") -> list[dict[str, Any]]:
+def time_ratios(candidates: list[dict[str, Any]], steps: int, policy: str = "float32",
+                fresh_repeats: int = 0) -> list[dict[str, Any]]:
     """Each candidate's night of training in seconds, and as a ratio of its dataset's nightly recipe's (timed
     in float32, as it trains)."""
     from tasks.datasets import load_catalog
@@ -86,7 +113,8 @@ def time_ratios(candidates: list[dict[str, Any]], steps: int, policy: str = "flo
     for candidate in candidates:
         fields = {k: v for k, v in candidate.items() if k not in ("name", "dataset")}
         configs[candidate["name"]] = (TrainConfig(**fields), "float32" if candidate in controls else policy)
-    per_step = seconds_per_step(configs, steps)
+    per_step = (fresh_seconds_per_step(configs, steps, fresh_repeats) if fresh_repeats
+                else seconds_per_step(configs, steps))
     rows = []
     for candidate in candidates:
         config, dataset = configs[candidate["name"]][0], candidate["dataset"]

@@ -78,7 +78,11 @@ def test_one_command_starts_prefect_and_mlflow_with_their_state_in_postgres_and_
         assert psql(pg, "prefect", "SELECT count(*) FROM flow WHERE name = 'team-servers-check'") == "1"
         assert "created database" not in (root / "team.log").read_text().split("Ctrl-C stops all three")[-1]
     finally:
+        os.killpg(again.pid, signal.SIGTERM)  # what a service manager sends: it must stop all three as well
+        assert again.wait(timeout=60) == 0, tail(root / "team.log")
         stop(again)
+    for port in ports.values():
+        wait_for(lambda port=port: not _listening(port), 30, f"port {port} closed after SIGTERM")
 
 
 def _every_command_line() -> str:
