@@ -236,7 +236,7 @@ def serving_main(args: argparse.Namespace) -> int:
     kept = keep_record("serving", results)
     print(table(results))
     for key, row in details.items():
-        if isinstance(row, dict) and "rows_per_s" in row:
+        if isinstance(row, dict) and isinstance(row.get("rows_per_s"), float):
             print(f"{key:28} {row['requests_per_s']:9.1f} req/s {row['rows_per_s']:10.1f} rows/s "
                   f"p50 {row['p50_ms']:8.2f} ms  p99 {row['p99_ms']:8.2f} ms  failures {row['failures']}")
     scrape = details["metrics_scrape"]
