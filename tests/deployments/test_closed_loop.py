@@ -143,7 +143,8 @@ def model_server(server, place, first_version, receiver) -> Iterator[str]:
     env = {**server.env, "TRAIN_MNIST_ALERT_WEBHOOK": receiver.url}
     proc = spawn([TRAIN_MNIST, "serve", "--dataset", DATASET, "--datasets-file", str(place["datasets_file"]),
                   "--registry", str(place["registry"]), "--port", str(port), "--poll-seconds", "120",
-                  "--drift-window", "300", "--drift-hold-seconds", str(HOLD_S)], env, place["root"], log)
+                  "--drift-window", "300", "--drift-hold-seconds", str(HOLD_S),
+                  "--sample-rate", "0.5", "--sample-dir", str(place["root"] / "samples")], env, place["root"], log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: http_ok(f"{url}/v2/health/ready"), 180, "train-mnist serve ready", log, proc)
@@ -205,6 +206,33 @@ def triggered_runs(server: Server, event: str) -> list:
             if r.parameters.get("triggered_by") == event]
 
 
+def counters(url: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return {(s.labels["version"], s.labels["code"]): s.value for s in families["train_mnist_inference_requests"].samples
+            if s.name.endswith("_total") and s.labels["model"] == DATASET}
+
+
+def test_metrics_count_the_requests_sent_by_status_code_and_version(place, model_server, first_version):
+    rows = slice_pixels(place["mirror"] / TEST, 16)
+    before = counters(model_server)
+    good = {"inputs": [{"name": "pixels", "shape": [2, 784], "datatype": "UINT8", "data": rows[:2].reshape(-1).tolist()}]}
+    bad = {"inputs": [{"name": "pixels", "shape": [1, 784], "datatype": "FP32", "data": [0.5] * 784}]}
+    with httpx.Client(timeout=30) as http:
+        codes = [http.post(f"{model_server}/v2/models/{DATASET}/infer", json=good).status_code for _ in range(7)]
+        codes += [http.post(f"{model_server}/v2/models/{DATASET}/infer", json=bad).status_code for _ in range(3)]
+        codes += [http.post(f"{model_server}/v2/models/{DATASET}/versions/nope/infer", json=good).status_code
+                  for _ in range(2)]
+        codes += [http.post(f"{model_server}/v2/models/unknown/infer", json=good).status_code]
+    assert codes == [200] * 7 + [400] * 3 + [404] * 3
+    after = counters(model_server)
+    sent = {key: after.get(key, 0) - before.get(key, 0) for key in after}
+    assert {k: v for k, v in sent.items() if v} == {(first_version, "200"): 7, (first_version, "400"): 3,
+                                                     (first_version, "404"): 2}
+
+
 def test_new_data_at_the_mirror_is_trained_published_and_served_with_no_failed_request(
         server, place, model_server, first_version):
     rows = slice_pixels(place["mirror"] / TEST)
@@ -257,3 +285,14 @@ def test_inputs_from_another_distribution_raise_one_drift_event_one_alert_and_a_
     wait_for(lambda: triggered_runs(server, "train-mnist.drift.detected"), 120, "a run triggered by the drift event")
     metadata = httpx.get(f"{model_server}/v2/models/{DATASET}", timeout=10).json()
     assert metadata["parameters"]["drift"]["episodes"] == 1
+
+
+def test_sampled_rows_are_kept_as_parquet_with_the_version_that_answered(place, model_server, first_version):
+    import pyarrow.parquet as pq
+
+    files = wait_for(lambda: sorted((place["root"] / "samples").glob("samples-*.parquet")), 120,
+                     "the first file of sampled rows")
+    table = pq.read_table(files[0])
+    assert table.num_rows > 0 and {"served_at", "model", "version", "predicted", "pixel784"} <= set(table.column_names)
+    assert set(table["model"].to_pylist()) == {DATASET}
+    assert first_version in set(pq.read_table(files[0])["version"].to_pylist())
