@@ -191,6 +191,24 @@ def stop(proc: subprocess.Popen, grace_s: float = 30) -> None:
             pass
 
 
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 30) -> None:
+    """SIGTERM (their graceful stop) to each server's process group at once, SIGKILL to what is left after
+    ``grace_s``: stopping them one after the other could take a grace period each."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
 def prefect_server_command(host: str, port: int) -> list[str]:
     return [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", host, "--port", str(port)]
 
@@ -240,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {trouble}", file=sys.stderr)
         return 1
     finally:
-        for proc in reversed(procs):
-            stop(proc)
+        for stopping in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the cleanup short
+            signal.signal(stopping, signal.SIG_IGN)
+        stop_all(procs[1:])  # the Prefect and MLflow servers at once, then the database they were using
+        stop(postgres)
 
 
 if __name__ == "__main__":

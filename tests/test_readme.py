@@ -117,7 +117,7 @@ def local_env(scratch, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def served(scratch, local_env, tmp_path_factory) -> Iterator[tuple[dict[str, str], Path]]:
     """A Prefect server and ``python deployments/serve_deployments.py`` (from the scratch copy); the env to reach them, its log."""
-    with prefect_server(tmp_path_factory.mktemp("readme-server")) as server:
+    with prefect_server(tmp_path_factory.mktemp("readme-server"), scheduler=False) as server:
         yield from _serve(scratch, local_env, server)
 
 

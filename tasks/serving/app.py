@@ -100,7 +100,6 @@ def create_app(champions: dict[str, Champion], class_names: dict[str, list[str]]
     monitors = monitors or {}
     metrics = ServerMetrics(champions, monitors, class_names)
     app = FastAPI(title="train-mnist model server", description="Open Inference Protocol (KServe v2 REST)")
-    app.state.metrics = metrics
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

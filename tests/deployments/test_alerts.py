@@ -48,7 +48,7 @@ def started() -> Iterator[list[subprocess.Popen]]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A server of its own: its automations and notifications must see this module's runs only."""
-    with prefect_server(tmp_path_factory.mktemp("prefect")) as running:
+    with prefect_server(tmp_path_factory.mktemp("prefect"), scheduler=False) as running:
         yield running
 
 

@@ -74,7 +74,8 @@ def http_mirror_module():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, postgres) -> Iterator[Server]:
     """A Prefect server of this module's own: no run of another module can look like a night in progress."""
-    with prefect_server(tmp_path_factory.mktemp("loop-prefect"), postgres, fresh_database(postgres, "loop")) as running:
+    with prefect_server(tmp_path_factory.mktemp("loop-prefect"), postgres, fresh_database(postgres, "loop"),
+                        scheduler=False) as running:
         yield running
 
 

@@ -68,7 +68,7 @@ def test_one_command_starts_prefect_and_mlflow_with_their_state_in_postgres_and_
         assert password not in (root / "postgres.log").read_text(errors="replace")
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=60) == 0, tail(root / "team.log")
+        assert proc.wait(timeout=120) == 0, tail(root / "team.log")
     for port in ports.values():  # all three are gone
         wait_for(lambda port=port: not _listening(port), 30, f"port {port} closed after Ctrl-C")
 
@@ -79,7 +79,7 @@ def test_one_command_starts_prefect_and_mlflow_with_their_state_in_postgres_and_
         assert "created database" not in (root / "team.log").read_text().split("Ctrl-C stops all three")[-1]
     finally:
         os.killpg(again.pid, signal.SIGTERM)  # what a service manager sends: it must stop all three as well
-        assert again.wait(timeout=60) == 0, tail(root / "team.log")
+        assert again.wait(timeout=120) == 0, tail(root / "team.log")
         stop(again)
     for port in ports.values():
         wait_for(lambda port=port: not _listening(port), 30, f"port {port} closed after SIGTERM")

@@ -84,14 +84,20 @@ def server_env(root: Path, url: str) -> dict[str, str]:
 
 
 @contextmanager
-def prefect_server(root: Path, postgres: Postgres | None = None, database: str = "prefect") -> Iterator[Server]:
+def prefect_server(root: Path, postgres: Postgres | None = None, database: str = "prefect",
+                   scheduler: bool = True) -> Iterator[Server]:
     """``prefect server start`` on a free port of 127.0.0.1: its state in ``database`` of ``postgres`` (a
-    team's setup), or without one in a fresh SQLite file under ``root`` (the one-machine default)."""
+    team's setup), or without one in a fresh SQLite file under ``root`` (the one-machine default).
+
+    ``scheduler=False`` for tests that serve the deployments but test no schedule: otherwise a suite running
+    across 02:00 UTC gets a real nightly run, which holds the nightly deployment's one slot for an hour."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = server_env(root, url)
     server_only = postgres.prefect_env(database) if postgres else {}  # the clients need no database
+    if not scheduler:
+        server_only["PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED"] = "false"
     log = root / "server.log"
     proc = spawn([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], {**env, **server_only},
                  root, log)
