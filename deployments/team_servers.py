@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlflow-port", type=int, default=5000)
     args = parser.parse_args(argv)
     root = args.root.expanduser().resolve()
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)  # a service manager's stop must stop all three too
+    # Ctrl-C, and a service manager's stop, must stop all three. Set both explicitly: a process started in the
+    # background of a non-interactive shell inherits SIGINT ignored, and Python then installs no handler for it.
+    for stopping in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stopping, _stop_like_ctrl_c)
     try:
         postgres, pg = start_postgres(root, args.postgres_port, root / "postgres.log")
     except PostgresTrouble as trouble:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tasks.serving.champion import POLL_SECONDS, Champion, Served, follow
 from tasks.serving.limits import BODY_TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CONNECTIONS, Limits, guarded_protocol
-from tasks.serving.monitor import HOLD_S, WINDOW_ROWS, DriftMonitor, DriftSettings, watch
+from tasks.serving.monitor import HOLD_S, MIN_ROWS, WINDOW_ROWS, DriftMonitor, DriftSettings, watch
 from tasks.serving.protocol import MAX_BATCH
 from tasks.serving.sampling import PredictionSampler
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     location = args.registry or Settings().registry_location
     names = {spec.name: list(spec.class_names) for spec in specs}
     notice = drift_notice(args.alert_webhook or os.environ.get(WEBHOOK_ENV), f"http://{args.host}:{args.port}")
-    settings = DriftSettings(window_rows=args.drift_window, min_rows=min(args.drift_window, 200),
+    settings = DriftSettings(window_rows=args.drift_window, min_rows=min(args.drift_window, MIN_ROWS),
                              hold_s=args.drift_hold_seconds)
     monitors = {spec.name: DriftMonitor(spec, settings, notice) for spec in specs}
     champions = {spec.name: Champion(spec.name, location, len(spec.class_names),
