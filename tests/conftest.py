@@ -126,9 +126,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def http_mirror() -> Iterator[callable]:
-    """Start real HTTP servers on 127.0.0.1 serving a directory; returns the base URL."""
+def _http_mirrors() -> Iterator[callable]:
+    """Start real HTTP servers on 127.0.0.1 serving a directory; returns the base URL. Stopped at the end."""
     servers: list[http.server.ThreadingHTTPServer] = []
 
     def serve(directory: Path) -> str:
@@ -142,3 +141,15 @@ def http_mirror() -> Iterator[callable]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def http_mirror() -> Iterator[callable]:
+    """Real HTTP mirrors on 127.0.0.1 for one test (see ``_http_mirrors``)."""
+    yield from _http_mirrors()
+
+
+@pytest.fixture(scope="module")
+def http_mirror_module() -> Iterator[callable]:
+    """Real HTTP mirrors on 127.0.0.1 for a whole test module (see ``_http_mirrors``)."""
+    yield from _http_mirrors()

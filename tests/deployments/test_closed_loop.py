@@ -50,28 +50,6 @@ def place(tmp_path_factory, http_mirror_module) -> dict:
 
 
 @pytest.fixture(scope="module")
-def http_mirror_module():
-    import functools
-    import http.server
-
-    servers = []
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format, *args):  # noqa: A002 - stdlib signature
-            pass
-
-    def serve(directory: Path) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/"
-
-    yield serve
-    for server in servers:
-        server.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, postgres) -> Iterator[Server]:
     """A Prefect server of this module's own: no run of another module can look like a night in progress."""
     with prefect_server(tmp_path_factory.mktemp("loop-prefect"), postgres, fresh_database(postgres, "loop"),
