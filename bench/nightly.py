@@ -7,9 +7,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.common import FULL, Mode, log, timed
+from bench.common import FULL, PROJECT_ROOT, RESULTS_DIR, Mode, cpu_description, log, timed
 from bench.fitclock import FitClock
 from tasks.training.recipes import DEFAULT_SEED
+
+# Every default run as it ends, one JSON line each: a three-seed run cut short keeps the seeds it finished.
+DEFAULT_RUNS = RESULTS_DIR / "default-runs.jsonl"
 
 
 def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAULT_SEED
@@ -31,6 +34,9 @@ def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAUL
     with FitClock().installed() as clock:
         wall, versions = timed(lambda: train_mnist(**run))
     accuracy = published_accuracies(Settings(data_dir=data_dir).runs_dir, versions)
+    if nightly:
+        append_default_run({"seed": seed, "accuracy": accuracy, "wall_seconds": round(wall, 1),
+                            "fit_seconds": round(clock.seconds, 1)})
     return {"overhead_fraction": (wall - clock.seconds) / wall, "accuracy": accuracy, "flow_wall_seconds": wall,
             "details": {"run": "nightly default" if nightly else f"mnist mlp, {mode.epochs} epochs", "seed": seed,
                         "wall_seconds": wall, "fit_seconds": clock.seconds, "samples": clock.samples,
@@ -77,3 +83,22 @@ def task_durations() -> dict[str, float]:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs()
     return {run.name: round(run.total_run_time.total_seconds(), 2) for run in sorted(runs, key=lambda r: r.name)}
+
+
+def append_default_run(run: dict[str, Any], record: Path = DEFAULT_RUNS) -> None:
+    """One finished default run, with the machine, the date, the code's commit and the recipes it trained."""
+    import datetime
+    import json
+    import subprocess
+
+    from tasks.datasets import load_catalog
+
+    recipes = {name: spec.recipe.model_dump(exclude_defaults=True) for name, spec in load_catalog().items()}
+    commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    line = {**run, "recipes": recipes, "machine": cpu_description(), "commit": commit,
+            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with record.open("a") as out:
+        out.write(json.dumps(line) + "\n")
+

@@ -59,7 +59,7 @@ def run_one(job: dict) -> dict:
     import keras
 
     from bench.flops import TRAIN_STEP_FORWARD_MULTIPLE, model_forward_flops
-    from tasks.training.architectures import build_model, with_test_time_views
+    from tasks.training.architectures import as_float32, build_model, with_test_time_views
     from tasks.training.fitting import split_rows, training_targets
     from tasks.training.recipes import TrainConfig
 
@@ -84,10 +84,10 @@ def run_one(job: dict) -> dict:
                         epochs=config.epochs, batch_size=config.batch_size, shuffle=True, verbose=0,
                         callbacks=callbacks)
     seconds = time.perf_counter() - start
-    scored = with_test_time_views(model, config.test_time_views)
-    probabilities = scored.predict(x_test.astype(np.float32), batch_size=2048, verbose=0)
+    saved = as_float32(model, config, num_classes)  # the model the pipeline would save
+    probabilities = with_test_time_views(saved, config.test_time_views).predict(x_test.astype(np.float32), batch_size=2048, verbose=0)
     # The same weights averaged over the five 1-pixel-shifted views: what test_time_views = "shifts" would give.
-    shifted = with_test_time_views(model, "shifts").predict(x_test.astype(np.float32), batch_size=2048, verbose=0)
+    shifted = with_test_time_views(saved, "shifts").predict(x_test.astype(np.float32), batch_size=2048, verbose=0)
     flops = TRAIN_STEP_FORWARD_MULTIPLE * model_forward_flops(model) * len(fit_idx) * len(history.epoch)
     baseline = build_model(TrainConfig(model="cnn-bn"), num_classes)
     budget = TRAIN_STEP_FORWARD_MULTIPLE * model_forward_flops(baseline) * BASELINE_ROWS * BASELINE[job["dataset"]]
@@ -156,13 +156,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def time_main(candidates: list[dict], steps: int, policy: str, fresh: int = 0) -> int:
     """``--time-steps``: each candidate's night of training as a ratio of today's recipe's, in one process."""
-    from research.step_time import time_ratios
+    from research.step_time import time_ratios, whole_night
 
     rows = time_ratios(candidates, steps, policy, fresh)
     for row in rows:
         print(f"{row['name']:46} {row['policy']:15} {row['steps_per_s']:7.2f} steps/s  night {row['night_seconds']:7.1f} s"
               f"  today's {row['todays_night_seconds']:7.1f} s  time ratio {row['time_ratio']:.3f}")
-    kept = keep("time-ratio", steps=steps, policy=policy, fresh_process_repeats=fresh, candidates=rows)
+    nights = whole_night(rows)
+    for row in nights:
+        print(f"{row['name']:46} night {row['night_seconds']:7.1f} s  today's {row['todays_night_seconds']:7.1f} s"
+              f"  time ratio {row['time_ratio']:.3f}")
+    kept = keep("time-ratio", steps=steps, policy=policy, fresh_process_repeats=fresh, candidates=rows,
+                whole_night=nights)
     print(f"wrote {kept}")
     return 0
 

@@ -1,12 +1,14 @@
-"""The time side of issue 19's budget: a candidate's training time as a ratio of today's nightly recipe's.
+"""The time side of the accuracy budget (issues 19 and 25): a candidate's training time as a ratio of the
+baseline recipe's (each dataset's nightly recipe before the campaign, ``BASELINES``).
 
-Both are timed in one process on one machine, as the pipeline trains (deterministic ops): after a few
-warm-up steps that absorb tracing, three rounds each time an equal number of steps of every model in turn,
-and each model's median counts. On random rows of the real shape; then scaled by the steps each recipe runs
-in a night (fit rows / batch size x planned epochs). ``--policy mixed_bfloat16`` times the candidates under
-Keras's bf16 policy against today's recipes in float32 (a speed probe only: the recipes train in float32).
+As the pipeline trains (deterministic ops): after a few warm-up steps that absorb tracing, each model's
+median seconds per step, either in one process (three rounds of every model in turn) or, with
+``--fresh N``, each model in a fresh process, N rounds in rotated order. On random rows of the real shape;
+then scaled by the steps each recipe runs in a night (fit rows / batch size x planned epochs). A candidate
+with ``mixed_bfloat16`` is timed as it trains (bfloat16 where the CPU has it); ``--policy mixed_bfloat16``
+forces Keras's global policy on every candidate (a speed probe). The baseline is timed twice, the second
+time as a control whose ratio says how much to trust the others.
 """
-
 from __future__ import annotations
 
 import math
@@ -75,17 +77,22 @@ def _one_config_seconds_per_step(job: tuple[dict, str, int]) -> float:
 def fresh_seconds_per_step(configs: dict[str, tuple[Any, str]], steps: int, repeats: int) -> dict[str, float]:
     """Like ``seconds_per_step``, but each measurement in a fresh process (nothing one model's run leaves behind
     in the allocator, the thread pools or the traced graphs can slow the next one), the configs alternating
-    ``repeats`` times; each config's median over its repeats."""
+    ``repeats`` times, each round in a rotated order; each config's median over its repeats."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     times: dict[str, list[float]] = {key: [] for key in configs}
-    for _ in range(repeats):
-        for key, (config, policy) in configs.items():
-            with context.Pool(1, maxtasksperchild=1) as pool:
-                times[key].append(pool.apply(_one_config_seconds_per_step,
-                                             ((config.model_dump(), policy, steps),)))
+    for key in rotated_rounds(list(configs), repeats):
+        config, policy = configs[key]
+        with context.Pool(1, maxtasksperchild=1) as pool:
+            times[key].append(pool.apply(_one_config_seconds_per_step, ((config.model_dump(), policy, steps),)))
     return {key: statistics.median(values) for key, values in times.items()}
+
+
+def rotated_rounds(keys: list[str], repeats: int) -> list[str]:
+    """``repeats`` rounds of every key, each round starting one key later: whatever slows the first process of
+    a round (measured: the first one timed was slow in every round) falls on each key alike."""
+    return [key for repeat in range(repeats) for key in keys[repeat % len(keys):] + keys[:repeat % len(keys)]]
 
 
 def night_steps(config) -> int:
@@ -96,15 +103,29 @@ def night_steps(config) -> int:
     return math.ceil(len(fit_idx) / config.batch_size) * config.epochs
 
 
+# The budget's baseline (issue 25): each dataset's nightly recipe before the campaign, kept in the candidates file
+# under these names, so that the ratio keeps its meaning once a new recipe ships in tasks/datasets.toml.
+BASELINES = {"mnist": "mnist-today", "fashion-mnist": "fashion-today"}
+
+
+def baseline_config(dataset: str):
+    """The TrainConfig of ``dataset``'s baseline recipe (``BASELINES``, from research/candidates.toml)."""
+    import tomllib
+
+    from research.screen import CANDIDATES
+    from tasks.training.recipes import TrainConfig
+
+    named = {c["name"]: c for c in tomllib.loads(CANDIDATES.read_text())["candidate"]}
+    return TrainConfig(**{k: v for k, v in named[BASELINES[dataset]].items() if k not in ("name", "dataset")})
+
+
 def time_ratios(candidates: list[dict[str, Any]], steps: int, policy: str = "float32",
                 fresh_repeats: int = 0) -> list[dict[str, Any]]:
-    """Each candidate's night of training in seconds, and as a ratio of its dataset's nightly recipe's (timed
-    in float32, as it trains)."""
-    from tasks.datasets import load_catalog
-    from tasks.training.recipes import TrainConfig, train_config_for
+    """Each candidate's night of training in seconds, and as a ratio of its dataset's baseline recipe's
+    (``BASELINES``, timed in float32, as it trained)."""
+    from tasks.training.recipes import TrainConfig
 
-    catalog = load_catalog()
-    todays = {dataset: train_config_for(catalog[dataset].recipe) for dataset in {c["dataset"] for c in candidates}}
+    todays = {dataset: baseline_config(dataset) for dataset in {c["dataset"] for c in candidates}}
     configs = {f"today:{dataset}": (config, "float32") for dataset, config in sorted(todays.items())}
     # Today's recipe once more, as a candidate: its ratio should be 1.0, and how far it is off is the noise.
     controls = [{"name": f"{dataset}: today's recipe again (control)", "dataset": dataset,
@@ -125,3 +146,18 @@ def time_ratios(candidates: list[dict[str, Any]], steps: int, policy: str = "flo
                      "steps_per_s": round(1 / per_step[candidate["name"]], 2), "night_seconds": round(night, 1),
                      "todays_night_seconds": round(today, 1), "time_ratio": round(night / today, 3)})
     return rows
+
+
+def whole_night(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """With one candidate per dataset: the night of both datasets together (the budget may move between them),
+    the candidates' and the controls', as ratios of today's night."""
+    controls = [row for row in rows if "(control)" in row["name"]]
+    candidates = [row for row in rows if row not in controls]
+    if len({row["dataset"] for row in candidates}) != len(candidates) or len(candidates) != len(controls):
+        return []
+    today = sum(row["todays_night_seconds"] for row in controls)
+    return [{"name": name, "night_seconds": round(sum(r["night_seconds"] for r in group), 1),
+             "todays_night_seconds": round(today, 1),
+             "time_ratio": round(sum(r["night_seconds"] for r in group) / today, 3)}
+            for name, group in (("the night: candidates", candidates), ("the night: controls", controls))]
+

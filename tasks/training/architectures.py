@@ -6,6 +6,8 @@ and (in training only) augments the pixels itself, so the saved ``model.keras`` 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tasks.datasets import IMAGE_SHAPE, NUM_PIXELS
 from tasks.model_io import import_keras
 from tasks.training.recipes import TrainConfig
@@ -41,7 +43,13 @@ def build_model(config: TrainConfig, num_classes: int, steps_per_epoch: int = 1)
             x = layers.RandomTranslation(config.translate, config.translate, interpolation=config.interpolation, fill_mode="constant", seed=config.seed)(x)
         if config.erase:
             x = layers.RandomErasing((config.erase, config.erase), fill_value=0.0, value_range=(0, 1), seed=config.seed)(x)
-        x = CONVNETS[config.model](layers, x)
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(training_dtype_policy(config))
+        try:
+            x = CONVNETS[config.model](layers, x)
+        finally:
+            keras.config.set_dtype_policy(previous)
+    # float32 (the layers' default) even under mixed bfloat16: the softmax and the loss need the precision.
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name=f"train_mnist_{config.model.replace('-', '_')}")
     # Label smoothing needs one-hot targets (training_targets gives them); without it the labels stay as they are.
@@ -49,6 +57,34 @@ def build_model(config: TrainConfig, num_classes: int, steps_per_epoch: int = 1)
             else keras.losses.SparseCategoricalCrossentropy())
     model.compile(optimizer=build_optimizer(config, steps_per_epoch), loss=loss, metrics=["accuracy"])
     return model
+
+
+def training_dtype_policy(config: TrainConfig) -> str:
+    """The convnet body's Keras dtype policy: ``mixed_bfloat16`` where the recipe asks for it and the CPU computes
+    bfloat16 natively (elsewhere it is emulated, slower than float32), else ``float32``."""
+    if config.mixed_bfloat16 and config.model != "mlp" and native_bfloat16():
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 dot products (AVX512_BF16 or AMX-BF16), from /proc/cpuinfo (Linux)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.partition(":")[2].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def as_float32(model, config: TrainConfig, num_classes: int):
+    """``model`` itself if it computes in float32, else the same network built in float32 with its weights
+    (mixed bfloat16 keeps every weight in float32, so nothing is rounded): the model that is saved and scored."""
+    if training_dtype_policy(config) == "float32":
+        return model
+    twin = build_model(config.model_copy(update={"mixed_bfloat16": False}), num_classes)
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def build_optimizer(config: TrainConfig, steps_per_epoch: int):

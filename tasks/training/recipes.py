@@ -43,6 +43,9 @@ class RecipeOptions(_Strict):
     validation_fraction: float = Field(
         default=0.1, ge=0, lt=0.5,
         description="Train rows held out for early stopping; 0: fit on every row for exactly the given epochs")
+    mixed_bfloat16: bool = Field(
+        default=False, description="Convnet layers compute in bfloat16 (weights stay float32) on CPUs that do it "
+        "natively (AVX512_BF16 or AMX); float32 elsewhere. The saved model computes in float32 everywhere")
 
 
 class OptimizerOptions(_Strict):

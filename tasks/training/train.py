@@ -18,7 +18,7 @@ from tasks import artifacts, storage
 from tasks.conversion.parquet import load_xy
 from tasks.model_io import import_keras, save_model
 from tasks.results import TrainedModel
-from tasks.training.architectures import build_model, with_test_time_views
+from tasks.training.architectures import as_float32, build_model, with_test_time_views
 from tasks.training.fitting import split_rows, training_targets, training_weights_keeper
 from tasks.training.recipes import TrainConfig
 from tasks.training.resume import TrainingBackup, backup_key, epoch_permutation
@@ -96,7 +96,8 @@ def train_model(train_parquet: Path, num_classes: int, config: TrainConfig, out_
                                                  "epochs_run": state.epochs_done - state.resumed_after})
     held_out = f"{n_val} held out for validation" if n_val else "none held out"
     plot_training_curves(state.curves, out_dir / artifacts.CURVES_PNG, f"{config.model}: {len(fit_idx)} training rows, {held_out}")
-    path = save_model(with_test_time_views(model, config.test_time_views), out_dir / artifacts.MODEL_FILE)
+    path = save_model(with_test_time_views(as_float32(model, config, num_classes), config.test_time_views),
+                      out_dir / artifacts.MODEL_FILE)
     backup.remove()
     return path
 

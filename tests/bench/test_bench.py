@@ -203,3 +203,40 @@ def test_seconds_per_step_times_each_model_in_rounds_under_its_policy():
     times = seconds_per_step(configs, steps=3)
     assert set(times) == {"f32", "bf16"} and all(0 < t < 60 for t in times.values())
     assert keras.mixed_precision.global_policy().name == "float32"  # left as the pipeline needs it
+
+
+def test_fresh_timing_rounds_start_each_with_the_next_model():
+    from research.step_time import rotated_rounds
+
+    order = rotated_rounds(["a", "b", "c"], 4)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert [order[i] for i in range(0, 12, 3)] == ["a", "b", "c", "a"]  # no model is always timed first
+
+
+def test_the_whole_night_adds_both_datasets_and_checks_the_controls_the_same_way():
+    from research.step_time import whole_night
+
+    rows = [{"name": "m-new", "dataset": "mnist", "night_seconds": 400.0, "todays_night_seconds": 300.0},
+            {"name": "f-new", "dataset": "fashion-mnist", "night_seconds": 600.0, "todays_night_seconds": 700.0},
+            {"name": "mnist: today's recipe again (control)", "dataset": "mnist", "night_seconds": 310.0,
+             "todays_night_seconds": 300.0},
+            {"name": "fashion-mnist: today's recipe again (control)", "dataset": "fashion-mnist",
+             "night_seconds": 690.0, "todays_night_seconds": 700.0}]
+    candidates, controls = whole_night(rows)
+    assert candidates == {"name": "the night: candidates", "night_seconds": 1000.0, "todays_night_seconds": 1000.0,
+                          "time_ratio": 1.0}
+    assert controls["night_seconds"] == 1000.0 and controls["time_ratio"] == 1.0
+    assert whole_night(rows[:1] + rows[2:]) == []  # one candidate for two datasets: no whole night to compare
+
+
+def test_each_default_run_is_appended_with_its_recipes_and_machine(tmp_path):
+    import json
+
+    from bench.nightly import append_default_run
+
+    record = tmp_path / "default-runs.jsonl"
+    for seed in (42, 43):
+        append_default_run({"seed": seed, "accuracy": {"mnist": 0.99}}, record)
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [line["seed"] for line in lines] == [42, 43]
+    assert lines[0]["recipes"]["mnist"]["model"] and lines[0]["machine"]["cpu_model"] and lines[0]["commit"]

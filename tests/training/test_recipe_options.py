@@ -9,6 +9,7 @@ from bench.flops import model_forward_flops
 from tasks.conversion.parquet import load_xy
 from tasks.datasets import load_catalog
 from tasks.model_io import load_model
+from tasks.training import architectures
 from tasks.training.architectures import build_model
 from tasks.training.fitting import training_weights_keeper
 from tasks.training.recipes import Recipe, TrainConfig, train_config_for
@@ -80,3 +81,30 @@ def test_the_saved_model_holds_the_average_and_the_same_seed_gives_the_same_one(
     plain = load_model(train_model(tiny_parquet, 10, config.model_copy(update={"ema": 0.0}), tmp_path / "c"))
     assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
     assert any(not np.allclose(x, y) for x, y in zip(first, plain.get_weights(), strict=True))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_mixed_bfloat16_applies_only_where_the_cpu_computes_it_natively(monkeypatch, native):
+    monkeypatch.setattr(architectures, "native_bfloat16", lambda: native)
+    model = build_model(TrainConfig(model="cnn7", mixed_bfloat16=True), 10)
+    convs = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    assert convs and {layer.compute_dtype for layer in convs} == {"bfloat16" if native else "float32"}
+    assert {w.dtype for w in model.weights} == {"float32"}  # the weights themselves stay float32
+    assert model.output.dtype == "float32" and model.get_layer("scale").compute_dtype == "float32"
+    assert architectures.training_dtype_policy(TrainConfig(model="mlp", mixed_bfloat16=True)) == "float32"
+
+
+def test_a_model_trained_in_mixed_bfloat16_is_saved_in_float32_with_its_weights(monkeypatch, tiny_parquet, tmp_path):
+    monkeypatch.setattr(architectures, "native_bfloat16", lambda: True)  # emulated where the CPU lacks it: slower, same result
+    config = TrainConfig(model="cnn7", epochs=1, train_rows=256, batch_size=64, validation_fraction=0,
+                         mixed_bfloat16=True)
+    trained = build_model(config, 10, steps_per_epoch=4)
+    pixels, labels = load_xy(tiny_parquet, 256)
+    trained.fit(pixels.astype(np.float32), labels, epochs=1, batch_size=64, verbose=0)
+    twin = architectures.as_float32(trained, config, 10)
+    assert {layer.compute_dtype for layer in twin.layers} == {"float32"}
+    assert all(np.array_equal(a, b) for a, b in zip(trained.get_weights(), twin.get_weights(), strict=True))
+    saved = load_model(train_model(tiny_parquet, 10, config, tmp_path / "run"))
+    assert {layer.compute_dtype for layer in saved.layers} == {"float32"}
+    probabilities = saved.predict(pixels[:8].astype(np.float32), verbose=0)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
