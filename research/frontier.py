@@ -1,6 +1,7 @@
-"""Accuracy against CPU-minutes: each dataset's nightly recipe at fractions of its nightly epochs.
+"""Accuracy against CPU-minutes: each dataset's nightly recipe, and the baseline it replaced, at fractions of
+their nightly epochs.
 
-``python bench/run.py --frontier [--budgets 0.25,0.5,1.0] [--seeds 42,43,44]`` writes
+``python bench/run.py --frontier [--budgets 0.5,1.0,1.5] [--seeds 42,43,44] [--recipes shipped,baseline]`` writes
 ``frontier.json`` (every run), ``frontier.md`` (the table) and ``frontier.png`` (the plot) to
 ``--frontier-dir`` (default ``bench/``). Each point is ``tasks.training.train.train_model`` +
 ``tasks.evaluation.evaluate.evaluate_model`` on the full test split, in this process; CPU time is the process's
@@ -23,7 +24,9 @@ from bench.common import keep_record
 from research import RESULTS_DIR
 
 RESEARCH_DIR = Path(__file__).resolve().parent
-DEFAULT_BUDGETS = "0.25,0.5,1.0"
+DEFAULT_BUDGETS = "0.5,1.0,1.5"
+# shipped: tasks/datasets.toml's recipes; baseline: the recipes before the accuracy campaign (research/baselines.toml).
+RECIPE_SETS = ("shipped", "baseline")
 DEFAULT_SEEDS = "42"
 OUTPUT_NAMES = {"json": "frontier.json", "markdown": "frontier.md", "plot": "frontier.png"}
 
@@ -58,10 +61,35 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--seeds", type=parse_seeds, default=parse_seeds(DEFAULT_SEEDS),
                        help=f"one run per seed and budget (default {DEFAULT_SEEDS}); the table gives the mean. "
                             "With --nightly: one default run per seed, accuracies averaged")
+    group.add_argument("--recipes", type=parse_recipe_sets, default=list(RECIPE_SETS),
+                       help="which recipes: shipped (tasks/datasets.toml), baseline (research/baselines.toml), or both "
+                            "(default)")
     group.add_argument("--datasets", default="all", help="built-in dataset names separated by commas (default all)")
     group.add_argument("--train-rows", type=int, default=None,
                        help="use only the first N train rows (a tiny test run; the test split stays whole)")
     group.add_argument("--frontier-dir", type=Path, default=RESEARCH_DIR, help="where the outputs go (default research/)")
+
+
+def parse_recipe_sets(text: str) -> list[str]:
+    chosen = [item.strip() for item in text.split(",")]
+    unknown = sorted(set(chosen) - set(RECIPE_SETS))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"recipes: unknown {unknown}; expected some of {', '.join(RECIPE_SETS)}")
+    return list(dict.fromkeys(chosen))
+
+
+def recipes_of(dataset: str, recipe_sets: list[str]) -> dict[str, Any]:
+    """``dataset``'s recipes by label; a baseline that is the shipped recipe is measured once, as shipped."""
+    from research.step_time import baseline_recipes
+    from tasks.datasets import load_catalog
+
+    found = {"shipped": load_catalog()[dataset].recipe, "baseline": baseline_recipes().get(dataset)}
+    out: dict[str, Any] = {}
+    for label in recipe_sets:
+        recipe = found[label]
+        if recipe is not None and recipe_key(recipe) not in {recipe_key(r) for r in out.values()}:
+            out[label] = recipe
+    return out
 
 
 def epochs_for(budget: float, nightly_epochs: int) -> int:
@@ -92,21 +120,20 @@ def recipe_key(recipe) -> str:
 
 
 def point_key(point: dict[str, Any]) -> tuple:
-    return point["dataset"], point["budget"], point["seed"], point["train_rows"]
+    return point["dataset"], point["recipe"], point["budget"], point["seed"], point["train_rows"]
 
 
-def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, train_rows: int | None,
-                  work: Path) -> dict[str, Any]:
-    """Train the recipe for ``budget`` of its epochs, evaluate on the test split; accuracy, CPU and wall time."""
+def measure_point(spec, label: str, recipe, parquets: dict[str, Path], budget: float, seed: int,
+                  train_rows: int | None, work: Path) -> dict[str, Any]:
+    """Train ``recipe`` for ``budget`` of its epochs, evaluate on the test split; accuracy, CPU and wall time."""
     from bench.fitclock import FitClock
     from tasks.artifacts import CURVES_JSON
     from tasks.evaluation.evaluate import evaluate_model
     from tasks.training.recipes import train_config_for
     from tasks.training.train import train_model
 
-    config = train_config_for(spec.recipe, epochs=epochs_for(budget, spec.recipe.epochs), seed=seed,
-                              train_rows=train_rows)
-    out_dir = work / "runs" / f"{spec.name}-{budget}-{seed}"
+    config = train_config_for(recipe, epochs=epochs_for(budget, recipe.epochs), seed=seed, train_rows=train_rows)
+    out_dir = work / "runs" / f"{spec.name}-{label}-{budget}-{seed}"
     cpu, wall = time.process_time(), time.perf_counter()
     with FitClock().installed() as clock:
         model_path = train_model(parquets["train"], spec.num_classes, config, out_dir)
@@ -116,7 +143,7 @@ def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, tra
     eval_cpu, eval_wall = time.process_time() - cpu, time.perf_counter() - wall
     curves = json.loads((out_dir / CURVES_JSON).read_text())
     return {"dataset": spec.name, "model": config.model, "budget": budget, "epochs": config.epochs,
-            "recipe": recipe_key(spec.recipe),
+            "recipe": recipe_key(recipe), "recipe_name": label,
             "epochs_run": len(next(iter(curves.values()))), "seed": seed, "train_rows": train_rows or "all",
             "test_accuracy": metrics.test_accuracy, "test_rows": metrics.test_rows,
             "cpu_minutes": (train_cpu + eval_cpu) / 60, "wall_minutes": (train_wall + eval_wall) / 60,
@@ -125,16 +152,17 @@ def measure_point(spec, parquets: dict[str, Path], budget: float, seed: int, tra
 
 
 def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per dataset and budget: the mean over seeds, and each run's accuracy."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    """One row per dataset, recipe and budget: the mean over seeds, and each run's accuracy."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for point in points:
-        groups.setdefault((point["dataset"], point["budget"]), []).append(point)
-    return [{"dataset": dataset, "budget": budget, "epochs": runs[0]["epochs"], "model": runs[0]["model"],
+        groups.setdefault((point["dataset"], point["recipe"], point["budget"]), []).append(point)
+    return [{"dataset": dataset, "recipe_name": runs[0].get("recipe_name", "shipped"), "budget": budget,
+             "epochs": runs[0]["epochs"], "model": runs[0]["model"],
              "seeds": [r["seed"] for r in runs], "accuracies": [r["test_accuracy"] for r in runs],
              "mean_accuracy": statistics.fmean(r["test_accuracy"] for r in runs),
              "mean_cpu_minutes": statistics.fmean(r["cpu_minutes"] for r in runs),
              "mean_wall_minutes": statistics.fmean(r["wall_minutes"] for r in runs)}
-            for (dataset, budget), runs in groups.items()]
+            for (dataset, _, budget), runs in groups.items()]
 
 
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -142,11 +170,11 @@ def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [f"Accuracy vs CPU-minutes ({commands}; {meta['machine']['cpus']} CPUs "
              f"{meta['machine']['cpu_model']}, {meta['finished']}; train rows: {row_counts(meta)}).",
              "CPU-minutes: process CPU time of train_model + evaluate_model (all threads); wall in minutes.", "",
-             "| dataset | model | budget | epochs | test accuracy, mean | each seed | CPU-min | wall min |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in sorted(summary, key=lambda r: (r["dataset"], r["budget"])):
+             "| dataset | recipe | model | budget | epochs | test accuracy, mean | each seed | CPU-min | wall min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(summary, key=lambda r: (r["dataset"], r["recipe_name"], r["budget"])):
         each = ", ".join(f"{seed}: {100 * acc:.2f}" for seed, acc in zip(row["seeds"], row["accuracies"], strict=True))
-        lines.append(f"| {row['dataset']} | {row['model']} | {row['budget']:g} | {row['epochs']} | "
+        lines.append(f"| {row['dataset']} | {row['recipe_name']} | {row['model']} | {row['budget']:g} | {row['epochs']} | "
                      f"{100 * row['mean_accuracy']:.2f} % | {each} | {row['mean_cpu_minutes']:.2f} | "
                      f"{row['mean_wall_minutes']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -157,7 +185,7 @@ def row_counts(report: dict[str, Any]) -> str:
 
 
 def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path) -> Path:
-    """One panel per dataset: each run as a dot, the mean over seeds as a line labelled with its budget."""
+    """One panel per dataset: each run as a dot, each recipe's mean over seeds as a line labelled with its budgets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,17 +194,18 @@ def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path
     datasets = list(dict.fromkeys(row["dataset"] for row in summary))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        rows = sorted((r for r in summary if r["dataset"] == dataset), key=lambda r: r["mean_cpu_minutes"])
-        runs = [p for p in points if p["dataset"] == dataset]
-        ax.scatter([p["cpu_minutes"] for p in runs], [100 * p["test_accuracy"] for p in runs], s=12, alpha=0.5,
-                   label="each seed")
-        ax.plot([r["mean_cpu_minutes"] for r in rows], [100 * r["mean_accuracy"] for r in rows], marker="o",
-                label="mean")
-        for r in rows:
-            ax.annotate(f"{r['budget']:g}x ({r['epochs']} ep)", (r["mean_cpu_minutes"], 100 * r["mean_accuracy"]),
-                        textcoords="offset points", xytext=(4, -12), fontsize=8)
-        ax.set(title=f"{dataset} ({rows[0]['model']})", xlabel="CPU-minutes (train + evaluate)",
-               ylabel="test accuracy, %")
+        for name in dict.fromkeys(r["recipe_name"] for r in summary if r["dataset"] == dataset):
+            rows = sorted((r for r in summary if r["dataset"] == dataset and r["recipe_name"] == name),
+                          key=lambda r: r["mean_cpu_minutes"])
+            runs = [p for p in points if p["dataset"] == dataset and p.get("recipe_name", "shipped") == name]
+            line, = ax.plot([r["mean_cpu_minutes"] for r in rows], [100 * r["mean_accuracy"] for r in rows],
+                            marker="o", label=f"{name} ({rows[0]['model']}), mean")
+            ax.scatter([p["cpu_minutes"] for p in runs], [100 * p["test_accuracy"] for p in runs], s=12, alpha=0.4,
+                       color=line.get_color())
+            for r in rows:
+                ax.annotate(f"{r['budget']:g}x ({r['epochs']} ep)", (r["mean_cpu_minutes"], 100 * r["mean_accuracy"]),
+                            textcoords="offset points", xytext=(4, -12), fontsize=8)
+        ax.set(title=dataset, xlabel="CPU-minutes (train + evaluate); dots: each seed", ylabel="test accuracy, %")
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -194,16 +223,18 @@ def write_atomically(dest: Path, text: str) -> None:
 
 
 def run_frontier(datasets: str, budgets: list[float], seeds: list[int], train_rows: int | None, out_dir: Path,
-                 meta: dict[str, Any]) -> dict[str, Any]:
-    """Every (dataset, budget, seed) point, cheapest budgets first; outputs rewritten after each point.
+                 meta: dict[str, Any], recipe_sets: list[str] = list(RECIPE_SETS)) -> dict[str, Any]:
+    """Every (dataset, recipe, budget, seed) point, cheapest budgets first; outputs rewritten after each point.
 
-    Points already in ``out_dir``'s frontier.json for today's recipes are kept and not measured again,
+    Points already in ``out_dir``'s frontier.json for the same recipes are kept and not measured again,
     so the frontier can be built in pieces, by several processes at once (the merge is under a lock).
     """
     from tasks.datasets import load_catalog, select_datasets
 
     specs = select_datasets(load_catalog(), [name.strip() for name in datasets.split(",")])
-    recipes = {name: recipe_key(spec.recipe) for name, spec in load_catalog().items()}
+    chosen = {spec.name: recipes_of(spec.name, recipe_sets) for spec in specs}
+    # Points of every dataset's shipped and baseline recipes stay in the file, whichever this run measures.
+    recipes = {name: {recipe_key(r) for r in recipes_of(name, list(RECIPE_SETS)).values()} for name in load_catalog()}
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = train_rows or "all"
     report = merge_point(out_dir, recipes, meta, None)
@@ -213,30 +244,32 @@ def run_frontier(datasets: str, budgets: list[float], seeds: list[int], train_ro
         parquets: dict[str, dict[str, Path]] = {}
         for budget in sorted(budgets):
             for spec in specs:
-                for seed in seeds:
-                    if (spec.name, budget, seed, rows) in done:
-                        print(f"[frontier] {spec.name} budget {budget:g} seed {seed}: kept from {out_dir}", flush=True)
-                        continue
-                    if spec.name not in parquets:
-                        parquets[spec.name] = prepare_parquet(spec, work)
-                    point = measure_point(spec, parquets[spec.name], budget, seed, train_rows, work)
-                    print(f"[frontier] {spec.name} budget {budget:g} ({point['epochs']} epochs) seed {seed}: "
-                          f"{100 * point['test_accuracy']:.2f} %, {point['cpu_minutes']:.2f} CPU-min, "
-                          f"{point['wall_minutes']:.2f} min", flush=True)
-                    report = merge_point(out_dir, recipes, meta, point)
+                for label, recipe in chosen[spec.name].items():
+                    for seed in seeds:
+                        where = f"{spec.name} {label} budget {budget:g} seed {seed}"
+                        if (spec.name, recipe_key(recipe), budget, seed, rows) in done:
+                            print(f"[frontier] {where}: kept from {out_dir}", flush=True)
+                            continue
+                        if spec.name not in parquets:
+                            parquets[spec.name] = prepare_parquet(spec, work)
+                        point = measure_point(spec, label, recipe, parquets[spec.name], budget, seed, train_rows, work)
+                        print(f"[frontier] {where} ({point['epochs']} epochs): {100 * point['test_accuracy']:.2f} %, "
+                              f"{point['cpu_minutes']:.2f} CPU-min, {point['wall_minutes']:.2f} min", flush=True)
+                        report = merge_point(out_dir, recipes, meta, point)
     return report
 
 
-def merge_point(out_dir: Path, recipes: dict[str, str], meta: dict[str, Any],
+def merge_point(out_dir: Path, recipes: dict[str, set[str]], meta: dict[str, Any],
                 point: dict[str, Any] | None) -> dict[str, Any]:
-    """frontier.json's points for today's recipes, plus ``point``; the outputs rewritten. Under a file lock."""
+    """frontier.json's points of the recipes kept (``recipes``: each dataset's recipe keys), plus ``point``; the
+    outputs rewritten. Under a file lock."""
     import fcntl
 
     with (out_dir / ".frontier.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = out_dir / OUTPUT_NAMES["json"]
         earlier = json.loads(path.read_text()) if path.exists() else {}
-        points = [p for p in earlier.get("points", []) if p.get("recipe") == recipes.get(p["dataset"])]
+        points = [p for p in earlier.get("points", []) if p.get("recipe") in recipes.get(p["dataset"], ())]
         commands = earlier.get("commands", []) if points else []
         if point is not None:
             points = [p for p in points if point_key(p) != point_key(point)] + [point]
@@ -259,11 +292,11 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 def main(args: argparse.Namespace, machine: dict[str, Any]) -> int:
     command = (f"python bench/run.py --frontier --budgets {','.join(f'{b:g}' for b in args.budgets)} "
-               f"--seeds {','.join(map(str, args.seeds))}"
+               f"--seeds {','.join(map(str, args.seeds))} --recipes {','.join(args.recipes)}"
                + (f" --datasets {args.datasets}" if args.datasets != "all" else "")
                + (f" --train-rows {args.train_rows}" if args.train_rows else ""))
     report = run_frontier(args.datasets, args.budgets, args.seeds, args.train_rows, args.frontier_dir,
-                          {"command": command, "machine": machine})
+                          {"command": command, "machine": machine}, args.recipes)
     if not report["points"]:
         print("no frontier points measured or kept", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 """The time side of the accuracy budget (issues 19 and 25): a candidate's training time as a ratio of the
-baseline recipe's (each dataset's nightly recipe before the campaign, ``BASELINES``).
+baseline recipe's (each dataset's nightly recipe before the campaign, research/baselines.toml).
 
 As the pipeline trains (deterministic ops): after a few warm-up steps that absorb tracing, each model's
 median seconds per step, either in one process (three rounds of every model in turn) or, with
@@ -12,6 +12,7 @@ time as a control whose ratio says how much to trust the others.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import statistics
 import time
 from collections.abc import Callable
@@ -103,26 +104,29 @@ def night_steps(config) -> int:
     return math.ceil(len(fit_idx) / config.batch_size) * config.epochs
 
 
-# The budget's baseline (issue 25): each dataset's nightly recipe before the campaign, kept in the candidates file
-# under these names, so that the ratio keeps its meaning once a new recipe ships in tasks/datasets.toml.
-BASELINES = {"mnist": "mnist-today", "fashion-mnist": "fashion-today"}
+BASELINES = Path(__file__).with_name("baselines.toml")
+
+
+def baseline_recipes() -> dict:
+    """Each dataset's nightly recipe before the accuracy campaign (research/baselines.toml), as a Recipe."""
+    import tomllib
+
+    from tasks.training.recipes import Recipe
+
+    return {name: Recipe(**fields) for name, fields in tomllib.loads(BASELINES.read_text())["recipe"].items()}
 
 
 def baseline_config(dataset: str):
-    """The TrainConfig of ``dataset``'s baseline recipe (``BASELINES``, from research/candidates.toml)."""
-    import tomllib
+    """The TrainConfig of ``dataset``'s baseline recipe."""
+    from tasks.training.recipes import train_config_for
 
-    from research.screen import CANDIDATES
-    from tasks.training.recipes import TrainConfig
-
-    named = {c["name"]: c for c in tomllib.loads(CANDIDATES.read_text())["candidate"]}
-    return TrainConfig(**{k: v for k, v in named[BASELINES[dataset]].items() if k not in ("name", "dataset")})
+    return train_config_for(baseline_recipes()[dataset])
 
 
 def time_ratios(candidates: list[dict[str, Any]], steps: int, policy: str = "float32",
                 fresh_repeats: int = 0) -> list[dict[str, Any]]:
     """Each candidate's night of training in seconds, and as a ratio of its dataset's baseline recipe's
-    (``BASELINES``, timed in float32, as it trained)."""
+    (research/baselines.toml, timed in float32, as it trained)."""
     from tasks.training.recipes import TrainConfig
 
     todays = {dataset: baseline_config(dataset) for dataset in {c["dataset"] for c in candidates}}

@@ -83,28 +83,28 @@ def test_bad_budgets_are_named():
 def test_frontier_tiny_run_writes_table_json_and_plot(tmp_path):
     """The real CLI on 3,000 train rows and 10 % of mnist's nightly epochs (one epoch), full test split."""
     done = subprocess.run([sys.executable, "bench/run.py", "--frontier", "--datasets", "mnist", "--train-rows", "3000",
-                           "--budgets", "0.1", "--seeds", "7", "--frontier-dir", str(tmp_path)],
+                           "--budgets", "0.1", "--seeds", "7", "--recipes", "baseline", "--frontier-dir", str(tmp_path)],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "frontier.json").read_text())
     (point,) = report["points"]
-    assert (point["dataset"], point["model"], point["budget"], point["epochs"], point["seed"]) == (
-        "mnist", "cnn-bn", 0.1, 1, 7)
+    assert (point["dataset"], point["recipe_name"], point["model"], point["budget"], point["epochs"], point["seed"]) == (
+        "mnist", "baseline", "cnn-bn", 0.1, 1, 7)
     assert point["test_rows"] == 10_000 and 0.0 <= point["test_accuracy"] <= 1.0
     assert point["cpu_minutes"] > 0 and point["wall_minutes"] > 0
     (row,) = report["summary"]
     assert row["mean_accuracy"] == point["test_accuracy"]
     table = (tmp_path / "frontier.md").read_text()
-    assert f"| mnist | cnn-bn | 0.1 | 1 | {100 * point['test_accuracy']:.2f} % | 7: " in table
+    assert f"| mnist | baseline | cnn-bn | 0.1 | 1 | {100 * point['test_accuracy']:.2f} % | 7: " in table
     assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(Path(tmp_path).glob(".*tmp*"))  # atomic writes leave no temporary files
 
     # A second invocation keeps the measured point (same recipe) and adds the new seed's.
     again = subprocess.run([sys.executable, "bench/run.py", "--frontier", "--datasets", "mnist", "--train-rows", "3000",
-                            "--budgets", "0.1", "--seeds", "7,8", "--frontier-dir", str(tmp_path)],
+                            "--budgets", "0.1", "--seeds", "7,8", "--recipes", "baseline", "--frontier-dir", str(tmp_path)],
                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "mnist budget 0.1 seed 7: kept" in again.stdout
+    assert "mnist baseline budget 0.1 seed 7: kept" in again.stdout
     report = json.loads((tmp_path / "frontier.json").read_text())
     assert [p["seed"] for p in report["points"]] == [7, 8] and report["points"][0] == point
     (row,) = report["summary"]
@@ -112,17 +112,30 @@ def test_frontier_tiny_run_writes_table_json_and_plot(tmp_path):
     assert "7: " in (tmp_path / "frontier.md").read_text() and "8: " in (tmp_path / "frontier.md").read_text()
 
 
-def test_frontier_drops_points_of_a_changed_recipe(tmp_path):
-    from tasks.datasets import load_catalog
-
-    recipes = {name: frontier.recipe_key(spec.recipe) for name, spec in load_catalog().items()}
+def test_frontier_drops_points_of_a_changed_recipe_and_keeps_both_recipes_apart(tmp_path):
+    shipped, baseline = frontier.recipes_of("mnist", ["shipped"])["shipped"], frontier.recipes_of("mnist", ["baseline"])["baseline"]
+    other = baseline.model_copy(update={"epochs": 3})  # stands in for a shipped recipe that differs from the baseline
+    recipes = {"mnist": {frontier.recipe_key(r) for r in (shipped, baseline, other)}}
     meta = {"command": "test", "machine": {"cpus": 2, "cpu_model": "test"}}
     point = {"dataset": "mnist", "model": "cnn-bn", "budget": 0.5, "epochs": 6, "seed": 1, "train_rows": "all",
              "test_accuracy": 0.99, "cpu_minutes": 1.0, "wall_minutes": 1.0}
-    frontier.merge_point(tmp_path, recipes, meta, dict(point, recipe=recipes["mnist"]))
+    frontier.merge_point(tmp_path, recipes, meta, dict(point, recipe=frontier.recipe_key(baseline), recipe_name="baseline"))
+    frontier.merge_point(tmp_path, recipes, meta, dict(point, recipe=frontier.recipe_key(other), recipe_name="shipped",
+                                                       test_accuracy=0.995))
     frontier.merge_point(tmp_path, recipes, meta, dict(point, seed=2, recipe="an older recipe"))
-    kept = frontier.merge_point(tmp_path, recipes, meta, None)["points"]
-    assert [p["seed"] for p in kept] == [1]
+    report = frontier.merge_point(tmp_path, recipes, meta, None)
+    assert sorted((p["recipe_name"], p["seed"]) for p in report["points"]) == [("baseline", 1), ("shipped", 1)]
+    assert sorted((r["recipe_name"], r["mean_accuracy"]) for r in report["summary"]) == [("baseline", 0.99), ("shipped", 0.995)]
+    assert "| mnist | baseline | cnn-bn | 0.5 |" in (tmp_path / "frontier.md").read_text()
+
+
+def test_the_baseline_is_measured_once_while_it_is_still_the_shipped_recipe():
+    both = frontier.recipes_of("fashion-mnist", ["shipped", "baseline"])
+    baseline = frontier.recipes_of("fashion-mnist", ["baseline"])["baseline"]
+    assert baseline.model == "cnn-bn" and baseline.epochs == 25  # tasks/datasets.toml's recipe before issue 25
+    assert len(both) == (1 if frontier.recipe_key(both["shipped"]) == frontier.recipe_key(baseline) else 2)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown"):
+        frontier.parse_recipe_sets("shipped,newest")
 
 
 def test_nightly_seeds_average_the_accuracies_and_keep_the_cold_runs_wall(monkeypatch, tmp_path):
