@@ -15,7 +15,7 @@ from tasks.training.recipes import DEFAULT_SEED
 DEFAULT_RUNS = RESULTS_DIR / "default-runs.jsonl"
 
 
-def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAULT_SEED
+def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAULT_SEED, cold: bool = True
                ) -> tuple[dict[str, Any], Path, FitClock]:
     """One flow run, as a user starts it, timed whole and inside ``model.fit``.
 
@@ -36,7 +36,7 @@ def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAUL
     accuracy = published_accuracies(Settings(data_dir=data_dir).runs_dir, versions)
     if nightly:
         append_default_run({"seed": seed, "accuracy": accuracy, "wall_seconds": round(wall, 1),
-                            "fit_seconds": round(clock.seconds, 1)})
+                            "fit_seconds": round(clock.seconds, 1), "cold": cold})
     return {"overhead_fraction": (wall - clock.seconds) / wall, "accuracy": accuracy, "flow_wall_seconds": wall,
             "details": {"run": "nightly default" if nightly else f"mnist mlp, {mode.epochs} epochs", "seed": seed,
                         "wall_seconds": wall, "fit_seconds": clock.seconds, "samples": clock.samples,
@@ -45,23 +45,32 @@ def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAUL
                         "published": versions, "task_seconds": task_durations()}}, data_dir, clock
 
 
-def bench_more_seeds(work: Path, first: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+def bench_more_seeds(work: Path, first: dict[str, Any] | None, seeds: list[int],
+                     recorded: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The default run again for each further seed: the accuracies' mean over all seeds, and every run.
 
     Later runs find the first run's data stages in the result cache (training and evaluation are
-    per seed), so only the first run's wall time is a cold run's.
+    per seed), so only the first run's wall time is a cold run's. Seeds in ``recorded`` (``--resume``: default
+    runs of the same recipes on this CPU, from the record) are taken from it instead of run again.
     """
-    runs = [{"seed": first["details"]["seed"], "accuracy": first["accuracy"],
-             "wall_minutes": first["flow_wall_seconds"] / 60, "cold": True}]
+    recorded = recorded or {}
+    runs = [] if first is None else [{"seed": first["details"]["seed"], "accuracy": first["accuracy"],
+                                      "wall_minutes": first["flow_wall_seconds"] / 60, "cold": True}]
     for seed in seeds:
+        if seed in recorded:
+            log(f"default run, seed {seed}: from {DEFAULT_RUNS.name} ({recorded[seed]['finished']})")
+            runs.append({"seed": seed, "accuracy": recorded[seed]["accuracy"], "cold": recorded[seed].get("cold", False),
+                         "wall_minutes": recorded[seed]["wall_seconds"] / 60, "from_record": recorded[seed]["finished"]})
+            continue
         log(f"default run, seed {seed} ...")
-        out = bench_flow(work, FULL, nightly=True, seed=seed)[0]
+        out = bench_flow(work, FULL, nightly=True, seed=seed, cold=False)[0]
         runs.append({"seed": seed, "accuracy": out["accuracy"], "wall_minutes": out["flow_wall_seconds"] / 60,
                      "cold": False})
-    names = list(first["accuracy"])
+    runs.sort(key=lambda run: not run["cold"])  # the cold run's wall time is the one reported
+    names = list(runs[0]["accuracy"])
     mean = {name: statistics.fmean(run["accuracy"][name] for run in runs) for name in names}
-    return {**{f"{name.replace('-', '_')}_accuracy": value for name, value in mean.items()},
-            "nightly_wall_minutes": runs[0]["wall_minutes"],
+    wall = {"nightly_wall_minutes": runs[0]["wall_minutes"]} if runs[0]["cold"] else {}
+    return {**{f"{name.replace('-', '_')}_accuracy": value for name, value in mean.items()}, **wall,
             "details": {"runs": runs, "mean_accuracy": mean,
                         "spread": {name: [min(r["accuracy"][name] for r in runs), max(r["accuracy"][name] for r in runs)]
                                    for name in names}}}
@@ -85,18 +94,43 @@ def task_durations() -> dict[str, float]:
     return {run.name: round(run.total_run_time.total_seconds(), 2) for run in sorted(runs, key=lambda r: r.name)}
 
 
+def recorded_default_runs(seeds: list[int], record: Path = DEFAULT_RUNS) -> dict[int, dict[str, Any]]:
+    """Default runs in the record for these seeds that trained today's recipes on this CPU (the same seed trains
+    another model on another CPU); the latest of each seed."""
+    import json
+
+    if not record.is_file():
+        return {}
+    recipes, machine = current_recipes(), cpu_description()
+    same_cpu = ("cpu_model", "cpu_family", "cpu_model_number")
+    found: dict[int, dict[str, Any]] = {}
+    for line in record.read_text().splitlines():
+        try:
+            run = json.loads(line)
+        except ValueError:
+            continue  # a line torn by a crash
+        if (run.get("seed") in seeds and run.get("recipes") == recipes
+                and all(run.get("machine", {}).get(k) == machine[k] for k in same_cpu)):
+            found[run["seed"]] = run
+    return found
+
+
+def current_recipes() -> dict[str, dict[str, Any]]:
+    """Each built-in dataset's recipe as tasks/datasets.toml gives it (its non-default fields)."""
+    from tasks.datasets import load_catalog
+
+    return {name: spec.recipe.model_dump(exclude_defaults=True) for name, spec in load_catalog().items()}
+
+
 def append_default_run(run: dict[str, Any], record: Path = DEFAULT_RUNS) -> None:
     """One finished default run, with the machine, the date, the code's commit and the recipes it trained."""
     import datetime
     import json
     import subprocess
 
-    from tasks.datasets import load_catalog
-
-    recipes = {name: spec.recipe.model_dump(exclude_defaults=True) for name, spec in load_catalog().items()}
     commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
-    line = {**run, "recipes": recipes, "machine": cpu_description(), "commit": commit,
+    line = {**run, "recipes": current_recipes(), "machine": cpu_description(), "commit": commit,
             "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     record.parent.mkdir(parents=True, exist_ok=True)
     with record.open("a") as out:

@@ -32,7 +32,7 @@ from bench.data_stages import (  # noqa: E402
     bench_warm_data_stages,
     train_parquets,
 )
-from bench.nightly import bench_flow, bench_more_seeds  # noqa: E402
+from bench.nightly import bench_flow, bench_more_seeds, recorded_default_runs  # noqa: E402
 from bench.training import bare_fit, bench_recipe_fits, bench_training, flops_utilization  # noqa: E402
 from bench.training import rows_for_steps as rows_for_steps  # noqa: E402 - part of this entry point's interface
 from research import frontier  # noqa: E402
@@ -107,6 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only: many concurrent flow runs against a Prefect server on SQLite and on PostgreSQL (~10 min)")
     parser.add_argument("--nightly", action="store_true",
                         help="overhead, accuracies and FLOPs utilization of the default nightly run (~25 min on 2 cores)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --nightly: take seeds already in bench/results/default-runs.jsonl (same recipes, "
+                             "same CPU) from the record instead of running them again")
     parser.add_argument("--only", type=steps_of, default=set(STEPS),
                         help=f"run only these steps, separated by commas: {','.join(STEPS)} (default all)")
     parser.add_argument("--output", type=Path, default=RESULTS_FILE, help=f"default {RESULTS_FILE.relative_to(PROJECT_ROOT)}")
@@ -135,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/run.py" + "".join(f" --{flag}" for flag in ("quick", "nightly", "layouts")
                                               if getattr(args, flag))
     if args.nightly:
-        command += " --seeds " + ",".join(map(str, args.seeds))
+        command += " --seeds " + ",".join(map(str, args.seeds)) + (" --resume" if args.resume else "")
+    recorded = recorded_default_runs(args.seeds) if args.nightly and args.resume else {}
+    to_run = [seed for seed in args.seeds if seed not in recorded]
+    if args.nightly and not to_run:  # every seed is in the record: nothing to run, so nothing to time
+        args.only -= {"flow", "warm", "training", "flops"}
     if args.only != set(STEPS):
         command += " --only " + ",".join(s for s in STEPS if s in args.only)
     work = Path(tempfile.mkdtemp(prefix="train-mnist-bench-"))
@@ -166,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             log("starting a throwaway Prefect server (not timed) ...")
             with prefect_test_harness(server_startup_timeout=120):
                 log("cold flow run ...")
-                out, data_dir, flow_fits = bench_flow(work, mode, nightly=args.nightly, seed=args.seeds[0])
+                out, data_dir, flow_fits = bench_flow(work, mode, nightly=args.nightly, seed=to_run[0])
                 if args.nightly:  # before record() takes the details out
                     first_run = {"accuracy": out["accuracy"], "flow_wall_seconds": out["flow_wall_seconds"],
-                                 "details": {"seed": args.seeds[0]}}
+                                 "details": {"seed": to_run[0]}}
                 record("flow", out)
                 if "warm" in args.only:
                     log("warm data stages ...")
@@ -179,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                     log("training throughput ...")
                     record("training", bench_training(work, train_parquet, mode))
                 if args.nightly:
-                    record("seeds", bench_more_seeds(work, first_run, args.seeds[1:]))
+                    record("seeds", bench_more_seeds(work, first_run, [s for s in args.seeds if s != to_run[0]],
+                                                     recorded))
+        elif args.nightly:
+            record("seeds", bench_more_seeds(work, None, args.seeds, recorded))
         if "flops" in args.only:
             if args.nightly:
                 fits, source = flow_fits, "the nightly flow's fits"

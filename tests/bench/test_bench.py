@@ -144,8 +144,8 @@ def test_nightly_seeds_average_the_accuracies_and_keep_the_cold_runs_wall(monkey
 
     later = {43: {"mnist": 0.9950, "fashion-mnist": 0.9390}, 44: {"mnist": 0.9970, "fashion-mnist": 0.9420}}
 
-    def fake_flow(work, mode, nightly=False, seed=42):
-        assert nightly
+    def fake_flow(work, mode, nightly=False, seed=42, cold=True):
+        assert nightly and not cold
         return {"accuracy": later[seed], "flow_wall_seconds": 900.0}, tmp_path, None
 
     monkeypatch.setattr(nightly, "bench_flow", fake_flow)
@@ -253,3 +253,32 @@ def test_each_default_run_is_appended_with_its_recipes_and_machine(tmp_path):
     lines = [json.loads(line) for line in record.read_text().splitlines()]
     assert [line["seed"] for line in lines] == [42, 43]
     assert lines[0]["recipes"]["mnist"]["model"] and lines[0]["machine"]["cpu_model"] and lines[0]["commit"]
+
+
+def test_resume_takes_recorded_seeds_of_the_same_recipes_on_the_same_cpu_and_runs_the_rest(monkeypatch, tmp_path):
+    import json
+
+    import bench.nightly as nightly
+
+    record = tmp_path / "default-runs.jsonl"
+    monkeypatch.setattr(nightly, "DEFAULT_RUNS", record)
+    nightly.append_default_run({"seed": 42, "accuracy": {"mnist": 0.996}, "wall_seconds": 1800.0, "cold": True}, record)
+    nightly.append_default_run({"seed": 43, "accuracy": {"mnist": 0.990}, "wall_seconds": 900.0, "cold": False}, record)
+    lines = [json.loads(line) for line in record.read_text().splitlines()]
+    other_cpu = dict(lines[1], machine=dict(lines[1]["machine"], cpu_model_number="999"))
+    other_recipe = dict(lines[1], recipes={"mnist": {"model": "mlp"}})
+    record.write_text("".join(json.dumps(line) + "\n" for line in (lines[0], other_cpu, other_recipe)) + "{torn")
+    recorded = nightly.recorded_default_runs([42, 43, 44], record)
+    assert set(recorded) == {42}  # 43 trained another recipe or on another CPU
+
+    ran = []
+
+    def fake_flow(work, mode, nightly=False, seed=42, cold=True):
+        ran.append(seed)
+        return {"accuracy": {"mnist": 0.994}, "flow_wall_seconds": 600.0}, tmp_path, None
+
+    monkeypatch.setattr(nightly, "bench_flow", fake_flow)
+    out = nightly.bench_more_seeds(tmp_path, None, [42, 43, 44], recorded)
+    assert ran == [43, 44] and out["mnist_accuracy"] == pytest.approx((0.996 + 0.994 + 0.994) / 3)
+    assert out["nightly_wall_minutes"] == 30.0 and out["details"]["runs"][0]["from_record"]
+
