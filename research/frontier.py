@@ -223,7 +223,7 @@ def write_atomically(dest: Path, text: str) -> None:
 
 
 def run_frontier(datasets: str, budgets: list[float], seeds: list[int], train_rows: int | None, out_dir: Path,
-                 meta: dict[str, Any], recipe_sets: list[str] = list(RECIPE_SETS)) -> dict[str, Any]:
+                 meta: dict[str, Any], recipe_sets: tuple[str, ...] | list[str] = RECIPE_SETS) -> dict[str, Any]:
     """Every (dataset, recipe, budget, seed) point, cheapest budgets first; outputs rewritten after each point.
 
     Points already in ``out_dir``'s frontier.json for the same recipes are kept and not measured again,
@@ -232,7 +232,7 @@ def run_frontier(datasets: str, budgets: list[float], seeds: list[int], train_ro
     from tasks.datasets import load_catalog, select_datasets
 
     specs = select_datasets(load_catalog(), [name.strip() for name in datasets.split(",")])
-    chosen = {spec.name: recipes_of(spec.name, recipe_sets) for spec in specs}
+    chosen = {spec.name: recipes_of(spec.name, list(recipe_sets)) for spec in specs}
     # Points of every dataset's shipped and baseline recipes stay in the file, whichever this run measures.
     recipes = {name: {recipe_key(r) for r in recipes_of(name, list(RECIPE_SETS)).values()} for name in load_catalog()}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ time as a control whose ratio says how much to trust the others.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
