@@ -22,6 +22,7 @@ from typing import Any
 
 from bench.common import keep_record
 from research import RESULTS_DIR
+from research.frontier_report import markdown, plot
 
 RESEARCH_DIR = Path(__file__).resolve().parent
 DEFAULT_BUDGETS = "0.5,1.0,1.5"
@@ -163,57 +164,6 @@ def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "mean_cpu_minutes": statistics.fmean(r["cpu_minutes"] for r in runs),
              "mean_wall_minutes": statistics.fmean(r["wall_minutes"] for r in runs)}
             for (dataset, _, budget), runs in groups.items()]
-
-
-def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    commands = ", ".join(f"`{command}`" for command in meta.get("commands") or [meta["command"]])
-    lines = [f"Accuracy vs CPU-minutes ({commands}; {meta['machine']['cpus']} CPUs "
-             f"{meta['machine']['cpu_model']}, {meta['finished']}; train rows: {row_counts(meta)}).",
-             "CPU-minutes: process CPU time of train_model + evaluate_model (all threads); wall in minutes.", "",
-             "| dataset | recipe | model | budget | epochs | test accuracy, mean | each seed | CPU-min | wall min |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in sorted(summary, key=lambda r: (r["dataset"], r["recipe_name"], r["budget"])):
-        each = ", ".join(f"{seed}: {100 * acc:.2f}" for seed, acc in zip(row["seeds"], row["accuracies"], strict=True))
-        lines.append(f"| {row['dataset']} | {row['recipe_name']} | {row['model']} | {row['budget']:g} | {row['epochs']} | "
-                     f"{100 * row['mean_accuracy']:.2f} % | {each} | {row['mean_cpu_minutes']:.2f} | "
-                     f"{row['mean_wall_minutes']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def row_counts(report: dict[str, Any]) -> str:
-    return ", ".join(sorted({str(p["train_rows"]) for p in report.get("points", [])})) or "all"
-
-
-def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path) -> Path:
-    """One panel per dataset: each run as a dot, each recipe's mean over seeds as a line labelled with its budgets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = list(dict.fromkeys(row["dataset"] for row in summary))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        for name in dict.fromkeys(r["recipe_name"] for r in summary if r["dataset"] == dataset):
-            rows = sorted((r for r in summary if r["dataset"] == dataset and r["recipe_name"] == name),
-                          key=lambda r: r["mean_cpu_minutes"])
-            runs = [p for p in points if p["dataset"] == dataset and p.get("recipe_name", "shipped") == name]
-            line, = ax.plot([r["mean_cpu_minutes"] for r in rows], [100 * r["mean_accuracy"] for r in rows],
-                            marker="o", label=f"{name} ({rows[0]['model']}), mean")
-            ax.scatter([p["cpu_minutes"] for p in runs], [100 * p["test_accuracy"] for p in runs], s=12, alpha=0.4,
-                       color=line.get_color())
-            for r in rows:
-                ax.annotate(f"{r['budget']:g}x ({r['epochs']} ep)", (r["mean_cpu_minutes"], 100 * r["mean_accuracy"]),
-                            textcoords="offset points", xytext=(4, -12), fontsize=8)
-        ax.set(title=dataset, xlabel="CPU-minutes (train + evaluate); dots: each seed", ylabel="test accuracy, %")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    tmp = dest.with_name(f".{dest.stem}.tmp{dest.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, dest)
-    return dest
 
 
 def write_atomically(dest: Path, text: str) -> None:
