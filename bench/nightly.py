@@ -94,11 +94,12 @@ def task_durations() -> dict[str, float]:
     return {run.name: round(run.total_run_time.total_seconds(), 2) for run in sorted(runs, key=lambda r: r.name)}
 
 
-def recorded_default_runs(seeds: list[int], record: Path = DEFAULT_RUNS) -> dict[int, dict[str, Any]]:
+def recorded_default_runs(seeds: list[int], record: Path | None = None) -> dict[int, dict[str, Any]]:
     """Default runs in the record for these seeds that trained today's recipes on this CPU (the same seed trains
     another model on another CPU); the latest of each seed."""
     import json
 
+    record = record or DEFAULT_RUNS
     if not record.is_file():
         return {}
     recipes, machine = current_recipes(), cpu_description()
@@ -122,7 +123,7 @@ def current_recipes() -> dict[str, dict[str, Any]]:
     return {name: spec.recipe.model_dump(exclude_defaults=True) for name, spec in load_catalog().items()}
 
 
-def append_default_run(run: dict[str, Any], record: Path = DEFAULT_RUNS) -> None:
+def append_default_run(run: dict[str, Any], record: Path | None = None) -> None:
     """One finished default run, with the machine, the date, the code's commit and the recipes it trained."""
     import datetime
     import json
@@ -132,6 +133,7 @@ def append_default_run(run: dict[str, Any], record: Path = DEFAULT_RUNS) -> None
                             capture_output=True, text=True).stdout.strip()
     line = {**run, "recipes": current_recipes(), "machine": cpu_description(), "commit": commit,
             "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    record = record or DEFAULT_RUNS  # read at call time: bench/run.py --default-runs sets it
     record.parent.mkdir(parents=True, exist_ok=True)
     with record.open("a") as out:
         out.write(json.dumps(line) + "\n")

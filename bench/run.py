@@ -22,6 +22,7 @@ RESULTS_FILE = Path(__file__).with_name("results.json")
 if str(PROJECT_ROOT) not in sys.path:  # run as a script, bench/ is on the path but not the project root
     sys.path.insert(0, str(PROJECT_ROOT))
 
+import bench.nightly as nightly_record  # noqa: E402
 from bench import flops  # noqa: E402
 from bench.common import FULL, QUICK, keep_record, log, machine  # noqa: E402
 from bench.data_stages import (  # noqa: E402
@@ -32,7 +33,7 @@ from bench.data_stages import (  # noqa: E402
     bench_warm_data_stages,
     train_parquets,
 )
-from bench.nightly import bench_flow, bench_more_seeds, recorded_default_runs  # noqa: E402
+from bench.nightly import DEFAULT_RUNS, bench_flow, bench_more_seeds, recorded_default_runs  # noqa: E402
 from bench.training import bare_fit, bench_recipe_fits, bench_training, flops_utilization  # noqa: E402
 from bench.training import rows_for_steps as rows_for_steps  # noqa: E402 - part of this entry point's interface
 from research import frontier  # noqa: E402
@@ -110,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="with --nightly: take seeds already in bench/results/default-runs.jsonl (same recipes, "
                              "same CPU) from the record instead of running them again")
+    parser.add_argument("--default-runs", type=Path, default=DEFAULT_RUNS,
+                        help="with --nightly: the record each default run is appended to (default %(default)s)")
     parser.add_argument("--only", type=steps_of, default=set(STEPS),
                         help=f"run only these steps, separated by commas: {','.join(STEPS)} (default all)")
     parser.add_argument("--output", type=Path, default=RESULTS_FILE, help=f"default {RESULTS_FILE.relative_to(PROJECT_ROOT)}")
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                                               if getattr(args, flag))
     if args.nightly:
         command += " --seeds " + ",".join(map(str, args.seeds)) + (" --resume" if args.resume else "")
-    recorded = recorded_default_runs(args.seeds) if args.nightly and args.resume else {}
+    nightly_record.DEFAULT_RUNS = args.default_runs
+    recorded = recorded_default_runs(args.seeds, args.default_runs) if args.nightly and args.resume else {}
     to_run = [seed for seed in args.seeds if seed not in recorded]
     if args.nightly and not to_run:  # every seed is in the record: nothing to run, so nothing to time
         args.only -= {"flow", "warm", "training", "flops"}

@@ -55,9 +55,10 @@ def test_a_run_with_another_model_keeps_the_augmentation_but_not_the_recipes_opt
     assert other.test_time_views == "none"
 
 
-def test_the_nightly_recipes_average_shift_views():
+def test_the_nightly_recipes_average_shift_views_and_fashion_also_the_mirrors():
     catalog = load_catalog()
-    assert {train_config_for(spec.recipe).test_time_views for spec in catalog.values()} == {"shifts"}
+    views = {name: train_config_for(spec.recipe).test_time_views for name, spec in catalog.items()}
+    assert views == {"mnist": "shifts", "fashion-mnist": "flip-shifts"}  # a mirrored digit is another digit
     assert train_config_for(catalog["mnist"].recipe, model="mlp").test_time_views == "none"
 
 
