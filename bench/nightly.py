@@ -15,8 +15,8 @@ from tasks.training.recipes import DEFAULT_SEED
 DEFAULT_RUNS = RESULTS_DIR / "default-runs.jsonl"
 
 
-def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAULT_SEED, cold: bool = True
-               ) -> tuple[dict[str, Any], Path, FitClock]:
+def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAULT_SEED, cold: bool = True,
+               record: Path = DEFAULT_RUNS) -> tuple[dict[str, Any], Path, FitClock]:
     """One flow run, as a user starts it, timed whole and inside ``model.fit``.
 
     By default mnist's mlp for ``mode``'s epochs; ``nightly``: the default run itself (every dataset,
@@ -36,7 +36,7 @@ def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAUL
     accuracy = published_accuracies(Settings(data_dir=data_dir).runs_dir, versions)
     if nightly:
         append_default_run({"seed": seed, "accuracy": accuracy, "wall_seconds": round(wall, 1),
-                            "fit_seconds": round(clock.seconds, 1), "cold": cold})
+                            "fit_seconds": round(clock.seconds, 1), "cold": cold}, record)
     return {"overhead_fraction": (wall - clock.seconds) / wall, "accuracy": accuracy, "flow_wall_seconds": wall,
             "details": {"run": "nightly default" if nightly else f"mnist mlp, {mode.epochs} epochs", "seed": seed,
                         "wall_seconds": wall, "fit_seconds": clock.seconds, "samples": clock.samples,
@@ -46,7 +46,7 @@ def bench_flow(work: Path, mode: Mode, nightly: bool = False, seed: int = DEFAUL
 
 
 def bench_more_seeds(work: Path, first: dict[str, Any] | None, seeds: list[int],
-                     recorded: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+                     recorded: dict[int, dict[str, Any]] | None = None, record: Path = DEFAULT_RUNS) -> dict[str, Any]:
     """The default run again for each further seed: the accuracies' mean over all seeds, and every run.
 
     Later runs find the first run's data stages in the result cache (training and evaluation are
@@ -58,12 +58,12 @@ def bench_more_seeds(work: Path, first: dict[str, Any] | None, seeds: list[int],
                                       "wall_minutes": first["flow_wall_seconds"] / 60, "cold": True}]
     for seed in seeds:
         if seed in recorded:
-            log(f"default run, seed {seed}: from {DEFAULT_RUNS.name} ({recorded[seed]['finished']})")
+            log(f"default run, seed {seed}: from {record} ({recorded[seed]['finished']})")
             runs.append({"seed": seed, "accuracy": recorded[seed]["accuracy"], "cold": recorded[seed].get("cold", False),
                          "wall_minutes": recorded[seed]["wall_seconds"] / 60, "from_record": recorded[seed]["finished"]})
             continue
         log(f"default run, seed {seed} ...")
-        out = bench_flow(work, FULL, nightly=True, seed=seed, cold=False)[0]
+        out = bench_flow(work, FULL, nightly=True, seed=seed, cold=False, record=record)[0]
         runs.append({"seed": seed, "accuracy": out["accuracy"], "wall_minutes": out["flow_wall_seconds"] / 60,
                      "cold": False})
     runs.sort(key=lambda run: not run["cold"])  # the cold run's wall time is the one reported
@@ -94,12 +94,11 @@ def task_durations() -> dict[str, float]:
     return {run.name: round(run.total_run_time.total_seconds(), 2) for run in sorted(runs, key=lambda r: r.name)}
 
 
-def recorded_default_runs(seeds: list[int], record: Path | None = None) -> dict[int, dict[str, Any]]:
+def recorded_default_runs(seeds: list[int], record: Path = DEFAULT_RUNS) -> dict[int, dict[str, Any]]:
     """Default runs in the record for these seeds that trained today's recipes on this CPU (the same seed trains
     another model on another CPU); the latest of each seed."""
     import json
 
-    record = record or DEFAULT_RUNS
     if not record.is_file():
         return {}
     recipes, machine = current_recipes(), cpu_description()
@@ -123,7 +122,7 @@ def current_recipes() -> dict[str, dict[str, Any]]:
     return {name: spec.recipe.model_dump(exclude_defaults=True) for name, spec in load_catalog().items()}
 
 
-def append_default_run(run: dict[str, Any], record: Path | None = None) -> None:
+def append_default_run(run: dict[str, Any], record: Path = DEFAULT_RUNS) -> None:
     """One finished default run, with the machine, the date, the code's commit and the recipes it trained."""
     import datetime
     import json
@@ -133,7 +132,6 @@ def append_default_run(run: dict[str, Any], record: Path | None = None) -> None:
                             capture_output=True, text=True).stdout.strip()
     line = {**run, "recipes": current_recipes(), "machine": cpu_description(), "commit": commit,
             "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    record = record or DEFAULT_RUNS  # read at call time: bench/run.py --default-runs sets it
     record.parent.mkdir(parents=True, exist_ok=True)
     with record.open("a") as out:
         out.write(json.dumps(line) + "\n")

@@ -22,7 +22,6 @@ RESULTS_FILE = Path(__file__).with_name("results.json")
 if str(PROJECT_ROOT) not in sys.path:  # run as a script, bench/ is on the path but not the project root
     sys.path.insert(0, str(PROJECT_ROOT))
 
-import bench.nightly as nightly_record  # noqa: E402
 from bench import flops  # noqa: E402
 from bench.common import FULL, QUICK, keep_record, log, machine  # noqa: E402
 from bench.data_stages import (  # noqa: E402
@@ -142,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
                                               if getattr(args, flag))
     if args.nightly:
         command += " --seeds " + ",".join(map(str, args.seeds)) + (" --resume" if args.resume else "")
-    nightly_record.DEFAULT_RUNS = args.default_runs
     recorded = recorded_default_runs(args.seeds, args.default_runs) if args.nightly and args.resume else {}
     to_run = [seed for seed in args.seeds if seed not in recorded]
     if args.nightly and not to_run:  # every seed is in the record: nothing to run, so nothing to time
@@ -177,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             log("starting a throwaway Prefect server (not timed) ...")
             with prefect_test_harness(server_startup_timeout=120):
                 log("cold flow run ...")
-                out, data_dir, flow_fits = bench_flow(work, mode, nightly=args.nightly, seed=to_run[0])
+                out, data_dir, flow_fits = bench_flow(work, mode, nightly=args.nightly, seed=to_run[0],
+                                                      record=args.default_runs)
                 if args.nightly:  # before record() takes the details out
                     first_run = {"accuracy": out["accuracy"], "flow_wall_seconds": out["flow_wall_seconds"],
                                  "details": {"seed": to_run[0]}}
@@ -191,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                     record("training", bench_training(work, train_parquet, mode))
                 if args.nightly:
                     record("seeds", bench_more_seeds(work, first_run, [s for s in args.seeds if s != to_run[0]],
-                                                     recorded))
+                                                     recorded, args.default_runs))
         elif args.nightly:
-            record("seeds", bench_more_seeds(work, None, args.seeds, recorded))
+            record("seeds", bench_more_seeds(work, None, args.seeds, recorded, args.default_runs))
         if "flops" in args.only:
             if args.nightly:
                 fits, source = flow_fits, "the nightly flow's fits"

@@ -143,7 +143,7 @@ def test_nightly_seeds_average_the_accuracies_and_keep_the_cold_runs_wall(monkey
 
     later = {43: {"mnist": 0.9950, "fashion-mnist": 0.9390}, 44: {"mnist": 0.9970, "fashion-mnist": 0.9420}}
 
-    def fake_flow(work, mode, nightly=False, seed=42, cold=True):
+    def fake_flow(work, mode, nightly=False, seed=42, cold=True, record=None):
         assert nightly and not cold
         return {"accuracy": later[seed], "flow_wall_seconds": 900.0}, tmp_path, None
 
@@ -260,7 +260,6 @@ def test_resume_takes_recorded_seeds_of_the_same_recipes_on_the_same_cpu_and_run
     import bench.nightly as nightly
 
     record = tmp_path / "default-runs.jsonl"
-    monkeypatch.setattr(nightly, "DEFAULT_RUNS", record)
     nightly.append_default_run({"seed": 42, "accuracy": {"mnist": 0.996}, "wall_seconds": 1800.0, "cold": True}, record)
     nightly.append_default_run({"seed": 43, "accuracy": {"mnist": 0.990}, "wall_seconds": 900.0, "cold": False}, record)
     lines = [json.loads(line) for line in record.read_text().splitlines()]
@@ -272,12 +271,13 @@ def test_resume_takes_recorded_seeds_of_the_same_recipes_on_the_same_cpu_and_run
 
     ran = []
 
-    def fake_flow(work, mode, nightly=False, seed=42, cold=True):
+    def fake_flow(work, mode, nightly=False, seed=42, cold=True, record=None):
+        assert record == tmp_path / "default-runs.jsonl"
         ran.append(seed)
         return {"accuracy": {"mnist": 0.994}, "flow_wall_seconds": 600.0}, tmp_path, None
 
     monkeypatch.setattr(nightly, "bench_flow", fake_flow)
-    out = nightly.bench_more_seeds(tmp_path, None, [42, 43, 44], recorded)
+    out = nightly.bench_more_seeds(tmp_path, None, [42, 43, 44], recorded, record)
     assert ran == [43, 44] and out["mnist_accuracy"] == pytest.approx((0.996 + 0.994 + 0.994) / 3)
     assert out["nightly_wall_minutes"] == 30.0 and out["details"]["runs"][0]["from_record"]
 
