@@ -133,6 +133,8 @@ def plot_training_curves(curves: dict[str, list[float]], dest: Path, title: str 
         values_seen: list[float] = []
         for prefix, label in (("", "train"), ("val_", "validation")):
             values = curves.get(prefix + metric, [])
+            if not values:
+                continue  # no hold-out: no validation curve, and no empty legend entry for one
             values_seen += values
             ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
             if 0 < len(values) <= 3:  # a dot or two says little without its value

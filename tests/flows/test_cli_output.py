@@ -58,3 +58,17 @@ def test_one_epoch_curves_have_a_title_and_sensible_axes(tmp_path, monkeypatch):
     assert loss_ylim[0] == 0.0 and loss_ylim[1] > 0.62
     assert accuracy_ylim[1] == 1.0 and accuracy_ylim[0] <= 0.76  # not a 0.96..1.04 zoom on one dot
     assert all(float(t).is_integer() for ticks in seen["xticks"] for t in ticks)
+
+
+def test_a_run_without_hold_out_plots_no_validation_curve(monkeypatch, tmp_path):
+    import matplotlib.pyplot as plt
+
+    real_savefig, labels = plt.Figure.savefig, {}
+
+    def capture(fig, *args, **kwargs):
+        labels["legend"] = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", capture)
+    plot_training_curves({"loss": [0.9, 0.2], "accuracy": [0.7, 0.95]}, tmp_path / "curves.png", "cnn7: none held out")
+    assert labels["legend"] == [["train"], ["train"]]
