@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def time_main(candidates: list[dict], steps: int, policy: str, fresh: int = 0) -> int:
-    """``--time-steps``: each candidate's night of training as a ratio of today's recipe's, in one process."""
+    """``--time-steps``: each candidate's night of training as a ratio of its dataset's baseline recipe's, and the
+    whole night's when one candidate per dataset is timed."""
     from research.step_time import time_ratios, whole_night
 
     rows = time_ratios(candidates, steps, policy, fresh)

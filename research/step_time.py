@@ -9,6 +9,7 @@ with ``mixed_bfloat16`` is timed as it trains (bfloat16 where the CPU has it); `
 forces Keras's global policy on every candidate (a speed probe). The baseline is timed twice, the second
 time as a control whose ratio says how much to trust the others.
 """
+
 from __future__ import annotations
 
 import math
