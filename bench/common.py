@@ -96,3 +96,12 @@ def keep_record(kind: str, record: dict[str, Any], folder: Path = RESULTS_DIR) -
     path = folder / f"{stamp}-{kind}.json"
     path.write_text(json.dumps({"date": stamp, **record}, indent=2, default=str) + "\n")
     return path
+
+
+def code_commit() -> str:
+    """The commit of the checkout the benchmark runs from (empty outside git): every record names the code."""
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+

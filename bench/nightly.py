@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bench.common import FULL, PROJECT_ROOT, RESULTS_DIR, Mode, cpu_description, log, timed
+from bench.common import FULL, RESULTS_DIR, Mode, code_commit, cpu_description, log, timed
 from bench.fitclock import FitClock
 from tasks.training.recipes import DEFAULT_SEED
 
@@ -126,11 +126,8 @@ def append_default_run(run: dict[str, Any], record: Path = DEFAULT_RUNS) -> None
     """One finished default run, with the machine, the date, the code's commit and the recipes it trained."""
     import datetime
     import json
-    import subprocess
 
-    commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    line = {**run, "recipes": current_recipes(), "machine": cpu_description(), "commit": commit,
+    line = {**run, "recipes": current_recipes(), "machine": cpu_description(), "commit": code_commit(),
             "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     record.parent.mkdir(parents=True, exist_ok=True)
     with record.open("a") as out:

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import cpu_description  # noqa: E402
+from bench.common import code_commit, cpu_description  # noqa: E402
 from research import RESULTS_DIR, screen  # noqa: E402
 
 QUEUE = Path(__file__).with_name("campaign.toml")
@@ -65,10 +65,6 @@ def commit_record(record: Path, message: str, tries: int = 20) -> bool:
         time.sleep(15)  # most likely another git command holds the index lock
     print(f"could not commit {record}: {done.stderr.strip()}", flush=True)
     return False
-
-
-def code_commit() -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
