@@ -19,6 +19,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 import functools  # noqa: E402 - after the environment above
 import hashlib  # noqa: E402
 import http.server  # noqa: E402
+import subprocess  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -33,6 +34,7 @@ from tests.support.mlflow_server import mlflow_server as start_mlflow_server  # 
 from tests.support.postgres import fresh_database, postgres_cluster  # noqa: E402
 from tests.support.prefect_server import Server  # noqa: E402
 from tests.support.prefect_server import prefect_server as start_prefect_server  # noqa: E402
+from tests.support.processes import stop_all  # noqa: E402
 from tests.support.publish_worker import dummy_candidate, fake_champion_scoring, stand_in_canary  # noqa: E402
 from tests.support.slices import SLICE_ROWS, TINY_ROWS, TINY_TRAIN, build_slice_mirror, cut_slice, slice_spec  # noqa: E402
 from tests.support.trained import trained_models  # noqa: E402, F401 - a fixture for every test module
@@ -70,6 +72,17 @@ def prefect_api(prefect_server) -> Iterator[Server]:
 
     with temporary_settings({PREFECT_API_URL: prefect_server.url}):
         yield prefect_server
+
+
+@pytest.fixture(scope="module")
+def started() -> Iterator[list[subprocess.Popen]]:
+    """Every process the module's fixtures start (they append it); whatever they did not stop is stopped here,
+    all at once."""
+    procs: list[subprocess.Popen] = []
+    try:
+        yield procs
+    finally:
+        stop_all(procs)
 
 
 @pytest.fixture(scope="session")

@@ -36,16 +36,6 @@ gates = { min_accuracy = 0.5 }
 
 
 @pytest.fixture(scope="module")
-def started() -> Iterator[list[subprocess.Popen]]:
-    procs: list[subprocess.Popen] = []
-    try:
-        yield procs
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A server of its own: its automations and notifications must see this module's runs only."""
     with prefect_server(tmp_path_factory.mktemp("prefect"), scheduler=False) as running:

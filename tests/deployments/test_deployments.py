@@ -39,17 +39,6 @@ QUICK = {"dataset": "mnist", "model": "mlp", "epochs": 1, "train_rows": 5000, "m
 
 
 @pytest.fixture(scope="module")
-def started() -> Iterator[list[subprocess.Popen]]:
-    """Every process the module starts; whatever a fixture did not stop is stopped here."""
-    procs: list[subprocess.Popen] = []
-    try:
-        yield procs
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-
-
-@pytest.fixture(scope="module")
 def server(prefect_server) -> Server:
     return prefect_server
 

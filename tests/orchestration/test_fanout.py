@@ -25,7 +25,7 @@ from prefect.client.schemas.objects import FlowRun
 from tasks.registry.mlflow_client import PRODUCTION_ALIAS, MlflowServer
 from tasks.settings import PROJECT_ROOT
 from tests.support.prefect_server import PREFECT, Server
-from tests.support.processes import spawn, stop, tail
+from tests.support.processes import spawn, stop_all, tail
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -99,8 +99,7 @@ def machines(prefect_server, tmp_path_factory) -> Iterator[list[Machine]]:
     try:
         yield [a, b]
     finally:
-        for proc in workers:
-            stop(proc)
+        stop_all(workers)
 
 
 def nightly_run(server: Server, machine: Machine, params: dict) -> FlowRun:

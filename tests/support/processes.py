@@ -21,19 +21,30 @@ def spawn(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subproce
 
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM the process group, then SIGKILL whatever is left of it after 30 s."""
-    if proc.poll() is None:
+    stop_all([proc])
+
+
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """SIGTERM every process group at once, wait for them under one ``grace_s`` deadline, then SIGKILL whatever
+    is left (children that outlived their parent too): stopping two workers costs one grace, not two."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             pass
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
-            return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # children that outlived their parent
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
+            pass
+        proc.wait(timeout=10)
 
 
 def tail(log: Path, lines: int = 40) -> str:
