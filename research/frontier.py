@@ -24,7 +24,8 @@ from bench.common import keep_record
 from research import RESULTS_DIR
 from research.frontier_report import markdown, plot
 
-RESEARCH_DIR = Path(__file__).resolve().parent
+# The frontier's table and plot sit beside the other benchmarks' outputs.
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 DEFAULT_BUDGETS = "0.5,1.0,1.5"
 # shipped: tasks/datasets.toml's recipes; baseline: the recipes before the accuracy campaign (research/baselines.toml).
 RECIPE_SETS = ("shipped", "baseline")
@@ -68,7 +69,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--datasets", default="all", help="built-in dataset names separated by commas (default all)")
     group.add_argument("--train-rows", type=int, default=None,
                        help="use only the first N train rows (a tiny test run; the test split stays whole)")
-    group.add_argument("--frontier-dir", type=Path, default=RESEARCH_DIR, help="where the outputs go (default research/)")
+    group.add_argument("--frontier-dir", type=Path, default=BENCH_DIR, help="where the outputs go (default bench/)")
 
 
 def parse_recipe_sets(text: str) -> list[str]:
@@ -251,7 +252,7 @@ def main(args: argparse.Namespace, machine: dict[str, Any]) -> int:
         print("no frontier points measured or kept", file=sys.stderr)
         return 1
     print(markdown(report["summary"], report))
-    kept = keep_record("frontier", report, RESULTS_DIR) if args.frontier_dir == RESEARCH_DIR else None  # not a test's tiny run
+    kept = keep_record("frontier", report, RESULTS_DIR) if args.frontier_dir == BENCH_DIR else None  # not a test's tiny run
     print("wrote " + ", ".join(str(args.frontier_dir / name) for name in OUTPUT_NAMES.values())
           + (f" and {kept}" if kept else ""))
     return 0
