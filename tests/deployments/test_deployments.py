@@ -77,14 +77,6 @@ def assert_rejected(server: Server, name: str, params: dict) -> None:
     assert f"Validation failed for field '{next(iter(params))}'" in refused.value.response.json()["detail"]
 
 
-def pause_the_real_nightly(server: Server) -> None:
-    """Pause the nightly schedule once checked (this deletes its scheduled runs; runs asked for still run): a suite
-    running across 02:00 UTC would otherwise start a full night beside the tests."""
-    with server.client() as client:
-        client.pause_deployment(server.deployment("train-mnist/nightly").id)
-    assert server.deployment("train-mnist/nightly").paused is True
-
-
 def assert_nightly_shape(deployment, parameters: dict | None = None) -> None:
     """The nightly deployment as both serve.py and prefect.yaml define it."""
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in deployment.schedules] == \
@@ -131,7 +123,7 @@ class TestServe:
         assert (first.hour, first.minute, first.second) == (2, 0, 0)
         assert timedelta(0) < first - datetime.now(UTC) <= timedelta(days=1)
         assert runs[0].parameters == {"dataset": "all"}
-        pause_the_real_nightly(server)
+        server.pause("train-mnist/nightly")  # checked: a real 02:00 run must not start beside the tests
 
         smoke = server.deployment("train-mnist/smoke")
         assert smoke.schedules == []
@@ -279,7 +271,7 @@ class TestWorkPool:
         nightly = server.deployment("train-mnist/nightly")
         assert_nightly_shape(nightly, {"dataset": "all", "fan_out": True})
         assert nightly.work_pool_name == POOL and nightly.entrypoint == "flows.train:train_mnist"
-        pause_the_real_nightly(server)
+        server.pause("train-mnist/nightly")  # checked: a real 02:00 run must not start beside the tests
         assert not nightly.pull_steps  # the worker runs the train-mnist installed on its machine
         child = server.deployment("train-mnist/dataset")
         assert child.work_pool_name == POOL and child.work_queue_name == "train"
