@@ -76,6 +76,21 @@ def bench_more_seeds(work: Path, first: dict[str, Any] | None, seeds: list[int],
                                    for name in names}}}
 
 
+def bench_budget(time_ratio_repeats: int = 0) -> dict[str, Any]:
+    """What a night of the shipped recipes costs against the previous recipes (research/baselines.toml): training
+    FLOPs, and with ``time_ratio_repeats`` > 0 the training time measured here (fresh processes, rotated rounds),
+    with the previous recipes timed again as the control."""
+    from research.budget import flops_against_baseline, time_against_baseline
+
+    flops = flops_against_baseline()
+    out: dict[str, Any] = {"training_flops_ratio": flops["night"]["ratio"], "details": {"flops": flops}}
+    if time_ratio_repeats:
+        timing = time_against_baseline(time_ratio_repeats)
+        out |= {"night_time_ratio": timing["night_time_ratio"], "control_time_ratio": timing["control_time_ratio"]}
+        out["details"]["time"] = timing
+    return out
+
+
 def published_accuracies(runs_dir: Path, versions: dict[str, str]) -> dict[str, float]:
     """Test accuracy of each dataset's published run, from the metrics.json its evaluate stage wrote."""
     from tasks.artifacts import METRICS_FILE

@@ -32,7 +32,7 @@ from bench.data_stages import (  # noqa: E402
     bench_warm_data_stages,
     train_parquets,
 )
-from bench.nightly import DEFAULT_RUNS, bench_flow, bench_more_seeds, recorded_default_runs  # noqa: E402
+from bench.nightly import DEFAULT_RUNS, bench_budget, bench_flow, bench_more_seeds, recorded_default_runs  # noqa: E402
 from bench.training import bare_fit, bench_recipe_fits, bench_training, flops_utilization  # noqa: E402
 from bench.training import rows_for_steps as rows_for_steps  # noqa: E402 - part of this entry point's interface
 from research import frontier  # noqa: E402
@@ -49,6 +49,8 @@ TARGETS: dict[str, tuple[float, str, str]] = {
     "mnist_accuracy": (0.996, "min", "mnist test accuracy of the default run, mean over the seeds"),
     "fashion_mnist_accuracy": (0.94, "min", "fashion-mnist test accuracy of the default run, mean over the seeds"),
     "nightly_wall_minutes": (23.7, "max", "wall minutes of the cold default run (first seed)"),
+    # --nightly --time-ratio N (issue 25): a night's training time, shipped recipes / research/baselines.toml's.
+    "night_time_ratio": (1.0, "max", "training time of a night: shipped recipes / previous recipes, fresh processes"),
     # --serving only (issue 20): train-mnist serve against mlflow models serve, same model, same load.
     "rows_per_s_ratio_batch_1": (1.0, "min", "rows/s of train-mnist serve / mlflow models serve, 1-row requests"),
     "rows_per_s_ratio_batch_256": (1.0, "min", "rows/s of train-mnist serve / mlflow models serve, 256-row requests"),
@@ -59,6 +61,8 @@ TARGETS: dict[str, tuple[float, str, str]] = {
 INFORMATION: dict[str, str] = {
     "conversion_speedup_vs_pandas": "pandas.read_csv + to_parquet time / convert_to_parquet time (was >= 5)",
     "parquet_size_ratio": "Parquet bytes / .csv.gz bytes, worst dataset (was <= 0.6; zstd-19 pixels: 0.657)",
+    "control_time_ratio": "previous recipes timed again / themselves: the time ratio's noise (trusted within 0.05)",
+    "training_flops_ratio": "training FLOPs of a night: shipped recipes / previous recipes (research/baselines.toml)",
 }
 
 
@@ -85,8 +89,9 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# "flow" is the cold flow run; "warm" and "training" reuse its data dir, and --nightly's "flops" its fits.
-STEPS = ("conversion", "sizes", "validation", "flow", "warm", "training", "flops")
+# "flow" is the cold flow run; "warm" and "training" reuse its data dir, and --nightly's "flops" its fits;
+# "budget" (--nightly only): the shipped recipes' FLOPs and, with --time-ratio, time against the previous recipes.
+STEPS = ("conversion", "sizes", "validation", "flow", "warm", "training", "flops", "budget")
 
 
 def steps_of(text: str) -> set[str]:
@@ -112,6 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "same CPU) from the record instead of running them again")
     parser.add_argument("--default-runs", type=Path, default=DEFAULT_RUNS,
                         help="with --nightly: the record each default run is appended to (default %(default)s)")
+    parser.add_argument("--time-ratio", type=int, default=0, metavar="REPEATS",
+                        help="with --nightly: also time a night of the shipped recipes against the previous ones, "
+                             "each model in REPEATS fresh processes (5: ~10 min; on a quiet machine)")
     parser.add_argument("--only", type=steps_of, default=set(STEPS),
                         help=f"run only these steps, separated by commas: {','.join(STEPS)} (default all)")
     parser.add_argument("--output", type=Path, default=RESULTS_FILE, help=f"default {RESULTS_FILE.relative_to(PROJECT_ROOT)}")
@@ -140,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/run.py" + "".join(f" --{flag}" for flag in ("quick", "nightly", "layouts")
                                               if getattr(args, flag))
     if args.nightly:
-        command += " --seeds " + ",".join(map(str, args.seeds)) + (" --resume" if args.resume else "")
+        command += (" --seeds " + ",".join(map(str, args.seeds)) + (" --resume" if args.resume else "")
+                    + (f" --time-ratio {args.time_ratio}" if args.time_ratio else ""))
     recorded = recorded_default_runs(args.seeds, args.default_runs) if args.nightly and args.resume else {}
     to_run = [seed for seed in args.seeds if seed not in recorded]
     if args.nightly and not to_run:  # every seed is in the record: nothing to run, so nothing to time
@@ -206,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                           flops_per_cpu_second=max(matmul["flops_per_cpu_second"], after["flops_per_cpu_second"]),
                           before_after_flops_per_second=[matmul["flops_per_second"], after["flops_per_second"]])
             record("flops", flops_utilization(fits, matmul, source))
+        if args.nightly and "budget" in args.only:
+            log("the recipes' budget against the previous recipes"
+                + (f" (timing, {args.time_ratio} fresh processes per model) ..." if args.time_ratio else " ..."))
+            record("budget", bench_budget(args.time_ratio))
         if args.layouts:
             log("Parquet layouts ...")
             results["parquet_layouts"] = bench_layouts(work)

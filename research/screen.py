@@ -35,9 +35,6 @@ from research import RESULTS_DIR  # noqa: E402
 
 CANDIDATES = Path(__file__).with_name("candidates.toml")
 MIRROR = ROOT / "data" / "mirror"
-# The budget of issue 19: each dataset's nightly recipe of 2026-12 (cnn-bn, 54,000 fit rows) and its epochs.
-BASELINE = {"mnist": 12, "fashion-mnist": 25}
-BASELINE_ROWS = 54_000
 
 
 def load_split(dataset: str, split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +56,8 @@ def run_one(job: dict) -> dict:
     import keras
 
     from bench.flops import TRAIN_STEP_FORWARD_MULTIPLE, model_forward_flops
+    from research.budget import night_training_flops
+    from research.step_time import baseline_config
     from tasks.training.architectures import as_float32, build_model, with_test_time_views
     from tasks.training.fitting import split_rows, training_targets
     from tasks.training.recipes import TrainConfig
@@ -89,8 +88,7 @@ def run_one(job: dict) -> dict:
     # The same weights averaged over the five 1-pixel-shifted views: what test_time_views = "shifts" would give.
     shifted = with_test_time_views(saved, "shifts").predict(x_test.astype(np.float32), batch_size=2048, verbose=0)
     flops = TRAIN_STEP_FORWARD_MULTIPLE * model_forward_flops(model) * len(fit_idx) * len(history.epoch)
-    baseline = build_model(TrainConfig(model="cnn-bn"), num_classes)
-    budget = TRAIN_STEP_FORWARD_MULTIPLE * model_forward_flops(baseline) * BASELINE_ROWS * BASELINE[job["dataset"]]
+    budget = night_training_flops(baseline_config(job["dataset"]), num_classes)  # research/baselines.toml
     return {"name": job["name"], "dataset": job["dataset"], "seed": config.seed,
             "test_accuracy": float((probabilities.argmax(axis=1) == y_test).mean()),
             "test_accuracy_with_shift_views": float((shifted.argmax(axis=1) == y_test).mean()),

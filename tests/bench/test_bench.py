@@ -281,3 +281,43 @@ def test_resume_takes_recorded_seeds_of_the_same_recipes_on_the_same_cpu_and_run
     assert ran == [43, 44] and out["mnist_accuracy"] == pytest.approx((0.996 + 0.994 + 0.994) / 3)
     assert out["nightly_wall_minutes"] == 30.0 and out["details"]["runs"][0]["from_record"]
 
+
+
+def test_the_budget_counts_a_nights_training_flops_against_the_previous_recipes():
+    from bench.flops import model_forward_flops
+    from research.budget import flops_against_baseline, night_training_flops
+    from research.step_time import baseline_config
+    from tasks.training.architectures import build_model
+
+    cnn_bn = model_forward_flops(build_model(TrainConfig(model="cnn-bn"), 10))
+    assert night_training_flops(baseline_config("mnist")) == 3 * cnn_bn * 54_000 * 12  # 10 % held out, 12 epochs
+    flops = flops_against_baseline()
+    assert set(flops["per_dataset"]) == {"mnist", "fashion-mnist"}
+    for row in flops["per_dataset"].values():
+        assert row["ratio"] == pytest.approx(row["shipped"] / row["baseline"], abs=1e-3)
+    night = flops["night"]
+    assert night["baseline"] == sum(row["baseline"] for row in flops["per_dataset"].values())
+    assert night["ratio"] == pytest.approx(night["shipped"] / night["baseline"], abs=1e-3)
+
+
+def test_the_nightly_budget_step_records_the_time_ratio_and_the_controls(monkeypatch):
+    from bench.nightly import bench_budget
+    from research import step_time
+    from research.budget import shipped_configs
+
+    def timed(configs, steps, repeats):
+        assert repeats == 2 and set(configs) == {
+            "today:mnist", "today:fashion-mnist", "mnist: shipped recipe", "fashion-mnist: shipped recipe",
+            "mnist: today's recipe again (control)", "fashion-mnist: today's recipe again (control)"}
+        # Every shipped step costs half a baseline step; the controls come out 10 % slow.
+        return {key: 0.01 if "shipped" in key else 0.022 if "control" in key else 0.02 for key in configs}
+
+    monkeypatch.setattr(step_time, "fresh_seconds_per_step", timed)
+    out = bench_budget(2)
+    shipped = sum(step_time.night_steps(config) for config in shipped_configs().values())
+    baseline = sum(step_time.night_steps(step_time.baseline_config(name)) for name in ("mnist", "fashion-mnist"))
+    assert out["night_time_ratio"] == pytest.approx((0.01 * shipped) / (0.02 * baseline), abs=1e-3)
+    assert out["control_time_ratio"] == pytest.approx(1.1, abs=1e-3)
+    assert out["details"]["time"]["trusted"] is False  # a control 10 % off: the measurement is not to be used
+    assert out["training_flops_ratio"] == out["details"]["flops"]["night"]["ratio"]
+    assert "night_time_ratio" not in bench_budget(0)  # FLOPs only, nothing timed
