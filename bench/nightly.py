@@ -66,10 +66,13 @@ def bench_more_seeds(work: Path, first: dict[str, Any] | None, seeds: list[int],
         out = bench_flow(work, FULL, nightly=True, seed=seed, cold=False, record=record)[0]
         runs.append({"seed": seed, "accuracy": out["accuracy"], "wall_minutes": out["flow_wall_seconds"] / 60,
                      "cold": False})
-    runs.sort(key=lambda run: not run["cold"])  # the cold run's wall time is the one reported
+    runs.sort(key=lambda run: not run["cold"])
     names = list(runs[0]["accuracy"])
     mean = {name: statistics.fmean(run["accuracy"][name] for run in runs) for name in names}
-    wall = {"nightly_wall_minutes": runs[0]["wall_minutes"]} if runs[0]["cold"] else {}
+    # Only a cold run's wall time is a night's; of several (seeds taken from the record ran cold in their own
+    # session), the fastest, as other work on the machine only ever slows a run down.
+    cold = [run["wall_minutes"] for run in runs if run["cold"]]
+    wall = {"nightly_wall_minutes": min(cold)} if cold else {}
     return {**{f"{name.replace('-', '_')}_accuracy": value for name, value in mean.items()}, **wall,
             "details": {"runs": runs, "mean_accuracy": mean,
                         "spread": {name: [min(r["accuracy"][name] for r in runs), max(r["accuracy"][name] for r in runs)]

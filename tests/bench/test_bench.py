@@ -158,6 +158,10 @@ def test_nightly_seeds_average_the_accuracies_and_keep_the_cold_runs_wall(monkey
     assert out["details"]["spread"]["mnist"] == [0.995, 0.997]
     assert bench_run.verdict("mnist_accuracy", out["mnist_accuracy"])
     assert not bench_run.verdict("nightly_wall_minutes", 24.0)
+    # Seeds from the record that ran cold in another session: the fastest cold run is the night's wall.
+    recorded = {43: {"accuracy": later[43], "cold": True, "wall_seconds": 960.0, "finished": "earlier"}}
+    out = nightly.bench_more_seeds(tmp_path, first, [43, 44], recorded)
+    assert out["nightly_wall_minutes"] == 16.0 and [r["cold"] for r in out["details"]["runs"]] == [True, True, False]
 
 
 def test_the_serving_load_counts_requests_rows_failures_and_nearest_rank_percentiles():
