@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --nightly: the record each default run is appended to (default %(default)s)")
     parser.add_argument("--time-ratio", type=int, default=0, metavar="REPEATS",
                         help="with --nightly: also time a night of the shipped recipes against the previous ones, "
-                             "each model in REPEATS fresh processes (5: ~10 min; on a quiet machine)")
+                             "each model in REPEATS fresh processes (5: ~20 min; on a quiet machine)")
     parser.add_argument("--only", type=steps_of, default=set(STEPS),
                         help=f"run only these steps, separated by commas: {','.join(STEPS)} (default all)")
     parser.add_argument("--output", type=Path, default=RESULTS_FILE, help=f"default {RESULTS_FILE.relative_to(PROJECT_ROOT)}")
