@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from deployments.team_servers import stop_all as stop_servers
+
 
 def spawn(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
     """Start ``cmd`` in a new process group (so it can be stopped with all its children), output to ``log``."""
@@ -25,26 +27,14 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def stop_all(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
-    """SIGTERM every process group at once, wait for them under one ``grace_s`` deadline, then SIGKILL whatever
-    is left (children that outlived their parent too): stopping two workers costs one grace, not two."""
-    for proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.monotonic() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            pass
+    """The team servers' own stop (SIGTERM to every process group at once, one ``grace_s`` deadline, SIGKILL to
+    what still runs), then SIGKILL to each group again: children that outlived their parent go too."""
+    stop_servers(procs, grace_s)
     for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        proc.wait(timeout=10)
 
 
 def tail(log: Path, lines: int = 40) -> str:
