@@ -7,10 +7,13 @@ test run reads another's cache records or the developer's ``~/.prefect``.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _RUN_HOME = tempfile.mkdtemp(prefix="train-mnist-tests-")
+atexit.register(shutil.rmtree, _RUN_HOME, ignore_errors=True)
 os.environ["PREFECT_HOME"] = os.path.join(_RUN_HOME, "prefect-home")
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_RUN_HOME, "prefect-storage")
 os.environ.pop("PREFECT_API_URL", None)

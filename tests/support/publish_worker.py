@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import struct
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -247,6 +248,8 @@ def publish_loop(registry: str, dataset: str, candidate: Candidate, step_log: st
 
         with temporary_settings({PREFECT_API_URL: api_url}):
             return publish_loop(registry, dataset, candidate, step_log, delay, count, start)
+    # A killed publisher cannot remove its temporary folder: keep it beside the step log, in the test's tmp_path.
+    tempfile.tempdir = str(Path(step_log).parent)
     current = {"version": "-"}
     log_fd = os.open(step_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     _install_hooks(log_fd, delay, current)
