@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def test_open_registry_picks_mlflow_for_an_http_url(server):
     assert isinstance(open_registry(server.url), MlflowRegistry)
 
 
-def test_publish_logs_a_run_registers_the_model_and_moves_the_alias(server, dataset, trained_models, tmp_path):
+def test_publish_logs_a_run_registers_the_model_and_moves_the_alias(server, dataset, trained_models, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # get_model_info downloads MLmodel into a mkdtemp
     registry = open_registry(server.url)
     published = publish_version(registry, candidate_for(dataset, trained_models["strong"], "v-strong", tmp=tmp_path))
     assert registry.production(dataset) == published.registry_version == "1"
@@ -245,7 +248,8 @@ def test_champion_comparisons_leave_no_temporary_copies_behind(server, dataset, 
 
 
 def test_a_run_records_its_datasets_and_the_model_its_uint8_signature_and_input_example(server, dataset,
-                                                                                      trained_models):
+                                                                                      trained_models, tmp_path,
+                                                                                      monkeypatch):
     """What a user of MLflow expects: "Datasets used" on the run; a registered model whose signature is the
     contract (raw 0..255 uint8 rows in, float32 probabilities out), and a request example beside it."""
     import mlflow
@@ -262,11 +266,13 @@ def test_a_run_records_its_datasets_and_the_model_its_uint8_signature_and_input_
         assert tags["mlflow.data.context"] == {"train": "training", "test": "testing"}[split]
         assert info.location in logged.dataset.source and "uint8" in logged.dataset.schema
     registry.mlflow._use_server()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # get_model_info downloads MLmodel into a mkdtemp
     model = mlflow.models.get_model_info(f"models:/{dataset}/1")
     [pixels] = model.signature.inputs.inputs
     [probabilities] = model.signature.outputs.inputs
     assert (pixels.name, pixels.type, pixels.shape) == ("pixels", np.dtype(np.uint8), (-1, 784))
     assert (probabilities.type, probabilities.shape) == (np.dtype(np.float32), (-1, 10))
-    example = registry.mlflow.client.download_artifacts(run.info.run_id, "serving_input_example.json")
+    example = registry.mlflow.client.download_artifacts(run.info.run_id, "serving_input_example.json",
+                                                        str(tmp_path))
     rows = np.array(json.loads(Path(example).read_text())["inputs"])
     assert rows.shape == (2, 784) and rows.min() >= 0 and rows.max() <= 255
