@@ -6,20 +6,52 @@ import os
 from pathlib import Path
 from typing import Any
 
+TABLE_HEADER = "| dataset | recipe | model | budget | epochs | test accuracy, mean | each seed | CPU-min | wall min |"
+
 
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     commands = ", ".join(f"`{command}`" for command in meta.get("commands") or [meta["command"]])
     lines = [f"Accuracy vs CPU-minutes ({commands}; {meta['machine']['cpus']} CPUs "
              f"{meta['machine']['cpu_model']}, {meta['finished']}; train rows: {row_counts(meta)}).",
              "CPU-minutes: process CPU time of train_model + evaluate_model (all threads); wall in minutes.", "",
-             "| dataset | recipe | model | budget | epochs | test accuracy, mean | each seed | CPU-min | wall min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             *table(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def table(summary: list[dict[str, Any]]) -> list[str]:
+    """The frontier's Markdown table, one line per (dataset, recipe, budget): in frontier.md and README."""
+    lines = [TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(summary, key=lambda r: (r["dataset"], r["recipe_name"], r["budget"])):
         each = ", ".join(f"{seed}: {100 * acc:.2f}" for seed, acc in zip(row["seeds"], row["accuracies"], strict=True))
         lines.append(f"| {row['dataset']} | {row['recipe_name']} | {row['model']} | {row['budget']:g} | {row['epochs']} | "
                      f"{100 * row['mean_accuracy']:.2f} % | {each} | {row['mean_cpu_minutes']:.2f} | "
                      f"{row['mean_wall_minutes']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def table_in(text: str) -> list[str]:
+    """The frontier table's lines in a Markdown text (README's Models section), or [] if it has none."""
+    lines = text.splitlines()
+    if TABLE_HEADER not in lines:
+        return []
+    start = lines.index(TABLE_HEADER)
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def write_table_into(readme: Path, summary: list[dict[str, Any]]) -> bool:
+    """Replace the frontier table in ``readme`` with ``summary``'s; whether anything changed."""
+    text = readme.read_text()
+    old = table_in(text)
+    if not old:
+        raise ValueError(f"{readme} has no frontier table (a line {TABLE_HEADER!r}) to replace")
+    new = table(summary)
+    if old == new:
+        return False
+    lines = text.splitlines(keepends=True)
+    start = [line.rstrip("\n") for line in lines].index(TABLE_HEADER)
+    readme.write_text("".join([*lines[:start], *(line + "\n" for line in new), *lines[start + len(old):]]))
+    return True
 
 
 def row_counts(report: dict[str, Any]) -> str:
@@ -56,3 +88,20 @@ def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path
     plt.close(fig)
     os.replace(tmp, dest)
     return dest
+
+
+def main() -> None:
+    """Put the frontier's table (from its JSON) into README, so the two cannot drift apart."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("report", nargs="?", type=Path, default=Path("bench/frontier.json"))
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    args = parser.parse_args()
+    changed = write_table_into(args.readme, json.loads(args.report.read_text())["summary"])
+    print(f"{args.readme}: frontier table {'updated from' if changed else 'already matches'} {args.report}")
+
+
+if __name__ == "__main__":
+    main()

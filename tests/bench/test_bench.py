@@ -325,3 +325,22 @@ def test_the_nightly_budget_step_records_the_time_ratio_and_the_controls(monkeyp
     assert out["details"]["time"]["trusted"] is False  # a control 10 % off: the measurement is not to be used
     assert out["training_flops_ratio"] == out["details"]["flops"]["night"]["ratio"]
     assert "night_time_ratio" not in bench_budget(0)  # FLOPs only, nothing timed
+
+
+def test_readme_shows_the_committed_frontier_and_the_report_tool_rewrites_only_the_table(tmp_path):
+    from research.frontier_report import TABLE_HEADER, table, table_in, write_table_into
+
+    summary = json.loads((PROJECT_ROOT / "bench" / "frontier.json").read_text())["summary"]
+    assert table_in((PROJECT_ROOT / "README.md").read_text()) == table(summary), (
+        "README's frontier table differs from bench/frontier.json: python research/frontier_report.py")
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Models\n\nBefore.\n\n{TABLE_HEADER}\n|---|\n| old | row |\n\nAfter.\n")
+    assert write_table_into(readme, summary) is True
+    text = readme.read_text()
+    assert text.startswith("# Models\n\nBefore.\n\n") and text.endswith("\n\nAfter.\n") and "| old | row |" not in text
+    assert table_in(text) == table(summary)
+    assert write_table_into(readme, summary) is False
+    readme.write_text("no table here\n")
+    with pytest.raises(ValueError, match="no frontier table"):
+        write_table_into(readme, summary)
