@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from typing import Any
 
 from bench.common import keep_record
 from research import RESULTS_DIR
-from research.frontier_report import markdown, plot
+from research.frontier_report import markdown, write_atomically, write_views
 
 # The frontier's table and plot sit beside the other benchmarks' outputs.
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
@@ -167,12 +166,6 @@ def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for (dataset, _, budget), runs in groups.items()]
 
 
-def write_atomically(dest: Path, text: str) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, dest)
-
-
 def run_frontier(datasets: str, budgets: list[float], seeds: list[int], train_rows: int | None, out_dir: Path,
                  meta: dict[str, Any], recipe_sets: tuple[str, ...] | list[str] = RECIPE_SETS) -> dict[str, Any]:
     """Every (dataset, recipe, budget, seed) point, cheapest budgets first; outputs rewritten after each point.
@@ -236,8 +229,7 @@ def merge_point(out_dir: Path, recipes: dict[str, set[str]], meta: dict[str, Any
 def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     paths = {kind: out_dir / name for kind, name in OUTPUT_NAMES.items()}
     write_atomically(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
-    write_atomically(paths["markdown"], markdown(report["summary"], report))
-    plot(report["summary"], report["points"], paths["plot"])
+    write_views(report, paths["markdown"], paths["plot"])
     return paths
 
 

@@ -6,7 +6,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.targets import TARGETS
+
 TABLE_HEADER = "| dataset | recipe | model | budget | epochs | test accuracy, mean | each seed | CPU-min | wall min |"
+
+
+def write_views(report: dict[str, Any], table_path: Path, plot_path: Path) -> None:
+    """The report's table (frontier.md) and plot (frontier.png), written from its JSON."""
+    write_atomically(table_path, markdown(report["summary"], report))
+    plot(report["summary"], report["points"], plot_path)
+
+
+def write_atomically(dest: Path, text: str) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, dest)
 
 
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -79,9 +93,13 @@ def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path
             for r in rows:
                 ax.annotate(f"{r['budget']:g}x ({r['epochs']} ep)", (r["mean_cpu_minutes"], 100 * r["mean_accuracy"]),
                             textcoords="offset points", xytext=(4, -12), fontsize=8)
+        target = TARGETS.get(f"{dataset.replace('-', '_')}_accuracy")
+        if target is not None:
+            ax.axhline(100 * target[0], color="grey", linestyle="--", linewidth=1,
+                       label=f"target {100 * target[0]:.2f} % (3-seed mean of the night)")
         ax.set(title=dataset, xlabel="CPU-minutes (train + evaluate); dots: each seed", ylabel="test accuracy, %")
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     tmp = dest.with_name(f".{dest.stem}.tmp{dest.suffix}")
     fig.savefig(tmp, dpi=110)
@@ -91,7 +109,7 @@ def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path
 
 
 def main() -> None:
-    """Put the frontier's table (from its JSON) into README, so the two cannot drift apart."""
+    """Redraw the frontier's table and plot from its JSON (beside it) and put the table into README."""
     import argparse
     import json
 
@@ -99,8 +117,11 @@ def main() -> None:
     parser.add_argument("report", nargs="?", type=Path, default=Path("bench/frontier.json"))
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     args = parser.parse_args()
-    changed = write_table_into(args.readme, json.loads(args.report.read_text())["summary"])
-    print(f"{args.readme}: frontier table {'updated from' if changed else 'already matches'} {args.report}")
+    report = json.loads(args.report.read_text())
+    write_views(report, args.report.with_suffix(".md"), args.report.with_suffix(".png"))
+    changed = write_table_into(args.readme, report["summary"])
+    print(f"{args.report.with_suffix('.md')}, {args.report.with_suffix('.png')} redrawn; {args.readme}: frontier table "
+          f"{'updated' if changed else 'already matches'}")
 
 
 if __name__ == "__main__":

@@ -332,7 +332,7 @@ def test_readme_shows_the_committed_frontier_and_the_report_tool_rewrites_only_t
 
     summary = json.loads((PROJECT_ROOT / "bench" / "frontier.json").read_text())["summary"]
     assert table_in((PROJECT_ROOT / "README.md").read_text()) == table(summary), (
-        "README's frontier table differs from bench/frontier.json: python research/frontier_report.py")
+        "README's frontier table differs from bench/frontier.json: python -m research.frontier_report")
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# Models\n\nBefore.\n\n{TABLE_HEADER}\n|---|\n| old | row |\n\nAfter.\n")
