@@ -13,7 +13,7 @@ import shutil
 import tempfile
 
 _RUN_HOME = tempfile.mkdtemp(prefix="train-mnist-tests-")
-atexit.register(shutil.rmtree, _RUN_HOME, ignore_errors=True)
+atexit.register(shutil.rmtree, _RUN_HOME, ignore_errors=True)  # xdist's workers end in os._exit: see pytest_unconfigure
 os.environ["PREFECT_HOME"] = os.path.join(_RUN_HOME, "prefect-home")
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_RUN_HOME, "prefect-storage")
 os.environ.pop("PREFECT_API_URL", None)
@@ -169,3 +169,8 @@ def http_mirror() -> Iterator[callable]:
 def http_mirror_module() -> Iterator[callable]:
     """Real HTTP mirrors on 127.0.0.1 for a whole test module (see ``_http_mirrors``)."""
     yield from _http_mirrors()
+
+
+def pytest_unconfigure(config) -> None:
+    """The run's Prefect home and result storage go with it (an xdist worker never reaches its atexit handlers)."""
+    shutil.rmtree(_RUN_HOME, ignore_errors=True)
