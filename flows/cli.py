@@ -46,9 +46,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Prefect reads its settings once, when it is first imported: these must be in the environment before that.
+LOCAL_PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # offline: no telemetry errors in the log
+    # A first run without a server starts a temporary one, whose database is created then: Prefect's 20 s were
+    # not enough on a busy 2-core machine (the run failed before any work).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
+
+
+def use_local_prefect_defaults() -> None:
+    """Set the defaults above where the user has not set them."""
+    for name, value in LOCAL_PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     as_command = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    use_local_prefect_defaults()
     if argv[:1] == ["predict"]:
         from tasks.serving.predict import main as predict_main
 
@@ -70,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return operation_main(argv[0], argv[1:])
     args = parse_args(argv)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors in the log
     from flows.train import train_mnist
 
     params: dict[str, Any] = {k: v for k, v in vars(args).items() if v is not None}

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from flows.cli import parse_args
+from flows.cli import LOCAL_PREFECT_DEFAULTS, parse_args
 from tasks.model_io import import_keras
+from tasks.settings import PROJECT_ROOT
 from tasks.training.train import plot_training_curves, progress_callback
 
 
@@ -72,3 +77,30 @@ def test_a_run_without_hold_out_plots_no_validation_curve(monkeypatch, tmp_path)
     monkeypatch.setattr(plt.Figure, "savefig", capture)
     plot_training_curves({"loss": [0.9, 0.2], "accuracy": [0.7, 0.95]}, tmp_path / "curves.png", "cnn7: none held out")
     assert labels["legend"] == [["train"], ["train"]]
+
+
+# In a fresh interpreter: the command's entry point, then what Prefect's settings say.
+SETTINGS_AFTER_THE_COMMAND = """
+import flows.cli
+try:
+    flows.cli.main(["--help"])
+except SystemExit:
+    pass
+from prefect.settings import get_current_settings
+settings = get_current_settings()
+print(settings.server.ephemeral.startup_timeout_seconds, settings.server.analytics_enabled)
+"""
+
+
+@pytest.mark.parametrize("user_value", [None, "7"])
+def test_the_command_gives_prefect_its_local_defaults_before_prefect_reads_them(user_value):
+    """A first run starts a temporary Prefect server whose database is created then: 20 s (Prefect's default wait)
+    was too short on a busy 2-core machine. The defaults reach Prefect's settings; a user's own value wins."""
+    env = {k: v for k, v in os.environ.items() if k not in LOCAL_PREFECT_DEFAULTS}
+    if user_value is not None:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_value
+    done = subprocess.run([sys.executable, "-c", SETTINGS_AFTER_THE_COMMAND], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    timeout = user_value or LOCAL_PREFECT_DEFAULTS["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]
+    assert done.stdout.splitlines()[-1] == f"{timeout} False"
