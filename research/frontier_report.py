@@ -80,7 +80,7 @@ def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path
     import matplotlib.pyplot as plt
 
     datasets = list(dict.fromkeys(row["dataset"] for row in summary))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.8), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         for name in dict.fromkeys(r["recipe_name"] for r in summary if r["dataset"] == dataset):
             rows = sorted((r for r in summary if r["dataset"] == dataset and r["recipe_name"] == name),
@@ -99,7 +99,7 @@ def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path
                        label=f"target {100 * target[0]:.2f} % (3-seed mean of the night)")
         ax.set(title=dataset, xlabel="CPU-minutes (train + evaluate); dots: each seed", ylabel="test accuracy, %")
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)  # below: clear of the points
     fig.tight_layout()
     tmp = dest.with_name(f".{dest.stem}.tmp{dest.suffix}")
     fig.savefig(tmp, dpi=110)
