@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import keep_record
+from bench.common import code_commit, keep_record
 from research import RESULTS_DIR
 from research.frontier_report import markdown, write_atomically, write_views
 
@@ -149,7 +149,8 @@ def measure_point(spec, label: str, recipe, parquets: dict[str, Path], budget: f
             "test_accuracy": metrics.test_accuracy, "test_rows": metrics.test_rows,
             "cpu_minutes": (train_cpu + eval_cpu) / 60, "wall_minutes": (train_wall + eval_wall) / 60,
             "train_cpu_seconds": train_cpu, "eval_cpu_seconds": eval_cpu, "train_wall_seconds": train_wall,
-            "eval_wall_seconds": eval_wall, "fit_seconds": clock.seconds}
+            "eval_wall_seconds": eval_wall, "fit_seconds": clock.seconds, "commit": code_commit(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -91,6 +91,7 @@ def test_frontier_tiny_run_writes_table_json_and_plot(tmp_path):
         "mnist", "baseline", "cnn-bn", 0.1, 1, 7)
     assert point["test_rows"] == 10_000 and 0.0 <= point["test_accuracy"] <= 1.0
     assert point["cpu_minutes"] > 0 and point["wall_minutes"] > 0
+    assert len(point["commit"]) == 40 and point["finished"].endswith("Z")  # which code measured it, and when
     (row,) = report["summary"]
     assert row["mean_accuracy"] == point["test_accuracy"]
     table = (tmp_path / "frontier.md").read_text()
