@@ -46,25 +46,28 @@ def table(summary: list[dict[str, Any]]) -> list[str]:
 def table_in(text: str) -> list[str]:
     """The frontier table's lines in a Markdown text (README's Models section), or [] if it has none."""
     lines = text.splitlines()
-    if TABLE_HEADER not in lines:
-        return []
-    start = lines.index(TABLE_HEADER)
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    start, end = table_span(lines)
     return lines[start:end]
+
+
+def table_span(lines: list[str]) -> tuple[int, int]:
+    """Where the frontier table starts and ends in ``lines`` (0, 0 if it has none)."""
+    if TABLE_HEADER not in lines:
+        return 0, 0
+    start = lines.index(TABLE_HEADER)
+    return start, next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
 
 
 def write_table_into(readme: Path, summary: list[dict[str, Any]]) -> bool:
     """Replace the frontier table in ``readme`` with ``summary``'s; whether anything changed."""
-    text = readme.read_text()
-    old = table_in(text)
-    if not old:
+    lines = readme.read_text().splitlines(keepends=True)
+    start, end = table_span([line.rstrip("\n") for line in lines])
+    if start == end:
         raise ValueError(f"{readme} has no frontier table (a line {TABLE_HEADER!r}) to replace")
-    new = table(summary)
-    if old == new:
+    new = [line + "\n" for line in table(summary)]
+    if lines[start:end] == new:
         return False
-    lines = text.splitlines(keepends=True)
-    start = [line.rstrip("\n") for line in lines].index(TABLE_HEADER)
-    readme.write_text("".join([*lines[:start], *(line + "\n" for line in new), *lines[start + len(old):]]))
+    readme.write_text("".join([*lines[:start], *new, *lines[end:]]))
     return True
 
 
