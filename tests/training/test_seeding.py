@@ -31,9 +31,9 @@ def initial_state(config: TrainConfig, draws_in_between: int) -> list[np.ndarray
 def test_draws_from_the_global_random_between_seeding_and_building_leave_the_model_unchanged(model):
     config = TrainConfig(model=model, epochs=1, seed=43)
     quiet, disturbed = initial_state(config, 0), initial_state(config, 3)
-    assert len(quiet) == len(disturbed) and all(np.array_equal(a, b) for a, b in zip(quiet, disturbed))
+    assert all(np.array_equal(a, b) for a, b in zip(quiet, disturbed, strict=True))
     other_seed = initial_state(config.model_copy(update={"seed": 44}), 0)
-    assert not all(np.array_equal(a, b) for a, b in zip(quiet, other_seed)), "the seed must still matter"
+    assert not all(np.array_equal(a, b) for a, b in zip(quiet, other_seed, strict=True)), "the seed must still matter"
 
 
 def test_a_thread_drawing_all_the_time_leaves_the_model_unchanged_and_the_global_random_is_restored():
@@ -49,5 +49,5 @@ def test_a_thread_drawing_all_the_time_leaves_the_model_unchanged_and_the_global
     finally:
         stop.set()
         pinger.join()
-    assert all(np.array_equal(a, b) for state in busy for a, b in zip(quiet, state))
+    assert all(np.array_equal(a, b) for state in busy for a, b in zip(quiet, state, strict=True))
     assert keras_seeds.python_random is random
