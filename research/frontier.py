@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 from bench.common import code_commit, keep_record
 from research import RESULTS_DIR
-from research.frontier_report import markdown, write_atomically, write_views
+from research.frontier_report import markdown, summarize, write_atomically, write_views
 
 # The frontier's table and plot sit beside the other benchmarks' outputs.
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
@@ -151,20 +150,6 @@ def measure_point(spec, label: str, recipe, parquets: dict[str, Path], budget: f
             "train_cpu_seconds": train_cpu, "eval_cpu_seconds": eval_cpu, "train_wall_seconds": train_wall,
             "eval_wall_seconds": eval_wall, "fit_seconds": clock.seconds, "commit": code_commit(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per dataset, recipe and budget: the mean over seeds, and each run's accuracy."""
-    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
-    for point in points:
-        groups.setdefault((point["dataset"], point["recipe"], point["budget"]), []).append(point)
-    return [{"dataset": dataset, "recipe_name": runs[0].get("recipe_name", "shipped"), "budget": budget,
-             "epochs": runs[0]["epochs"], "model": runs[0]["model"],
-             "seeds": [r["seed"] for r in runs], "accuracies": [r["test_accuracy"] for r in runs],
-             "mean_accuracy": statistics.fmean(r["test_accuracy"] for r in runs),
-             "mean_cpu_minutes": statistics.fmean(r["cpu_minutes"] for r in runs),
-             "mean_wall_minutes": statistics.fmean(r["wall_minutes"] for r in runs)}
-            for (dataset, _, budget), runs in groups.items()]
 
 
 def run_frontier(datasets: str, budgets: list[float], seeds: list[int], train_rows: int | None, out_dir: Path,

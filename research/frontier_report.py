@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,22 @@ def write_atomically(dest: Path, text: str) -> None:
     os.replace(tmp, dest)
 
 
+def summarize(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per dataset, recipe and budget: the mean over seeds, and each run's accuracy and epochs run (fewer
+    than planned where early stopping ended the run)."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for point in points:
+        groups.setdefault((point["dataset"], point["recipe"], point["budget"]), []).append(point)
+    return [{"dataset": dataset, "recipe_name": runs[0].get("recipe_name", "shipped"), "budget": budget,
+             "epochs": runs[0]["epochs"], "model": runs[0]["model"],
+             "seeds": [r["seed"] for r in runs], "accuracies": [r["test_accuracy"] for r in runs],
+             "epochs_run": [r.get("epochs_run", r["epochs"]) for r in runs],
+             "mean_accuracy": statistics.fmean(r["test_accuracy"] for r in runs),
+             "mean_cpu_minutes": statistics.fmean(r["cpu_minutes"] for r in runs),
+             "mean_wall_minutes": statistics.fmean(r["wall_minutes"] for r in runs)}
+            for (dataset, _, budget), runs in groups.items()]
+
+
 def markdown(summary: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     commands = ", ".join(f"`{command}`" for command in meta.get("commands") or [meta["command"]])
     lines = [f"Accuracy vs CPU-minutes ({commands}; {meta['machine']['cpus']} CPUs "
@@ -36,11 +53,16 @@ def table(summary: list[dict[str, Any]]) -> list[str]:
     """The frontier's Markdown table, one line per (dataset, recipe, budget): in frontier.md and README."""
     lines = [TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(summary, key=lambda r: (r["dataset"], r["recipe_name"], r["budget"])):
-        each = ", ".join(f"{seed}: {100 * acc:.2f}" for seed, acc in zip(row["seeds"], row["accuracies"], strict=True))
+        each = ", ".join(f"{seed}: {100 * acc:.2f}{stopped_early(ran, row['epochs'])}"
+                         for seed, acc, ran in zip(row["seeds"], row["accuracies"], row["epochs_run"], strict=True))
         lines.append(f"| {row['dataset']} | {row['recipe_name']} | {row['model']} | {row['budget']:g} | {row['epochs']} | "
                      f"{100 * row['mean_accuracy']:.2f} % | {each} | {row['mean_cpu_minutes']:.2f} | "
                      f"{row['mean_wall_minutes']:.2f} |")
     return lines
+
+
+def stopped_early(epochs_run: int, epochs: int) -> str:
+    return f" (stopped after {epochs_run})" if epochs_run < epochs else ""
 
 
 def table_in(text: str) -> list[str]:
@@ -121,6 +143,8 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     args = parser.parse_args()
     report = json.loads(args.report.read_text())
+    report["summary"] = summarize(report["points"])  # in step with the points, whichever code wrote them
+    write_atomically(args.report, json.dumps(report, indent=2, default=str) + "\n")
     write_views(report, args.report.with_suffix(".md"), args.report.with_suffix(".png"))
     changed = write_table_into(args.readme, report["summary"])
     print(f"{args.report.with_suffix('.md')}, {args.report.with_suffix('.png')} redrawn; {args.readme}: frontier table "

@@ -129,6 +129,18 @@ def test_frontier_drops_points_of_a_changed_recipe_and_keeps_both_recipes_apart(
     assert "| mnist | baseline | cnn-bn | 0.5 |" in (tmp_path / "frontier.md").read_text()
 
 
+def test_the_frontier_table_names_the_seeds_that_stopped_early():
+    from research.frontier_report import summarize, table
+
+    point = {"dataset": "fashion-mnist", "recipe": "r", "recipe_name": "baseline", "model": "cnn-bn", "budget": 1.5,
+             "epochs": 38, "test_accuracy": 0.935, "cpu_minutes": 20.0, "wall_minutes": 15.0}
+    summary = summarize([dict(point, seed=42, epochs_run=24), dict(point, seed=43, epochs_run=38),
+                         dict(point, seed=44)])  # a point recorded before epochs_run was kept: ran them all
+    (row,) = summary
+    assert row["epochs_run"] == [24, 38, 38]
+    assert "| 42: 93.50 (stopped after 24), 43: 93.50, 44: 93.50 |" in table(summary)[2]
+
+
 def test_the_baseline_is_measured_once_while_it_is_still_the_shipped_recipe():
     both = frontier.recipes_of("fashion-mnist", ["shipped", "baseline"])
     baseline = frontier.recipes_of("fashion-mnist", ["baseline"])["baseline"]
