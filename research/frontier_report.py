@@ -115,9 +115,9 @@ def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path
                             marker="o", label=f"{name} ({rows[0]['model']}), mean")
             ax.scatter([p["cpu_minutes"] for p in runs], [100 * p["test_accuracy"] for p in runs], s=12, alpha=0.4,
                        color=line.get_color())
-            for r in rows:
+            for i, r in enumerate(rows):  # labels alternate below and above the line, clear of close neighbours
                 ax.annotate(f"{r['budget']:g}x ({r['epochs']} ep)", (r["mean_cpu_minutes"], 100 * r["mean_accuracy"]),
-                            textcoords="offset points", xytext=(4, -12), fontsize=8)
+                            textcoords="offset points", xytext=(4, 6 if i % 2 else -12), fontsize=8)
         target = TARGETS.get(f"{dataset.replace('-', '_')}_accuracy")
         if target is not None:
             ax.axhline(100 * target[0], color="grey", linestyle="--", linewidth=1,
