@@ -20,7 +20,7 @@ from typing import Any
 
 from bench.common import code_commit, keep_record
 from research import RESULTS_DIR
-from research.frontier_report import markdown, summarize, write_atomically, write_views
+from research.frontier_report import markdown, summarize, write_report
 
 # The frontier's table and plot sit beside the other benchmarks' outputs.
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
@@ -213,9 +213,8 @@ def merge_point(out_dir: Path, recipes: dict[str, set[str]], meta: dict[str, Any
 
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    paths = {kind: out_dir / name for kind, name in OUTPUT_NAMES.items()}
-    write_atomically(paths["json"], json.dumps(report, indent=2, default=str) + "\n")
-    write_views(report, paths["markdown"], paths["plot"])
+    paths = {kind: out_dir / name for kind, name in OUTPUT_NAMES.items()}  # one stem: the views sit beside the JSON
+    write_report(report, paths["json"])
     return paths
 
 

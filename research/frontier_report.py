@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from pathlib import Path
@@ -12,10 +13,11 @@ from bench.targets import TARGETS
 TABLE_HEADER = "| dataset | recipe | model | budget | epochs | test accuracy, mean | each seed | CPU-min | wall min |"
 
 
-def write_views(report: dict[str, Any], table_path: Path, plot_path: Path) -> None:
-    """The report's table (frontier.md) and plot (frontier.png), written from its JSON."""
-    write_atomically(table_path, markdown(report["summary"], report))
-    plot(report["summary"], report["points"], plot_path)
+def write_report(report: dict[str, Any], json_path: Path) -> None:
+    """The report as JSON at ``json_path``, and its table (.md) and plot (.png) beside it."""
+    write_atomically(json_path, json.dumps(report, indent=2, default=str) + "\n")
+    write_atomically(json_path.with_suffix(".md"), markdown(report["summary"], report))
+    plot(report["summary"], report["points"], json_path.with_suffix(".png"))
 
 
 def write_atomically(dest: Path, text: str) -> None:
@@ -136,7 +138,6 @@ def plot(summary: list[dict[str, Any]], points: list[dict[str, Any]], dest: Path
 def main() -> None:
     """Redraw the frontier's table and plot from its JSON (beside it) and put the table into README."""
     import argparse
-    import json
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("report", nargs="?", type=Path, default=Path("bench/frontier.json"))
@@ -144,8 +145,7 @@ def main() -> None:
     args = parser.parse_args()
     report = json.loads(args.report.read_text())
     report["summary"] = summarize(report["points"])  # in step with the points, whichever code wrote them
-    write_atomically(args.report, json.dumps(report, indent=2, default=str) + "\n")
-    write_views(report, args.report.with_suffix(".md"), args.report.with_suffix(".png"))
+    write_report(report, args.report)
     changed = write_table_into(args.readme, report["summary"])
     print(f"{args.report.with_suffix('.md')}, {args.report.with_suffix('.png')} redrawn; {args.readme}: frontier table "
           f"{'updated' if changed else 'already matches'}")
